@@ -1,0 +1,255 @@
+"""``OTDistillationTrainer``: OPTICAL distillation for plain ``AutoModel`` students with ``transformers.Trainer``.
+
+Modelled on TRL's distillation trainers: the teacher lives beside the student (prepared by the Accelerator for
+device placement and mixed precision, never wrapped in DDP, never given to the optimizer) and only
+``compute_loss`` changes. The objective is :func:`optical_hf.losses.distillation_losses`, shared with the
+sentence-transformers front end (:class:`optical_hf.losses.OTDistillationLoss`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig, get_peft_model
+from sentence_transformers import SentenceTransformer
+from torch import Tensor, nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from .export import has_adapters, merged_copy, save_student, sentence_transformer_from
+from .losses import OTLossConfig, content_mask, distillation_losses
+
+__all__ = ["BitextCollator", "OTDistillationTrainer", "mean_pool"]
+
+
+def mean_pool(tokens: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of ``(batch, n, dim)`` token embeddings over real tokens: ``(batch, dim)``."""
+    weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
+
+
+def _prompt_length(tokenizer: PreTrainedTokenizerBase, prompt: str | None) -> int:
+    """Leading positions a prompt takes, counting the leading special token (as sentence-transformers does)."""
+    if not prompt:
+        return 0
+    return len(tokenizer(prompt.rstrip())["input_ids"]) - 1
+
+
+class BitextCollator:
+    """Tokenizes each side of a bitext batch with its own tokenizer.
+
+    Args:
+        student_tokenizer: tokenizer of the student (low-resource side, column ``source_column``).
+        teacher_tokenizer: tokenizer of the teacher (English side, column ``target_column``).
+        max_length: truncation length for both sides.
+        source_prompt / target_prompt: optional prefixes (e.g. e5's ``"query: "``); excluded from the OT marginals.
+        exclude_special_tokens: give special tokens zero OT mass.
+
+    Returns (``__call__``): ``{side}_input_ids``, ``{side}_attention_mask`` (and ``{side}_token_type_ids`` when the
+    tokenizer makes them) ``(batch, n_side)``, plus ``{side}_content_mask`` ``(batch, n_side)`` bool, for
+    ``side`` in ``("source", "target")``.
+    """
+
+    def __init__(
+        self,
+        student_tokenizer: PreTrainedTokenizerBase,
+        teacher_tokenizer: PreTrainedTokenizerBase,
+        source_column: str = "source",
+        target_column: str = "target",
+        max_length: int = 128,
+        source_prompt: str | None = None,
+        target_prompt: str | None = None,
+        exclude_special_tokens: bool = True,
+    ) -> None:
+        self.sides = {
+            "source": (student_tokenizer, source_column, source_prompt or ""),
+            "target": (teacher_tokenizer, target_column, target_prompt or ""),
+        }
+        self.max_length = max_length
+        self.exclude_special_tokens = exclude_special_tokens
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
+        batch: dict[str, Tensor] = {}
+        for side, (tokenizer, column, prompt) in self.sides.items():
+            if column not in rows[0]:
+                raise KeyError(f"bitext rows have no column {column!r} (columns: {sorted(rows[0])})")
+            encoded = tokenizer(
+                [prompt + row[column] for row in rows], padding=True, truncation=True,
+                max_length=self.max_length, return_tensors="pt",
+            )
+            special = tokenizer.all_special_ids if self.exclude_special_tokens else []
+            encoded["content_mask"] = content_mask(
+                encoded["input_ids"], encoded["attention_mask"], special, _prompt_length(tokenizer, prompt)
+            )
+            batch.update({f"{side}_{key}": value for key, value in encoded.items()})
+        return batch
+
+
+def _model_inputs(inputs: dict[str, Tensor], side: str) -> dict[str, Tensor]:
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    return {key: inputs[f"{side}_{key}"] for key in keys if f"{side}_{key}" in inputs}
+
+
+class OTDistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` that distills a frozen teacher into an ``AutoModel`` student with OPTICAL.
+
+    Args:
+        model: the student, an ``AutoModel`` (e.g. ``xlm-roberta-base``) or a model id/path.
+        teacher: the frozen English teacher: ``AutoModel``, ``SentenceTransformer``, or a model id/path
+            (loaded as a SentenceTransformer). Token embeddings must have the student's size.
+        args: usual ``TrainingArguments``; ``remove_unused_columns`` is forced to False (the collator needs the
+            text columns).
+        train_dataset / eval_dataset: bitext ``datasets.Dataset`` with ``source_column`` / ``target_column``.
+        processing_class: the student's tokenizer (default: ``AutoTokenizer`` of ``model``).
+        teacher_processing_class: the teacher's tokenizer (default: the teacher SentenceTransformer's, or
+            ``AutoTokenizer`` of the teacher's ``name_or_path``).
+        loss_config: :class:`OTLossConfig` (epsilon, iterations, sentence-level term, ...).
+        peft_config: optional peft config (e.g. ``LoraConfig``) to train adapters only.
+        max_length, source_prompt, target_prompt, source_column, target_column: see :class:`BitextCollator`.
+        pooling: pooling of the saved SentenceTransformer folder (and of the sentence-level term): ``"mean"`` or
+            ``"cls"``.
+
+    Example::
+
+        from transformers import AutoModel, TrainingArguments
+        from optical_hf import OTDistillationTrainer, OTLossConfig, load_bitext
+
+        trainer = OTDistillationTrainer(
+            model=AutoModel.from_pretrained("xlm-roberta-base"),
+            teacher="sentence-transformers/all-mpnet-base-v2",
+            args=TrainingArguments("optical-xlmr-sw", max_steps=1000),
+            train_dataset=load_bitext("train.sw", "train.en"),
+            loss_config=OTLossConfig(reg=0.05),
+        )
+        trainer.train()
+        trainer.save_model()  # loads with AutoModel.from_pretrained and SentenceTransformer
+    """
+
+    # compute_loss returns a per-batch mean: let the Trainer divide by the gradient-accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        teacher: PreTrainedModel | SentenceTransformer | str,
+        args: TrainingArguments | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        teacher_processing_class: PreTrainedTokenizerBase | None = None,
+        loss_config: OTLossConfig | None = None,
+        peft_config: PeftConfig | None = None,
+        max_length: int = 128,
+        source_prompt: str | None = None,
+        target_prompt: str | None = None,
+        source_column: str = "source",
+        target_column: str = "target",
+        pooling: str = "mean",
+        data_collator: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(model, str):
+            model = AutoModel.from_pretrained(model)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.name_or_path)
+        if isinstance(teacher, str):
+            teacher = SentenceTransformer(teacher, device="cpu")
+        if teacher_processing_class is None:
+            teacher_processing_class = (
+                teacher.tokenizer if isinstance(teacher, SentenceTransformer)
+                else AutoTokenizer.from_pretrained(teacher.name_or_path)
+            )
+        if peft_config is not None:
+            model = get_peft_model(model, peft_config)
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"`pooling` must be 'mean' or 'cls', got {pooling!r}")
+        if args is None:
+            args = TrainingArguments(output_dir="optical-student")
+        args.remove_unused_columns = False
+        self.loss_config = loss_config or OTLossConfig()
+        self.pooling = pooling
+        self.max_length = max_length
+        if data_collator is None:
+            data_collator = BitextCollator(
+                processing_class, teacher_processing_class, source_column, target_column, max_length,
+                source_prompt, target_prompt, self.loss_config.exclude_special_tokens,
+            )
+        super().__init__(
+            model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, data_collator=data_collator, **kwargs,
+        )
+        teacher.requires_grad_(False)
+        teacher.eval()
+        self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self._components: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _pool(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        return tokens[:, 0] if self.pooling == "cls" else mean_pool(tokens, attention_mask)
+
+    def _teacher_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
+        features = _model_inputs(inputs, "target")
+        with torch.no_grad():
+            if isinstance(self.accelerator.unwrap_model(self.teacher), SentenceTransformer):
+                return self.teacher(features)["token_embeddings"]
+            return self.teacher(**features).last_hidden_state
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Tensor | tuple[Tensor, dict]:
+        student_tokens = model(**_model_inputs(inputs, "source")).last_hidden_state
+        teacher_tokens = self._teacher_tokens(inputs)
+        losses = distillation_losses(
+            student_tokens, inputs["source_content_mask"], teacher_tokens, inputs["target_content_mask"],
+            self.loss_config,
+            self._pool(student_tokens, inputs["source_attention_mask"]),
+            self._pool(teacher_tokens, inputs["target_attention_mask"]),
+        )
+        mode = "train" if model.training else "eval"
+        for name, value in losses.items():
+            self._components[mode][name].append(value.detach())
+        loss = torch.stack(list(losses.values())).sum()
+        return (loss, {}) if return_outputs else loss
+
+    def prediction_step(
+        self, model: nn.Module, inputs: dict[str, Tensor], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[Tensor, None, None]:
+        """Evaluation computes the distillation loss only (reported as ``eval_loss``)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean of each loss component since the last log (``ot``, ``sentence``; rank-local)."""
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._components[mode].items():
+            if values:
+                logs[f"{prefix}{name}"] = torch.stack(values).mean().item()
+        self._components[mode].clear()
+        super().log(logs, start_time)
+
+    def student_as_sentence_transformer(self) -> SentenceTransformer:
+        """The current student (adapters merged) as a SentenceTransformer with this trainer's pooling."""
+        model = self.accelerator.unwrap_model(self.model)
+        base = merged_copy(model) if has_adapters(model) else model
+        return sentence_transformer_from(base, self.processing_class, self.pooling, self.max_length)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints keep the Trainer's format (resumable); a final save writes a complete student folder.
+
+        The final folder loads with ``AutoModel.from_pretrained`` and ``SentenceTransformer``; LoRA adapters are
+        merged into it and kept unmerged under ``adapter/``. It is written atomically (see
+        :func:`optical_hf.export.save_student`).
+        """
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        output_dir = Path(output_dir or self.args.output_dir)
+        if self.args.should_save:
+            save_student(
+                self.student_as_sentence_transformer(), output_dir, adapter_model=self.accelerator.unwrap_model(self.model)
+            )
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny random models with their own tokenizers and a toy bitext, all built offline in seconds."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+WORDS = (
+    "the cat dog eats sees a big small red house tree water runs sleeps under near bird fish green old "
+    "man woman child school market road rain sun city river book reads writes buys sells"
+).split()
+
+
+def foreign(word: str) -> str:
+    """A made-up 'low-resource language': a fixed, invertible respelling of each English word."""
+    return "ki" + word[::-1] + "wa"
+
+
+def toy_bitext(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` (foreign, English) pairs of 3-8 word sentences."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 8))]
+        pairs.append((" ".join(foreign(w) for w in words), " ".join(words)))
+    return pairs
+
+
+def _tokenizer(kind: str, texts: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "wordpiece":  # BERT-like: [CLS] ... [SEP]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(texts, trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))  # XLM-R-like: <s> ... </s>
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        cls_token="<s>", sep_token="</s>", mask_token="<mask>",
+    )
+
+
+def tiny_bert(folder: Path, tokenizer, hidden: int = 32, seed: int = 0, dropout: float = 0.1) -> Path:
+    """Save a tiny random BertModel and its tokenizer to ``folder``."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_pairs() -> list[tuple[str, str]]:
+    return toy_bitext(96, seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, toy_pairs) -> dict[str, Path]:
+    """Folders of tiny random models: ``student`` (BPE over the foreign side), ``teacher`` (WordPiece, English)."""
+    root = tmp_path_factory.mktemp("models")
+    every = toy_bitext(400, seed=1) + toy_pairs
+    student_tok = _tokenizer("bpe", [s for s, _ in every] + [t for _, t in every])
+    teacher_tok = _tokenizer("wordpiece", [t for _, t in every])
+    return {
+        "student": tiny_bert(root / "student", student_tok, seed=1),
+        "teacher": tiny_bert(root / "teacher", teacher_tok, seed=2),
+        "student_no_dropout": tiny_bert(root / "student_no_dropout", student_tok, seed=1, dropout=0.0),
+    }
+
+
+@pytest.fixture
+def bitext(toy_pairs):
+    from optical_hf import bitext_from_pairs
+
+    return bitext_from_pairs(toy_pairs)
+
+
+def sentence_transformer(folder: Path):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    transformer = Transformer(str(folder))
+    return SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")], device="cpu")

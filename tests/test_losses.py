@@ -1,0 +1,111 @@
+"""OTDistillationLoss with SentenceTransformerTrainer: training, tokenizers, frozen teacher, LoRA, save/reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import sentence_transformer
+from peft import LoraConfig
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from transformers import AutoModel, AutoTokenizer
+
+from optical_hf import CITATION, OTDistillationDataCollator, OTDistillationLoss, save_student
+from optical_hf.losses import content_mask
+
+
+def _train(student, teacher, dataset, tmp_path, steps=30, **loss_kwargs):
+    loss = OTDistillationLoss(student, teacher, **loss_kwargs)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=16, learning_rate=5e-4,
+        logging_steps=5, report_to=[], save_strategy="no", seed=0,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=student, args=args, train_dataset=dataset, loss=loss,
+        data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess),
+    )
+    trainer.train()
+    return trainer, [log for log in trainer.state.log_history if "loss" in log]
+
+
+def test_loss_decreases_and_logs_components(model_dirs, bitext, tmp_path):
+    student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    trainer, logs = _train(student, teacher, bitext, tmp_path, sentence_weight=1.0)
+    assert logs[-1]["loss"] < 0.8 * logs[0]["loss"]
+    assert {"ot", "sentence"} <= set(logs[0])
+    assert logs[0]["loss"] == pytest.approx(logs[0]["ot"] + logs[0]["sentence"], rel=1e-3)
+    # the frozen teacher never reaches the optimizer and does not change
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()}
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+    assert not teacher.training
+
+
+def test_different_tokenizers_need_the_collator(model_dirs, bitext):
+    student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+    loss = OTDistillationLoss(student, teacher)
+    rows = [bitext[0], bitext[1]]
+    plain = [student.preprocess([r["source"] for r in rows]), student.preprocess([r["target"] for r in rows])]
+    with pytest.raises(ValueError, match="OTDistillationDataCollator"):
+        loss(plain)
+    collator = OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess)
+    batch = collator(rows)
+    # the English column went through the teacher's tokenizer
+    assert batch["target_input_ids"].tolist() == teacher.preprocess([r["target"] for r in rows])["input_ids"].tolist()
+    losses = loss([{k[len("source_"):]: v for k, v in batch.items() if k.startswith("source_")},
+                   {k[len("target_"):]: v for k, v in batch.items() if k.startswith("target_")}])
+    assert set(losses) == {"ot"} and torch.isfinite(losses["ot"])
+
+
+def test_shared_tokenizer_needs_no_collator(model_dirs, bitext):
+    student = sentence_transformer(model_dirs["student"])
+    teacher = sentence_transformer(model_dirs["student"])
+    loss = OTDistillationLoss(student, teacher)
+    rows = bitext[:4]
+    features = [student.preprocess(rows["source"]), student.preprocess(rows["target"])]
+    assert loss.shared_tokenizer
+    assert torch.isfinite(loss(features)["ot"])
+
+
+def test_content_mask_drops_special_and_prompt_tokens(model_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["teacher"])
+    enc = tokenizer(["query: the cat", "query: a big red house"], padding=True, return_tensors="pt")
+    prompt_length = len(tokenizer("query:")["input_ids"]) - 1
+    mask = content_mask(enc["input_ids"], enc["attention_mask"], tokenizer.all_special_ids, prompt_length)
+    kept = [tokenizer.convert_ids_to_tokens(ids[m]) for ids, m in zip(enc["input_ids"], mask)]
+    assert kept == [["the", "cat"], ["a", "big", "red", "house"]]
+    empty = content_mask(enc["input_ids"][:, :2], enc["attention_mask"][:, :2], tokenizer.all_special_ids, 2)
+    assert torch.equal(empty, enc["attention_mask"][:, :2].bool())  # nothing left: fall back to real tokens
+
+
+def test_lora_adapter_trains_and_saves_merged(model_dirs, bitext, tmp_path):
+    student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+    student.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    base_weight = student[0].model.encoder.layer[0].attention.self.query.base_layer.weight.clone()
+    _, logs = _train(student, teacher, bitext, tmp_path, steps=30)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert torch.equal(base_weight, student[0].model.encoder.layer[0].attention.self.query.base_layer.weight)
+
+    out = save_student(student, tmp_path / "student")
+    assert (out / "adapter" / "adapter_config.json").exists()
+    texts = bitext["source"][:5]
+    expected = student.encode(texts, convert_to_tensor=True)
+    reloaded = SentenceTransformer(str(out), device="cpu")
+    assert torch.allclose(reloaded.encode(texts, convert_to_tensor=True), expected, atol=1e-5)
+    auto = AutoModel.from_pretrained(out)
+    enc = AutoTokenizer.from_pretrained(out)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = auto(**enc).last_hidden_state
+    pooled = (hidden * enc["attention_mask"][..., None]).sum(1) / enc["attention_mask"].sum(1, keepdim=True)
+    assert torch.allclose(pooled, expected, atol=1e-5)
+
+
+def test_config_and_citation(model_dirs):
+    student = sentence_transformer(model_dirs["student"])
+    loss = OTDistillationLoss(student, sentence_transformer(model_dirs["teacher"]), reg=0.1, sentence_weight=0.5,
+                              sentence_loss="cosine")
+    config = loss.get_config_dict()
+    assert config["reg"] == 0.1 and config["sentence_weight"] == 0.5 and config["sentence_loss"] == "cosine"
+    assert loss.citation == CITATION and "2023" in CITATION
+    with pytest.raises(ValueError, match="reg"):
+        OTDistillationLoss(student, student, reg=0)

@@ -1,0 +1,114 @@
+"""OTDistillationTrainer (transformers.Trainer subclass) with plain AutoModel students."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import sentence_transformer
+from peft import LoraConfig
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel, AutoTokenizer, TrainingArguments
+
+from optical_hf import BitextCollator, OTDistillationTrainer, OTLossConfig
+
+
+def _trainer(model_dirs, dataset, tmp_path, student="student", eval_dataset=None, **kwargs):
+    args = dict(
+        output_dir=str(tmp_path / "run"), max_steps=30, per_device_train_batch_size=16, learning_rate=5e-4,
+        logging_steps=5, report_to=[], save_strategy="no", seed=0,
+    )
+    args.update(kwargs.pop("args", {}))
+    return OTDistillationTrainer(
+        model=AutoModel.from_pretrained(model_dirs[student]),
+        teacher=AutoModel.from_pretrained(model_dirs["teacher"]),
+        teacher_processing_class=AutoTokenizer.from_pretrained(model_dirs["teacher"]),
+        args=TrainingArguments(**args), train_dataset=dataset, eval_dataset=eval_dataset, **kwargs,
+    )
+
+
+def _embed_auto(folder, texts):
+    model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    return (hidden * enc["attention_mask"][..., None]).sum(1) / enc["attention_mask"].sum(1, keepdim=True)
+
+
+def test_loss_decreases_with_eval_loss_and_components(model_dirs, bitext, tmp_path):
+    trainer = _trainer(
+        model_dirs, bitext, tmp_path, eval_dataset=bitext.select(range(32)),
+        loss_config=OTLossConfig(sentence_weight=1.0), args={"eval_strategy": "steps", "eval_steps": 15},
+    )
+    teacher_params = {id(p) for p in trainer.teacher.parameters()}
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    evals = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert logs[-1]["loss"] < 0.8 * logs[0]["loss"]
+    assert {"ot", "sentence"} <= set(logs[0]) and {"eval_ot", "eval_sentence"} <= set(evals[0])
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[0]["eval_loss"] == pytest.approx(evals[0]["eval_ot"] + evals[0]["eval_sentence"], rel=1e-3)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized and not optimized & teacher_params
+    assert not isinstance(trainer.teacher, torch.nn.parallel.DistributedDataParallel)
+
+
+def test_save_model_loads_in_both_libraries(model_dirs, bitext, tmp_path):
+    trainer = _trainer(model_dirs, bitext, tmp_path, args={"max_steps": 3})
+    trainer.train()
+    (tmp_path / "run" / "checkpoint-7").mkdir(parents=True)  # resumable state must survive the final save
+    trainer.save_model()
+    out = tmp_path / "run"
+    assert (out / "checkpoint-7").is_dir() and (out / "modules.json").exists()
+    texts = bitext["source"][:6]
+    st = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True)
+    assert torch.allclose(st, _embed_auto(out, texts), atol=1e-5)
+    assert torch.allclose(st, trainer.student_as_sentence_transformer().encode(texts, convert_to_tensor=True), atol=1e-5)
+
+
+def test_lora_trains_adapters_and_saves_merged(model_dirs, bitext, tmp_path):
+    trainer = _trainer(model_dirs, bitext, tmp_path,
+                       peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    base = trainer.model.base_model.model.encoder.layer[0].attention.self.query.base_layer.weight.clone()
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert torch.equal(base, trainer.model.base_model.model.encoder.layer[0].attention.self.query.base_layer.weight)
+    trainer.save_model(str(tmp_path / "final"))
+    out = tmp_path / "final"
+    assert (out / "adapter" / "adapter_config.json").exists()
+    texts = bitext["source"][:6]
+    trainer.model.eval()
+    with torch.no_grad():
+        enc = trainer.processing_class(texts, padding=True, return_tensors="pt")
+        hidden = trainer.model(**enc).last_hidden_state  # the unmerged adapter model
+    expected = (hidden * enc["attention_mask"][..., None]).sum(1) / enc["attention_mask"].sum(1, keepdim=True)
+    assert torch.allclose(_embed_auto(out, texts), expected, atol=1e-5)
+    st = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True)
+    assert torch.allclose(st, expected, atol=1e-5)
+
+
+def test_gradient_accumulation_matches_large_batch(model_dirs, bitext, tmp_path):
+    common = {"max_steps": 1, "learning_rate": 0.1, "optim": "sgd", "lr_scheduler_type": "constant",
+              "dataloader_drop_last": True}
+    weights = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        trainer = _trainer(model_dirs, bitext, tmp_path / f"{batch}", student="student_no_dropout",
+                           args={**common, "per_device_train_batch_size": batch,
+                                 "gradient_accumulation_steps": accumulation})
+        trainer.train()
+        weights.append(torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+    start = torch.cat([p.flatten() for p in AutoModel.from_pretrained(model_dirs["student_no_dropout"]).parameters()])
+    assert not torch.allclose(weights[0], start)
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_collator_masks(model_dirs):
+    student_tok = AutoTokenizer.from_pretrained(model_dirs["student"])
+    teacher_tok = AutoTokenizer.from_pretrained(model_dirs["teacher"])
+    collator = BitextCollator(student_tok, teacher_tok, source_prompt="query: ", target_prompt="query: ")
+    batch = collator([{"source": "kitacwa", "target": "the cat"}, {"source": "kigodwa kieerhtwa", "target": "a big dog"}])
+    kept = teacher_tok.convert_ids_to_tokens(batch["target_input_ids"][1][batch["target_content_mask"][1]])
+    assert kept == ["a", "big", "dog"]
+    assert batch["source_content_mask"].sum() > 0 and not batch["source_content_mask"][:, 0].any()
+    with pytest.raises(KeyError, match="english"):
+        BitextCollator(student_tok, teacher_tok, target_column="english")([{"source": "x", "target": "y"}])
