@@ -76,6 +76,8 @@ def _scaled_potentials(
     log_a: torch.Tensor,
     log_b: torch.Tensor,
     a: torch.Tensor,
+    source_mask: torch.Tensor,
+    target_mask: torch.Tensor,
     n_iters: int,
     tol: float | None,
     check_every: int,
@@ -85,14 +87,15 @@ def _scaled_potentials(
     Without ``tol`` the loop runs exactly ``n_iters`` times and never synchronises with the host. With ``tol`` the
     largest L1 error of the row marginals is read back every ``check_every`` iterations (one sync per check).
     """
-    v = torch.zeros_like(log_b)
+    v = torch.zeros_like(log_b).masked_fill(~target_mask, _MASKED_LOG_WEIGHT)
+    solvable = source_mask.any(dim=1) & target_mask.any(dim=1)
     for it in range(n_iters):
         u = log_a - torch.logsumexp(log_kernel + v.unsqueeze(1), dim=2)
         v = log_b - torch.logsumexp(log_kernel + u.unsqueeze(2), dim=1)
         if tol is not None and (it + 1) % check_every == 0:
             with torch.no_grad():
                 rows = torch.exp(log_kernel + u.unsqueeze(2) + v.unsqueeze(1)).sum(dim=2)
-                if (rows - a).abs().sum(dim=1).max().item() < tol:
+                if torch.where(solvable, (rows - a).abs().sum(dim=1), 0.0).max().item() < tol:
                     break
     return u, v
 
@@ -176,7 +179,9 @@ def sinkhorn(
         log_a, log_b = _log_weights(a, source_mask), _log_weights(b, target_mask)
         with torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled()):
             log_kernel = -cost / reg
-            u, v = _scaled_potentials(log_kernel, log_a, log_b, a, n_iters, tol, check_every)
+            u, v = _scaled_potentials(
+                log_kernel, log_a, log_b, a, source_mask, target_mask, n_iters, tol, check_every
+            )
             log_plan = (log_kernel + u.unsqueeze(2) + v.unsqueeze(1)).masked_fill(~pair_mask, float("-inf"))
             plan = log_plan.exp()
         return OTResult(plan=plan, cost=(plan * cost).sum(dim=(1, 2)))
@@ -194,5 +199,5 @@ def _pot_sinkhorn(
         M=cost, reg=reg, a=a, b=b, max_iter=n_iters, tol=0.0 if tol is None else tol, method="log_sinkhorn",
         grad="envelope",
     )
-    plan = res.plan.detach()
+    plan = res.plan.detach().masked_fill((a.unsqueeze(2) == 0) | (b.unsqueeze(1) == 0), 0.0)
     return OTResult(plan=plan, cost=(plan * cost).sum(dim=(1, 2)))

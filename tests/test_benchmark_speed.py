@@ -1,0 +1,75 @@
+"""Smoke test of benchmarks/speed.py: tiny sizes, tiny random models, every part of the report produced."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+@pytest.fixture(scope="module")
+def speed():
+    spec = importlib.util.spec_from_file_location("benchmark_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profiled_peak_counts_live_tensor_bytes(speed):
+    def work() -> None:
+        a = torch.empty(1_000_000)  # 4 MB
+        b = torch.empty(1_000_000)  # 8 MB live
+        del a
+        c = torch.empty(2_000_000)  # 4 + 8 = 12 MB live: the peak
+        del b, c
+
+    assert speed.peak_memory_bytes(work, torch.device("cpu")) == 12_000_000
+
+
+def test_make_costs_pads_with_zero_cost(speed):
+    cost, n, m = speed.make_costs(6, 10, seed=0, device=torch.device("cpu"), dim=16)
+    assert cost.shape == (6, 10, 10) and n[0] == m[0] == 10
+    assert all(5 <= k <= 10 for k in n + m)
+    for i, (rows, cols) in enumerate(zip(n, m)):
+        assert cost[i, rows:].abs().sum() == 0 and cost[i, :, cols:].abs().sum() == 0
+        assert cost[i, :rows, :cols].min() > -1e-6
+
+
+def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
+    results = speed.main([
+        "--quick", "--threads", "1", "--output-dir", str(tmp_path),
+        "--student", str(model_dirs["student"]), "--teacher", str(model_dirs["teacher"]),
+    ])
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["targets"] == results["targets"] and len(saved["targets"]) == 3
+
+    (config,) = saved["ot_core"]
+    assert set(config["equal_iters"]) == {
+        "ours_envelope", "ours_autodiff", "pot_solve_batch_envelope",
+        "pot_sinkhorn_log_loop_envelope", "pot_sinkhorn_log_loop_autodiff",
+    }
+    for setting in ("equal_iters", "equal_tol"):
+        for name, row in config[setting].items():
+            assert row["finite"], (setting, name)
+            assert row["median_ms"] > 0 and len(row["times_ms"]) == 2
+    equal_iters = config["equal_iters"]
+    assert {row["iters_max"] for row in equal_iters.values()} == {5}  # --quick runs 5 iterations everywhere
+    # same algorithm and update order as ours: identical plans up to rounding
+    assert equal_iters["pot_solve_batch_envelope"]["max_plan_diff_vs_ours"] < 1e-6
+    assert equal_iters["ours_autodiff"]["peak_mem_mb"] > equal_iters["ours_envelope"]["peak_mem_mb"]
+
+    steps = saved["training"]["steps"]
+    assert set(steps) == {"ot_envelope", "ot_autodiff", "mse_precomputed_labels", "mse_teacher_online",
+                          "mse_two_column_precomputed_labels"}
+    assert all(row["finite"] and row["median_ms"] > 0 and row["peak_mem_mb"] > 0 for row in steps.values())
+    assert saved["training"]["setup"]["batch_size"] == 4
+
+    report = (tmp_path / "speed.md").read_text()
+    for heading in ("## OT core", "### Equal iterations", "### Equal tolerance", "## Training step", "## Targets"):
+        assert heading in report
+    assert "| ot_envelope |" in report and saved["machine"]["command"] in report

@@ -1,0 +1,169 @@
+"""Model card rendering for OPTICAL students: Hub metadata, body and the optical_hf.json round trip."""
+
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard import metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from optical_hf.model_card import (
+    CARD_INFO_NAME,
+    PLACEHOLDER_MODEL_ID,
+    TEMPLATE_PATH,
+    StudentCardInfo,
+    render_model_card,
+    write_model_card,
+)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
+METRICS = [
+    {
+        "task_type": "information-retrieval",
+        "dataset_name": "CLIRMatrix sw-en",
+        "dataset_type": "clirmatrix",
+        "metric_type": "mrr@10",
+        "metric_name": "MRR@10",
+        "value": 0.512345,
+        "split": "dev",
+    },
+    {
+        "task_type": "information-retrieval",
+        "dataset_name": "CLIRMatrix sw-en",
+        "dataset_type": "clirmatrix",
+        "metric_type": "ndcg@10",
+        "value": 0.6,
+        "split": "dev",
+    },
+    {
+        "task_type": "information-retrieval",
+        "dataset_name": "Toy test",
+        "dataset_type": "toy",
+        "metric_type": "recall@100",
+        "value": 0.91,
+        "split": "test",
+    },
+]
+
+
+def make_info(**overrides) -> StudentCardInfo:
+    values = dict(
+        language="sw",
+        teacher=TEACHER,
+        base_model="FacebookAI/xlm-roberta-base",
+        datasets=["Helsinki-NLP/opus-100"],
+        train_pairs=12345,
+        training_data="Swahili-English sentence pairs from OPUS-100.",
+        ot={"reg": 0.05, "n_iters": 50, "marginals": "uniform", "grad": "envelope", "sentence_weight": 1.0},
+        training={"steps": 1000, "batch_size": 32, "lr": 2e-5, "lora": {"r": 8, "alpha": 16}},
+        metrics=METRICS,
+        query_prompt="query: ",
+        model_id="org/optical-xlmr-sw",
+    )
+    values.update(overrides)
+    return StudentCardInfo(**values)
+
+
+def test_card_metadata_has_required_fields_and_exact_model_index():
+    parsed = ModelCard(str(render_model_card(make_info())))
+    data = parsed.data.to_dict()
+
+    assert data["base_model"] == "FacebookAI/xlm-roberta-base"
+    assert data["language"] == ["sw", "en"]
+    assert data["license"] == "apache-2.0"
+    assert data["library_name"] == "sentence-transformers"
+    assert data["datasets"] == ["Helsinki-NLP/opus-100"]
+    for tag in ("optical", "cross-lingual-retrieval", "sentence-transformers", "knowledge-distillation"):
+        assert tag in data["tags"]
+    assert "lora" not in data["tags"]
+
+    model_name, results = model_index_to_eval_results(data["model-index"])
+    assert model_name == "optical-xlmr-sw"
+    got = sorted((r.dataset_name, r.dataset_split, r.metric_type, r.metric_value) for r in results)
+    want = sorted((m["dataset_name"], m["split"], m["metric_type"], m["value"]) for m in METRICS)
+    assert got == want
+
+
+def test_card_body_names_teacher_usage_ot_results_and_citation():
+    text = ModelCard(str(render_model_card(make_info()))).text
+
+    assert f'teacher = SentenceTransformer("{TEACHER}")' in text
+    assert 'student = SentenceTransformer("org/optical-xlmr-sw")' in text
+    assert "student.encode_query(queries, prompt='query: ')" in text
+    assert "teacher.encode_document(documents)" in text
+    assert "| `reg` | 0.05 |" in text and "| `grad` | envelope |" in text
+    assert '| `lora` | {"r": 8, "alpha": 16} |' in text
+    assert "12,345 sentence pairs" in text
+    assert "| CLIRMatrix sw-en | dev | MRR@10 | 0.5123 |" in text
+    assert "@inproceedings{huang2023optical," in text
+    assert "doi={10.1145/3539597.3570468}" in text
+
+
+def test_card_without_metrics_or_repo_id():
+    card = render_model_card(make_info(metrics=[], model_id=None, query_prompt=None))
+
+    assert "model-index" not in card.data.to_dict()
+    assert "No evaluation results were recorded" in card.text
+    assert f'SentenceTransformer("{PLACEHOLDER_MODEL_ID}")' in card.text
+    assert "student.encode_query(queries)" in card.text
+
+
+def test_only_hub_dataset_ids_go_into_metadata(tmp_path):
+    local_tsv = tmp_path / "sw-en.tsv"
+    local_tsv.write_text("habari\thello\n", encoding="utf-8")
+    card = render_model_card(make_info(datasets=["Helsinki-NLP/opus-100", str(local_tsv), "my private bitext"]))
+
+    assert card.data.datasets == ["Helsinki-NLP/opus-100"]
+    assert f"`{local_tsv}`" in card.text and "`my private bitext`" in card.text
+
+
+def test_adapter_only_card_tags_and_requires_base_model():
+    data = ModelCard(str(render_model_card(make_info(), adapter_only=True))).data.to_dict()
+    assert {"peft", "lora"} <= set(data["tags"])
+    assert data["base_model"] == "FacebookAI/xlm-roberta-base"
+    assert data["base_model_relation"] == "adapter"
+
+    with pytest.raises(ValueError, match="base_model"):
+        render_model_card(make_info(base_model=None), adapter_only=True)
+
+
+def test_write_model_card_and_info_round_trip(tmp_path):
+    info = make_info()
+    readme = write_model_card(tmp_path, info)
+
+    assert StudentCardInfo.load(tmp_path) == info
+    metadata = metadata_load(readme)
+    assert metadata["model-index"] == render_model_card(info).data.to_dict()["model-index"]
+    assert (tmp_path / CARD_INFO_NAME).is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"language": "Swahili"}, "language"),
+        ({"metrics": [{"task_type": "information-retrieval", "value": 0.5}]}, r"metrics\[0\]"),
+        ({"model_id": "not a repo id"}, "model_id"),
+    ],
+)
+def test_invalid_info_is_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_info(**overrides)
+
+
+def test_local_path_base_model_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="base_model"):
+        make_info(base_model=str(tmp_path))
+
+
+def test_load_rejects_unknown_fields(tmp_path):
+    (tmp_path / CARD_INFO_NAME).write_text('{"language": "sw", "teacher": "t", "colour": "red"}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"optical_hf\.json.*colour"):
+        StudentCardInfo.load(tmp_path)
+
+
+def test_packaged_template_is_the_model_cards_template():
+    assert TEMPLATE_PATH.read_text(encoding="utf-8") == (REPO_ROOT / "model_cards" / "optical_student.md").read_text(
+        encoding="utf-8"
+    )

@@ -1,0 +1,476 @@
+"""Tests for optical_hf.ot.sinkhorn: agreement with POT (per-pair log-Sinkhorn, batched ``ot.solve_batch``, exact
+``ot.emd2`` as reg -> 0), weights and marginals, gradients (gradcheck, envelope theorem), numerical stability (small reg,
+extreme padding, empty pairs, fp16/bf16, autocast, NaN padding), early stopping, input validation and batch invariance."""
+
+from __future__ import annotations
+
+import ot
+import pytest
+import torch
+from torch.nn.functional import cosine_similarity
+
+from optical_hf.ot import OTResult, sinkhorn, uniform_weights
+
+# Tolerances. In float64 both solvers run the same log-domain fixed-point iteration, so once converged (marginal error
+# far below 1e-10) plans agree to rounding: 1e-8 absolute on plan entries of size ~1/(n*m) ~ 1e-2 leaves a wide margin.
+PLAN_ATOL_F64 = 1e-8
+COST_ATOL_F64 = 1e-8
+# Same iteration count and the same update order as ot.solve_batch: the two agree to rounding even before convergence.
+SAME_ITERATION_ATOL_F64 = 1e-10
+# float32 accumulates ~1e-7 relative rounding per logsumexp: converged float32 plans agree to a few 1e-7.
+PLAN_ATOL_F32 = 1e-5
+# reg -> 0: with reg = 1e-3 the entropic plan's linear cost is within 1e-3 (relative) of the exact ot.emd2 cost.
+EMD_RTOL = 1e-3
+# fp16 / bf16 inputs vs the float32 solution of the unrounded costs (reg = 0.1, costs in [0, 2]): rounding the cost by
+# delta changes <P, C> by about delta (fp16: 2**-10, bf16: 2**-7 relative) and plan entries by a factor exp(delta / reg).
+LOW_PRECISION_COST_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+LOW_PRECISION_PLAN_ATOL = {torch.float16: 2e-4, torch.bfloat16: 2e-3}
+# Marginal L1 error reached by converged float64 solves.
+MARGINAL_ATOL_F64 = 1e-9
+
+BATCH, N, M = 4, 7, 9
+# Real tokens per pair (source, target): every pair is padded differently, pair 0 is full on both sides.
+LENGTHS = ((7, 9), (5, 3), (2, 8), (6, 6))
+
+
+def random_masks(lengths, n, m, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch, n)`` and ``(batch, m)`` bool masks with the given numbers of real tokens at random positions."""
+    source = torch.zeros(len(lengths), n, dtype=torch.bool)
+    target = torch.zeros(len(lengths), m, dtype=torch.bool)
+    for k, (ns, nt) in enumerate(lengths):
+        source[k, torch.randperm(n, generator=generator)[:ns]] = True
+        target[k, torch.randperm(m, generator=generator)[:nt]] = True
+    return source, target
+
+
+def cosine_cost(batch, n, m, dim=16, seed=0, dtype=torch.float64) -> torch.Tensor:
+    """``(batch, n, m)`` cost ``1 - cos`` between random token embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, dim, generator=g, dtype=dtype)
+    y = torch.randn(batch, m, dim, generator=g, dtype=dtype)
+    return 1 - cosine_similarity(x[:, :, None], y[:, None], dim=-1)
+
+
+def make_cost(kind: str, batch=BATCH, n=N, m=M, seed=0, dtype=torch.float64) -> torch.Tensor:
+    if kind == "cosine":
+        return cosine_cost(batch, n, m, seed=seed, dtype=dtype)
+    return torch.rand(batch, n, m, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def padded_instance(kind: str, seed=0, dtype=torch.float64):
+    cost = make_cost(kind, seed=seed, dtype=dtype)
+    source_mask, target_mask = random_masks(LENGTHS, N, M, torch.Generator().manual_seed(seed + 1))
+    return cost, source_mask, target_mask
+
+
+def block(x: torch.Tensor, k: int, source_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """The real-token block of pair ``k`` of a ``(batch, n, m)`` tensor."""
+    return x[k][source_mask[k]][:, target_mask[k]]
+
+
+def assert_padding_is_zero(plan, source_mask, target_mask):
+    pair_mask = source_mask[:, :, None] & target_mask[:, None, :]
+    assert torch.all(plan[~pair_mask] == 0), "padded rows/columns of the plan must be exactly 0"
+
+
+def assert_finite(*tensors):
+    for t in tensors:
+        assert torch.isfinite(t).all(), f"non-finite values in tensor of shape {tuple(t.shape)}"
+
+
+def count_iterations(monkeypatch) -> list[int]:
+    """Count Sinkhorn iterations (each is two ``torch.logsumexp`` calls) of the next solves."""
+    calls = [0]
+    logsumexp = torch.logsumexp
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return logsumexp(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "logsumexp", counting)
+    return calls
+
+
+# 1. Agreement with POT's per-pair log-domain Sinkhorn.
+
+
+@pytest.mark.parametrize("kind", ["cosine", "uniform"])
+@pytest.mark.parametrize("reg", [0.05, 0.5])
+def test_matches_pot_sinkhorn_log_per_pair(kind, reg):
+    cost, source_mask, target_mask = padded_instance(kind)
+    res = sinkhorn(cost, source_mask, target_mask, reg=reg, n_iters=1000)
+
+    assert isinstance(res, OTResult)
+    assert res.plan.shape == (BATCH, N, M) and res.cost.shape == (BATCH,)
+    assert res.plan.dtype == res.cost.dtype == torch.float64
+    assert_padding_is_zero(res.plan, source_mask, target_mask)
+    for k, (ns, nt) in enumerate(LENGTHS):
+        c = block(cost, k, source_mask, target_mask)
+        a = torch.full((ns,), 1 / ns, dtype=torch.float64)
+        b = torch.full((nt,), 1 / nt, dtype=torch.float64)
+        expected = ot.bregman.sinkhorn_log(a, b, c, reg, numItermax=10_000, stopThr=1e-13)
+        torch.testing.assert_close(block(res.plan, k, source_mask, target_mask), expected, atol=PLAN_ATOL_F64, rtol=0)
+        torch.testing.assert_close(res.cost[k], (expected * c).sum(), atol=COST_ATOL_F64, rtol=0)
+
+
+# 2. Agreement with POT's batched solver, and backend="pot" vs backend="torch".
+
+
+@pytest.mark.parametrize("kind", ["cosine", "uniform"])
+def test_matches_pot_solve_batch_unpadded(kind):
+    cost = make_cost(kind)
+    reg, n_iters = 0.1, 100
+    res = sinkhorn(cost, reg=reg, n_iters=n_iters)
+    expected = ot.solve_batch(M=cost, reg=reg, max_iter=n_iters, tol=0.0, method="log_sinkhorn")
+
+    torch.testing.assert_close(res.plan, expected.plan, atol=SAME_ITERATION_ATOL_F64, rtol=0)
+    torch.testing.assert_close(res.cost, expected.value_linear, atol=SAME_ITERATION_ATOL_F64, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, PLAN_ATOL_F64), (torch.float32, PLAN_ATOL_F32)])
+def test_pot_backend_matches_torch_backend_with_padding(dtype, atol):
+    cost, source_mask, target_mask = padded_instance("cosine", dtype=dtype)
+    cost.requires_grad_(True)
+    # Converged solutions are compared (this float32 instance needs ~1000 iterations): before convergence the iterates
+    # may legitimately differ by how the first row update treats padded columns.
+    torch_res = sinkhorn(cost, source_mask, target_mask, reg=0.05, n_iters=2000)
+    pot_res = sinkhorn(cost, source_mask, target_mask, reg=0.05, n_iters=2000, backend="pot")
+
+    assert pot_res.plan.dtype == pot_res.cost.dtype == dtype
+    assert_padding_is_zero(pot_res.plan, source_mask, target_mask)
+    torch.testing.assert_close(pot_res.plan, torch_res.plan, atol=atol, rtol=0)
+    torch.testing.assert_close(pot_res.cost, torch_res.cost, atol=atol, rtol=0)
+    (grad_pot,) = torch.autograd.grad(pot_res.cost.sum(), cost)
+    (grad_torch,) = torch.autograd.grad(torch_res.cost.sum(), cost)
+    torch.testing.assert_close(grad_pot, grad_torch, atol=atol, rtol=0)
+
+
+# 3. reg -> 0 approaches exact OT.
+
+
+@pytest.mark.parametrize("kind", ["cosine", "uniform"])
+def test_small_reg_approaches_exact_emd(kind):
+    cost, source_mask, target_mask = padded_instance(kind)
+    # Convergence at reg = 1e-3 is slow (one cosine pair still has a 4e-5 marginal error after 20k iterations), so the
+    # plan need not be exactly feasible and its cost may fall marginally below the exact one: compare within EMD_RTOL.
+    res = sinkhorn(cost, source_mask, target_mask, reg=1e-3, n_iters=5000, tol=1e-9, check_every=50)
+
+    for k, (ns, nt) in enumerate(LENGTHS):
+        c = block(cost, k, source_mask, target_mask)
+        exact = ot.emd2(torch.full((ns,), 1 / ns, dtype=torch.float64), torch.full((nt,), 1 / nt, dtype=torch.float64), c)
+        assert res.cost[k].item() == pytest.approx(exact.item(), rel=EMD_RTOL)
+    coarse = sinkhorn(cost, source_mask, target_mask, reg=0.1, n_iters=1000)
+    assert torch.all((coarse.cost - res.cost).abs() > 10 * EMD_RTOL * res.cost), "reg=0.1 should be visibly far from OT"
+
+
+# 4. Non-uniform marginal weights.
+
+
+def test_weights_match_pot_and_marginals():
+    cost, source_mask, target_mask = padded_instance("cosine")
+    g = torch.Generator().manual_seed(7)
+    # Weights on padded positions are arbitrary (here large): they must be ignored.
+    source_weights = torch.rand(BATCH, N, generator=g, dtype=torch.float64) + 0.1
+    target_weights = torch.rand(BATCH, M, generator=g, dtype=torch.float64) + 0.1
+    source_weights[~source_mask] = 100.0
+    target_weights[~target_mask] = 100.0
+    reg = 0.1
+    res = sinkhorn(
+        cost, source_mask, target_mask, reg=reg, source_weights=source_weights, target_weights=target_weights,
+        n_iters=1000,
+    )
+
+    a = source_weights * source_mask
+    a = a / a.sum(dim=1, keepdim=True)
+    b = target_weights * target_mask
+    b = b / b.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(uniform_weights(source_mask, source_weights, torch.float64), a)
+    torch.testing.assert_close(res.plan.sum(dim=2), a, atol=MARGINAL_ATOL_F64, rtol=0)
+    torch.testing.assert_close(res.plan.sum(dim=1), b, atol=MARGINAL_ATOL_F64, rtol=0)
+    assert_padding_is_zero(res.plan, source_mask, target_mask)
+    for k in range(BATCH):
+        c = block(cost, k, source_mask, target_mask)
+        expected = ot.bregman.sinkhorn_log(
+            a[k][source_mask[k]], b[k][target_mask[k]], c, reg, numItermax=10_000, stopThr=1e-13
+        )
+        torch.testing.assert_close(block(res.plan, k, source_mask, target_mask), expected, atol=PLAN_ATOL_F64, rtol=0)
+        torch.testing.assert_close(res.cost[k], (expected * c).sum(), atol=COST_ATOL_F64, rtol=0)
+
+
+def test_uniform_marginals_without_weights():
+    cost, source_mask, target_mask = padded_instance("uniform")
+    res = sinkhorn(cost, source_mask, target_mask, reg=0.05, n_iters=1000)
+    a = source_mask / source_mask.sum(dim=1, keepdim=True).to(torch.float64)
+    b = target_mask / target_mask.sum(dim=1, keepdim=True).to(torch.float64)
+    torch.testing.assert_close(res.plan.sum(dim=2), a, atol=MARGINAL_ATOL_F64, rtol=0)
+    torch.testing.assert_close(res.plan.sum(dim=1), b, atol=MARGINAL_ATOL_F64, rtol=0)
+
+
+# 5. Gradients.
+
+
+def test_gradcheck_autodiff_with_padding():
+    lengths = ((3, 4), (2, 3))
+    cost = make_cost("cosine", batch=2, n=3, m=4).requires_grad_(True)
+    source_mask, target_mask = random_masks(lengths, 3, 4, torch.Generator().manual_seed(3))
+
+    def solve(c):
+        res = sinkhorn(c, source_mask, target_mask, reg=0.3, n_iters=15, grad="autodiff")
+        return res.plan, res.cost
+
+    assert torch.autograd.gradcheck(solve, (cost,), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def regularised_objective(plan: torch.Tensor, cost: torch.Tensor, reg: float) -> torch.Tensor:
+    """``<P, C> + reg * sum P log P`` per pair (0 log 0 = 0), i.e. ``<P, C> - reg * H(P)``."""
+    return (plan * cost).sum(dim=(1, 2)) + reg * torch.special.xlogy(plan, plan).sum(dim=(1, 2))
+
+
+def test_envelope_gradient_is_the_plan_and_the_gradient_of_the_regularised_objective():
+    cost, source_mask, target_mask = padded_instance("cosine")
+    reg, n_iters = 0.1, 1000
+    cost.requires_grad_(True)
+    res = sinkhorn(cost, source_mask, target_mask, reg=reg, n_iters=n_iters)
+
+    # No graph through the iterations: the plan is a constant (no grad_fn); only <P, C> is differentiable.
+    assert not res.plan.requires_grad and res.plan.grad_fn is None
+    assert res.cost.requires_grad
+    (grad,) = torch.autograd.grad(res.cost.sum(), cost)
+    assert torch.equal(grad, res.plan), "envelope gradient of sum(<P, C>) must be exactly the detached plan"
+
+    # Envelope theorem: d/dC [<P*, C> - reg H(P*)] = P*. Central finite difference of the regularised optimum along a
+    # random direction D restricted to real pairs, versus <P*, D>.
+    pair_mask = source_mask[:, :, None] & target_mask[:, None, :]
+    direction = torch.randn(cost.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * pair_mask
+    step = 1e-5
+    with torch.no_grad():
+        values = []
+        for sign in (1, -1):
+            shifted = cost + sign * step * direction
+            plan = sinkhorn(shifted, source_mask, target_mask, reg=reg, n_iters=n_iters).plan
+            values.append(regularised_objective(plan, shifted, reg))
+        finite_difference = (values[0] - values[1]) / (2 * step)
+    torch.testing.assert_close(finite_difference, (res.plan * direction).sum(dim=(1, 2)), atol=1e-7, rtol=1e-6)
+
+    # The same value from POT's batched solver (its `value` is the regularised objective).
+    pot = ot.solve_batch(
+        M=cost.detach().masked_fill(~pair_mask, 0.0), reg=reg, a=uniform_weights(source_mask, dtype=torch.float64),
+        b=uniform_weights(target_mask, dtype=torch.float64), max_iter=n_iters, tol=0.0, method="log_sinkhorn",
+    )
+    torch.testing.assert_close(regularised_objective(res.plan, cost.detach(), reg), pot.value, atol=1e-8, rtol=0)
+
+    # And autodiff through the converged iterations of the regularised objective gives the plan as well.
+    autodiff = sinkhorn(cost, source_mask, target_mask, reg=reg, n_iters=300, grad="autodiff")
+    assert autodiff.plan.requires_grad
+    (grad_reg,) = torch.autograd.grad(regularised_objective(autodiff.plan, cost, reg).sum(), cost)
+    torch.testing.assert_close(grad_reg, res.plan, atol=1e-7, rtol=0)
+
+
+def test_no_graph_without_grad_enabled():
+    cost, source_mask, target_mask = padded_instance("cosine")
+    cost.requires_grad_(True)
+    with torch.no_grad():
+        res = sinkhorn(cost, source_mask, target_mask, grad="autodiff")
+    assert not res.plan.requires_grad and not res.cost.requires_grad
+
+
+# 6. Stability.
+
+
+@pytest.mark.parametrize("grad_mode", ["envelope", "autodiff"])
+@pytest.mark.parametrize("reg", [1e-3, 1e-2, 0.1])
+def test_finite_for_small_reg_on_cosine_costs(reg, grad_mode):
+    batch, n, m = 3, 32, 48
+    cost = cosine_cost(batch, n, m, dim=32, seed=11, dtype=torch.float32).requires_grad_(True)
+    source_mask, target_mask = random_masks(((32, 48), (20, 48), (9, 13)), n, m, torch.Generator().manual_seed(12))
+    res = sinkhorn(cost, source_mask, target_mask, reg=reg, n_iters=50, grad=grad_mode)
+    (grad,) = torch.autograd.grad(res.cost.sum(), cost)
+
+    assert res.plan.dtype == res.cost.dtype == torch.float32
+    assert_finite(res.plan, res.cost, grad)
+    assert_padding_is_zero(res.plan, source_mask, target_mask)
+    # After the last (column) update the column marginals are exact up to float32 rounding.
+    torch.testing.assert_close(res.plan.sum(dim=1), uniform_weights(target_mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grad_mode", ["envelope", "autodiff"])
+@pytest.mark.parametrize("real_tokens", [(1, 1), (1, 6), (5, 1)], ids=["one-each", "one-source", "one-target"])
+def test_all_but_one_token_padding(real_tokens, grad_mode):
+    n, m = 5, 6
+    cost = make_cost("cosine", batch=2, n=n, m=m, seed=4, dtype=torch.float32).requires_grad_(True)
+    source_mask, target_mask = random_masks((real_tokens, (n, m)), n, m, torch.Generator().manual_seed(2))
+    res = sinkhorn(cost, source_mask, target_mask, reg=1e-3, n_iters=50, grad=grad_mode)
+    (grad,) = torch.autograd.grad(res.cost.sum(), cost)
+
+    assert_finite(res.plan, res.cost, grad)
+    assert_padding_is_zero(res.plan, source_mask, target_mask)
+    # With a single real token on a side, the plan is forced: that row (column) carries the other side's weights.
+    # float32 rounding of log-kernel entries as large as max(C) / reg = 2e3 is 2e3 * 2**-23 = 2.4e-4 relative.
+    ns, nt = real_tokens
+    expected = torch.zeros(n, m)
+    expected[source_mask[0, :, None] & target_mask[0, None, :]] = 1 / (ns * nt)
+    torch.testing.assert_close(res.plan[0], expected, atol=1e-7, rtol=2.5e-4)
+    torch.testing.assert_close(res.cost[0], (expected * cost[0].detach()).sum(), atol=1e-7, rtol=2.5e-4)
+
+
+# backend="pot" offers grad="envelope" only.
+SOLVER_MODES = [("torch", "envelope"), ("torch", "autodiff"), ("pot", "envelope")]
+
+
+@pytest.mark.parametrize("empty_side", ["source", "target", "both"])
+@pytest.mark.parametrize("backend, grad_mode", SOLVER_MODES)
+def test_pair_without_real_tokens_is_zero_and_isolated(empty_side, backend, grad_mode):
+    cost, source_mask, target_mask = padded_instance("cosine", dtype=torch.float32)
+    empty = 1
+    if empty_side in ("source", "both"):
+        source_mask[empty] = False
+    if empty_side in ("target", "both"):
+        target_mask[empty] = False
+    cost.requires_grad_(True)
+    kwargs = dict(reg=0.05, n_iters=200, grad=grad_mode, backend=backend)
+    res = sinkhorn(cost, source_mask, target_mask, **kwargs)
+    (grad,) = torch.autograd.grad(res.cost.sum(), cost)
+
+    assert_finite(res.plan, res.cost, grad)
+    assert torch.all(res.plan[empty] == 0) and res.cost[empty].item() == 0.0
+    assert torch.all(grad[empty] == 0)
+    others = [k for k in range(BATCH) if k != empty]
+    alone = sinkhorn(cost.detach()[others], source_mask[others], target_mask[others], **kwargs)
+    torch.testing.assert_close(res.plan[others], alone.plan, atol=1e-6, rtol=0)
+    torch.testing.assert_close(res.cost[others], alone.cost, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cost_is_solved_in_float32(dtype):
+    cost, source_mask, target_mask = padded_instance("cosine", dtype=torch.float32)
+    reg = 0.1
+    res = sinkhorn(cost.to(dtype), source_mask, target_mask, reg=reg, n_iters=200)
+
+    assert res.plan.dtype == res.cost.dtype == torch.float32
+    assert_finite(res.plan, res.cost)
+    # Exactly the float32 solve of the rounded costs ...
+    rounded = sinkhorn(cost.to(dtype).float(), source_mask, target_mask, reg=reg, n_iters=200)
+    assert torch.equal(res.plan, rounded.plan) and torch.equal(res.cost, rounded.cost)
+    # ... and close to the float32 solve of the original costs.
+    reference = sinkhorn(cost, source_mask, target_mask, reg=reg, n_iters=200)
+    torch.testing.assert_close(res.cost, reference.cost, atol=LOW_PRECISION_COST_ATOL[dtype], rtol=0)
+    torch.testing.assert_close(res.plan, reference.plan, atol=LOW_PRECISION_PLAN_ATOL[dtype], rtol=0)
+
+    grad_input = cost.to(dtype).requires_grad_(True)
+    (grad,) = torch.autograd.grad(sinkhorn(grad_input, source_mask, target_mask, reg=reg).cost.sum(), grad_input)
+    assert grad.dtype == dtype
+    assert_finite(grad)
+
+
+@pytest.mark.parametrize("grad_mode", ["envelope", "autodiff"])
+def test_under_bfloat16_autocast(grad_mode):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 10, 16, generator=g).requires_grad_(True)
+    y = torch.randn(3, 12, 16, generator=g)
+    source_mask, target_mask = random_masks(((10, 12), (4, 7), (1, 12)), 10, 12, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_n = torch.nn.functional.normalize(x, dim=-1)
+        y_n = torch.nn.functional.normalize(y, dim=-1)
+        cost = 1 - torch.bmm(x_n, y_n.transpose(1, 2))
+        assert cost.dtype == torch.bfloat16, "autocast must actually produce bf16 costs for this test to mean anything"
+        res = sinkhorn(cost, source_mask, target_mask, reg=0.01, grad=grad_mode)
+    (grad,) = torch.autograd.grad(res.cost.mean(), x)
+
+    assert res.plan.dtype == res.cost.dtype == torch.float32
+    assert_finite(res.plan, res.cost, grad)
+    assert_padding_is_zero(res.plan, source_mask, target_mask)
+
+
+@pytest.mark.parametrize("backend, grad_mode", SOLVER_MODES)
+def test_nan_in_padded_costs_does_not_leak(backend, grad_mode):
+    cost, source_mask, target_mask = padded_instance("uniform", dtype=torch.float32)
+    pair_mask = source_mask[:, :, None] & target_mask[:, None, :]
+    poisoned = cost.masked_fill(~pair_mask, float("nan")).requires_grad_(True)
+    kwargs = dict(reg=0.05, n_iters=100, grad=grad_mode, backend=backend)
+    res = sinkhorn(poisoned, source_mask, target_mask, **kwargs)
+    (grad,) = torch.autograd.grad(res.cost.sum(), poisoned)
+
+    assert_finite(res.plan, res.cost, grad)
+    assert torch.all(grad[~pair_mask] == 0)
+    clean = sinkhorn(cost, source_mask, target_mask, **kwargs)
+    assert torch.equal(res.plan, clean.plan) and torch.equal(res.cost, clean.cost)
+
+
+# 7. Early stopping and input validation.
+
+
+def test_tol_stops_early_and_matches_full_run(monkeypatch):
+    cost, source_mask, target_mask = padded_instance("cosine", dtype=torch.float32)
+    full = sinkhorn(cost, source_mask, target_mask, reg=0.05, n_iters=2000)
+    calls = count_iterations(monkeypatch)
+    early = sinkhorn(cost, source_mask, target_mask, reg=0.05, n_iters=2000, tol=1e-6, check_every=10)
+
+    assert calls[0] % 2 == 0 and 0 < calls[0] // 2 < 2000, f"expected an early stop, ran {calls[0] // 2} iterations"
+    assert (calls[0] // 2) % 10 == 0, "stops only at a check (every `check_every` iterations)"
+    torch.testing.assert_close(early.plan, full.plan, atol=1e-6, rtol=0)
+    torch.testing.assert_close(early.cost, full.cost, atol=1e-6, rtol=0)
+    torch.testing.assert_close(early.plan.sum(dim=2), uniform_weights(source_mask), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("empty_side", ["source", "target"])
+def test_tol_stops_early_with_an_empty_pair_in_the_batch(monkeypatch, empty_side):
+    """A pair with no real token on one side has nothing to converge; it must not keep the batch iterating."""
+    cost, source_mask, target_mask = padded_instance("cosine", dtype=torch.float32)
+    kwargs = dict(reg=0.05, n_iters=2000, tol=1e-6, check_every=10)
+    calls = count_iterations(monkeypatch)
+    sinkhorn(cost, source_mask, target_mask, **kwargs)
+    iterations_without = calls[0] // 2
+    (source_mask if empty_side == "source" else target_mask)[1] = False
+    calls[0] = 0
+    res = sinkhorn(cost, source_mask, target_mask, **kwargs)
+
+    assert calls[0] // 2 == iterations_without < 2000
+    assert torch.all(res.plan[1] == 0) and res.cost[1].item() == 0.0
+
+
+def test_check_every_does_not_change_a_full_run():
+    cost, source_mask, target_mask = padded_instance("uniform")
+    base = sinkhorn(cost, source_mask, target_mask, reg=0.1, n_iters=60)
+    # tol=0 never triggers: the checks read the state but must not alter the iteration.
+    checked = sinkhorn(cost, source_mask, target_mask, reg=0.1, n_iters=60, tol=0.0, check_every=7)
+    assert torch.equal(base.plan, checked.plan)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(reg=0.0), r"`reg` must be > 0, got 0.0"),
+        (dict(reg=-0.1), r"`reg` must be > 0, got -0.1"),
+        (dict(source_mask=torch.ones(2, 4, dtype=torch.bool)), r"masks must have shapes \(2, 3\) and \(2, 5\)"),
+        (dict(target_mask=torch.ones(2, 3, dtype=torch.bool)), r"got \(2, 3\) and \(2, 3\)"),
+        (dict(grad="implicit"), r"`grad` must be 'envelope' or 'autodiff', got 'implicit'"),
+        (dict(backend="jax"), r"`backend` must be 'torch' or 'pot', got 'jax'"),
+        (dict(backend="pot", grad="autodiff"), r"backend='pot' supports grad='envelope' only"),
+    ],
+    ids=["reg-zero", "reg-negative", "source-mask-shape", "target-mask-shape", "grad", "backend", "pot-autodiff"],
+)
+def test_invalid_arguments_raise(kwargs, match):
+    cost = torch.rand(2, 3, 5)
+    with pytest.raises(ValueError, match=match):
+        sinkhorn(cost, **kwargs)
+
+
+def test_two_dimensional_cost_raises():
+    with pytest.raises(ValueError, match=r"`cost` must have shape \(batch, n, m\), got \(3, 5\)"):
+        sinkhorn(torch.rand(3, 5))
+
+
+# 8. Batch invariance.
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("grad_mode", ["envelope", "autodiff"])
+def test_padded_batch_equals_each_pair_alone(dtype, atol, grad_mode):
+    cost, source_mask, target_mask = padded_instance("cosine", dtype=dtype)
+    # Few iterations, far from convergence: padding must not change the iterates themselves.
+    res = sinkhorn(cost, source_mask, target_mask, reg=0.05, n_iters=20, grad=grad_mode)
+    for k in range(BATCH):
+        c = block(cost, k, source_mask, target_mask)[None]
+        alone = sinkhorn(c, reg=0.05, n_iters=20, grad=grad_mode)
+        torch.testing.assert_close(block(res.plan, k, source_mask, target_mask), alone.plan[0], atol=atol, rtol=0)
+        torch.testing.assert_close(res.cost[k], alone.cost[0], atol=atol, rtol=0)
