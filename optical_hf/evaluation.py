@@ -242,7 +242,55 @@ def _when(epoch: float, steps: int) -> str:
     return f" after epoch {epoch}" if steps == -1 else f" in epoch {epoch} after {steps} steps"
 
 
-class CLIREvaluator(SentenceEvaluator):
+class _FrozenSideEvaluator(SentenceEvaluator):
+    """Plumbing shared by the evaluators: a frozen model (the teacher) encodes one side once and caches it; each call
+    encodes the other side with the model being evaluated (the student), then logs, writes CSV and stores the metrics
+    in the model card data under keys prefixed by ``name``."""
+
+    kind = ""
+
+    def __init__(
+        self, frozen_model: SentenceTransformer, frozen_texts: Sequence[str], frozen_prompt: str | None, *,
+        batch_size: int, name: str, show_progress_bar: bool, write_csv: bool, primary_metric: str,
+    ):
+        super().__init__()
+        self.frozen_model = frozen_model
+        self.frozen_texts = list(frozen_texts)
+        self.frozen_prompt = frozen_prompt
+        self.batch_size = batch_size
+        self.name = name
+        self.show_progress_bar = show_progress_bar
+        self.write_csv = write_csv
+        self.csv_file = _csv_name(self.kind, name)
+        self.primary_metric = primary_metric
+        self._frozen_embeddings: torch.Tensor | None = None
+
+    @property
+    def frozen_embeddings(self) -> torch.Tensor:
+        """``(len(frozen_texts), dim)`` normalised embeddings by the frozen model, computed on first access."""
+        if self._frozen_embeddings is None:
+            logger.info("Encoding the %d fixed texts of %s with the frozen model (once)", len(self.frozen_texts), self.name)
+            self._frozen_embeddings = _encode(
+                self.frozen_model, self.frozen_texts, self.frozen_prompt, self.batch_size, self.show_progress_bar
+            )
+        return self._frozen_embeddings
+
+    def _encode_evaluated(self, model: SentenceTransformer, texts: Sequence[str], prompt: str | None) -> torch.Tensor:
+        return _encode(model, texts, prompt, self.batch_size, self.show_progress_bar)
+
+    def _report(
+        self, metrics: dict[str, float], model: SentenceTransformer, output_path: str | None, epoch: float, steps: int
+    ) -> dict[str, float]:
+        logger.info("%s evaluation on %s%s: %s", self.kind, self.name, _when(epoch, steps),
+                    ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
+        if self.write_csv and output_path is not None:
+            _append_csv(output_path, self.csv_file, epoch, steps, metrics)
+        metrics = self.prefix_name_to_metrics(metrics, self.name)
+        self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
+        return metrics
+
+
+class CLIREvaluator(_FrozenSideEvaluator):
     """Sentence-transformers evaluator of cross-lingual retrieval: student-encoded queries, teacher-encoded corpus.
 
     The corpus is encoded by ``doc_model`` once (at the first call) and cached, since the teacher is frozen; each call
@@ -263,6 +311,8 @@ class CLIREvaluator(SentenceEvaluator):
         write_csv: append results to a CSV file under ``output_path``.
     """
 
+    kind = "clir"
+
     def __init__(
         self,
         data: RetrievalData,
@@ -276,54 +326,29 @@ class CLIREvaluator(SentenceEvaluator):
         show_progress_bar: bool = False,
         write_csv: bool = True,
     ):
-        super().__init__()
         _check_corpus(data)
         self.data = data
-        self.doc_model = doc_model
         self.query_prompt = query_prompt
-        self.doc_prompt = doc_prompt
-        self.batch_size = batch_size
         self.top_k = top_k
-        self.name = name
-        self.show_progress_bar = show_progress_bar
-        self.write_csv = write_csv
-        self.csv_file = _csv_name("clir", name)
-        self.primary_metric = "mrr@10"
         self._doc_ids = list(data.corpus)
-        self._doc_embeddings: torch.Tensor | None = None
-
-    @property
-    def doc_embeddings(self) -> torch.Tensor:
-        """``(num_docs, dim)`` normalised teacher embeddings of the corpus, computed on first access."""
-        if self._doc_embeddings is None:
-            logger.info("Encoding the %d documents of %s with the document model (once)", len(self._doc_ids), self.name)
-            texts = [self.data.corpus[docid] for docid in self._doc_ids]
-            self._doc_embeddings = _encode(
-                self.doc_model, texts, self.doc_prompt, self.batch_size, self.show_progress_bar
-            )
-        return self._doc_embeddings
+        super().__init__(
+            doc_model, [data.corpus[docid] for docid in self._doc_ids], doc_prompt, batch_size=batch_size, name=name,
+            show_progress_bar=show_progress_bar, write_csv=write_csv, primary_metric="mrr@10",
+        )
 
     def __call__(
         self, model: SentenceTransformer, output_path: str | None = None, epoch: float = -1, steps: int = -1
     ) -> dict[str, float]:
-        logger.info("CLIR evaluation on %s%s:", self.name, _when(epoch, steps))
-        doc_embeddings = self.doc_embeddings
+        doc_embeddings = self.frozen_embeddings
         qids = list(self.data.queries)
-        query_embeddings = _encode(
-            model, [self.data.queries[qid] for qid in qids], self.query_prompt, self.batch_size, self.show_progress_bar
-        )
+        query_embeddings = self._encode_evaluated(model, [self.data.queries[qid] for qid in qids], self.query_prompt)
         run = retrieve(query_embeddings, doc_embeddings, qids, self._doc_ids, top_k=self.top_k)
         metrics = compute_metrics({qid: self.data.qrels.get(qid, {}) for qid in qids}, run)
-        logger.info("  %s", ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
-        if self.write_csv and output_path is not None:
-            _append_csv(output_path, self.csv_file, epoch, steps, metrics)
-        metrics = self.prefix_name_to_metrics(metrics, self.name)
-        self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
-        return metrics
+        return self._report(metrics, model, output_path, epoch, steps)
 
     def get_config_dict(self) -> dict[str, Any]:
         config = {"queries": len(self.data.queries), "documents": len(self.data.corpus), "top_k": self.top_k}
-        prompts = {"query_prompt": self.query_prompt, "doc_prompt": self.doc_prompt}
+        prompts = {"query_prompt": self.query_prompt, "doc_prompt": self.frozen_prompt}
         config.update({key: value for key, value in prompts.items() if value})
         return config
 
@@ -373,7 +398,7 @@ def bitext_retrieval(
     return _bitext_precision(source_embeddings, target_embeddings, sources, targets)
 
 
-class BitextRetrievalEvaluator(SentenceEvaluator):
+class BitextRetrievalEvaluator(_FrozenSideEvaluator):
     """Sentence-transformers evaluator of bitext mining: the evaluated model encodes ``sources``, a fixed
     ``target_model`` (teacher) encodes ``targets`` once (cached at the first call).
 
@@ -381,6 +406,8 @@ class BitextRetrievalEvaluator(SentenceEvaluator):
     stored in the model card data and, when ``output_path`` is given, appended to
     ``bitext_retrieval_evaluation_{name}_results.csv``.
     """
+
+    kind = "bitext_retrieval"
 
     def __init__(
         self,
@@ -395,47 +422,25 @@ class BitextRetrievalEvaluator(SentenceEvaluator):
         show_progress_bar: bool = False,
         write_csv: bool = True,
     ):
-        super().__init__()
         _check_bitext(sources, targets)
         self.sources = list(sources)
-        self.targets = list(targets)
-        self.target_model = target_model
         self.source_prompt = source_prompt
-        self.target_prompt = target_prompt
-        self.batch_size = batch_size
-        self.name = name
-        self.show_progress_bar = show_progress_bar
-        self.write_csv = write_csv
-        self.csv_file = _csv_name("bitext_retrieval", name)
-        self.primary_metric = "p@1"
-        self._target_embeddings: torch.Tensor | None = None
-
-    @property
-    def target_embeddings(self) -> torch.Tensor:
-        """``(num_pairs, dim)`` normalised embeddings of the targets by ``target_model``, computed on first access."""
-        if self._target_embeddings is None:
-            self._target_embeddings = _encode(
-                self.target_model, self.targets, self.target_prompt, self.batch_size, self.show_progress_bar
-            )
-        return self._target_embeddings
+        super().__init__(
+            target_model, targets, target_prompt, batch_size=batch_size, name=name,
+            show_progress_bar=show_progress_bar, write_csv=write_csv, primary_metric="p@1",
+        )
 
     def __call__(
         self, model: SentenceTransformer, output_path: str | None = None, epoch: float = -1, steps: int = -1
     ) -> dict[str, float]:
-        logger.info("Bitext retrieval on %s%s:", self.name, _when(epoch, steps))
-        target_embeddings = self.target_embeddings
-        source_embeddings = _encode(model, self.sources, self.source_prompt, self.batch_size, self.show_progress_bar)
-        metrics = _bitext_precision(source_embeddings, target_embeddings, self.sources, self.targets)
-        logger.info("  %s", ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
-        if self.write_csv and output_path is not None:
-            _append_csv(output_path, self.csv_file, epoch, steps, metrics)
-        metrics = self.prefix_name_to_metrics(metrics, self.name)
-        self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
-        return metrics
+        target_embeddings = self.frozen_embeddings
+        source_embeddings = self._encode_evaluated(model, self.sources, self.source_prompt)
+        metrics = _bitext_precision(source_embeddings, target_embeddings, self.sources, self.frozen_texts)
+        return self._report(metrics, model, output_path, epoch, steps)
 
     def get_config_dict(self) -> dict[str, Any]:
         config: dict[str, Any] = {"pairs": len(self.sources)}
-        prompts = {"source_prompt": self.source_prompt, "target_prompt": self.target_prompt}
+        prompts = {"source_prompt": self.source_prompt, "target_prompt": self.frozen_prompt}
         config.update({key: value for key, value in prompts.items() if value})
         return config
 

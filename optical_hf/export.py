@@ -20,6 +20,8 @@ from sentence_transformers import SentenceTransformer
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .model_card import StudentCardInfo, write_model_card
+
 __all__ = ["has_adapters", "merged_copy", "save_student", "sentence_transformer_from"]
 
 ADAPTER_DIR = "adapter"
@@ -79,12 +81,16 @@ def sentence_transformer_from(
 
 
 def save_student(
-    model: SentenceTransformer, output_dir: str | os.PathLike, adapter_model: nn.Module | None = None
+    model: SentenceTransformer,
+    output_dir: str | os.PathLike,
+    adapter_model: nn.Module | None = None,
+    card: StudentCardInfo | None = None,
 ) -> Path:
     """Write ``model`` (a SentenceTransformer student, possibly with adapters) to ``output_dir`` atomically.
 
     Adapters are merged into the saved weights and also saved unmerged under ``output_dir/adapter`` (taken from
-    ``adapter_model`` when the adapters live outside ``model``, e.g. a Trainer's peft-wrapped student). Existing
+    ``adapter_model`` when the adapters live outside ``model``, e.g. a Trainer's peft-wrapped student). With ``card``,
+    the OPTICAL model card (README.md) and its ``optical_hf.json`` are written into the folder too. Existing
     ``checkpoint-*`` sub-folders of ``output_dir`` (a Trainer's resumable state) are carried over untouched.
 
     Returns:
@@ -98,6 +104,8 @@ def save_student(
         (merged_copy(model) if has_adapters(model) else model).save(str(staging))
         if has_adapters(adapter_model):
             _save_adapter(adapter_model, staging / ADAPTER_DIR)
+        if card is not None:
+            write_model_card(staging, card)
         _swap_in(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

