@@ -122,7 +122,11 @@ def _swap_in(staging: Path, output_dir: Path) -> None:
         return
     old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
     output_dir.rename(old)
-    staging.rename(output_dir)
+    try:
+        staging.rename(output_dir)
+    except BaseException:
+        old.rename(output_dir)
+        raise
     for checkpoint in old.glob("checkpoint-*"):
         checkpoint.rename(output_dir / checkpoint.name)
     shutil.rmtree(old)

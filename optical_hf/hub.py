@@ -116,6 +116,8 @@ def push_student(
         raise ValueError(f"repo_id={repo_id!r} is not a Hub repo id of the form 'namespace/name': {err}") from err
     if "/" not in repo_id:
         raise ValueError(f"repo_id={repo_id!r} has no namespace: use 'namespace/name' (your user name or an org).")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist: nothing to push (train a student first).")
     if not (folder / "modules.json").is_file():
         raise ValueError(f"{folder} is not a sentence-transformers folder: {folder / 'modules.json'} is missing.")
     info = StudentCardInfo.load(folder)
@@ -142,7 +144,9 @@ def push_student(
     if adapter_only:
         operations.extend(_adapter_operations(folder, hub_base_model))
 
-    retry_command = _retry_command(folder, repo_id, adapter_only=adapter_only, base_model=base_model, revision=revision)
+    retry_command = _retry_command(
+        folder, repo_id, adapter_only=adapter_only, base_model=base_model, revision=revision, endpoint=endpoint
+    )
     api = HfApi(endpoint=endpoint, token=token, library_name="optical-hf")
     size_mb = sum(op.upload_info.size for op in operations) / 2**20
     logger.info(
@@ -213,7 +217,8 @@ def _adapter_operations(folder: Path, base_model: str) -> list[CommitOperationAd
 
 
 def _retry_command(
-    folder: Path, repo_id: str, *, adapter_only: bool, base_model: str | None, revision: str | None
+    folder: Path, repo_id: str, *, adapter_only: bool, base_model: str | None, revision: str | None,
+    endpoint: str | None = None,
 ) -> str:
     """The ``optical-hf push`` command line that repeats this push."""
     args = ["optical-hf", "push", str(folder), "--repo_id", repo_id]
@@ -223,6 +228,8 @@ def _retry_command(
         args.extend(["--base_model", base_model])
     if revision is not None:
         args.extend(["--revision", revision])
+    if endpoint is not None:
+        args.extend(["--endpoint", endpoint])
     return shlex.join(args)
 
 

@@ -42,7 +42,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 4,
     "per_device_train_batch_size": 16,
     "learning_rate": 1e-4,
-    "warmup_ratio": 0.1,
+    "warmup_steps": 0.1,  # a float is a fraction of the training steps in transformers 5
+    "dataloader_pin_memory": torch.cuda.is_available(),
     "logging_steps": 10,
     "save_strategy": "epoch",
     "save_total_limit": 2,
@@ -267,7 +268,7 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
             training_data=f"{len(train):,} {args.language}-en pairs from {args.bitext or DEMO_BITEXT.name}",
             ot=dataclasses.asdict(loss_config),
             training={"front_end": args.front_end, "steps": trainer.state.global_step,
-                      "epochs": training_args.num_train_epochs, "batch_size": training_args.per_device_train_batch_size,
+                      "epochs": round(trainer.state.epoch or 0, 2), "batch_size": training_args.per_device_train_batch_size,
                       "learning_rate": training_args.learning_rate, "max_length": args.max_length,
                       "seed": training_args.seed, "lora": args.lora,
                       **{f"before_{key}": round(value, 4) for key, value in before.items()}},

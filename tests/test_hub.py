@@ -222,6 +222,7 @@ def test_failed_commit_keeps_folder_and_says_how_to_retry(student, hub, monkeypa
     retry = f"optical-hf push {student.folder} --repo_id {REPO_ID}"
     if adapter_only:
         retry += f" --adapter_only --base_model {HUB_BASE_MODEL}"
+    retry += f" --endpoint {hub.endpoint}"
     assert retry in message
     assert f"The local folder {student.folder} is intact" in message
     assert failure.value.retry_command == retry

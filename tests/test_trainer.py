@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import sentence_transformer
 from peft import LoraConfig
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer, TrainingArguments

