@@ -8,7 +8,6 @@ sentence-transformers front end (:class:`optical_hf.losses.OTDistillationLoss`).
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
