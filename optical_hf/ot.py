@@ -31,11 +31,6 @@ __all__ = ["OTResult", "sinkhorn", "uniform_weights"]
 GradMode = Literal["envelope", "autodiff"]
 Backend = Literal["torch", "pot"]
 
-# Log-weight given to masked tokens. Finite (not -inf) so that no ``-inf - (-inf)`` can appear in the iterations
-# or in their gradients; large enough that ``exp`` of anything it touches is exactly 0 in fp32.
-_MASKED_LOG_WEIGHT = -1e18
-
-
 @dataclass
 class OTResult:
     """Solution of a batch of entropic OT problems.
@@ -67,35 +62,40 @@ def uniform_weights(
     return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
 
 
-def _log_weights(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, weights.clamp_min(torch.finfo(weights.dtype).tiny).log(), _MASKED_LOG_WEIGHT)
-
-
 def _scaled_potentials(
     log_kernel: torch.Tensor,
-    log_a: torch.Tensor,
-    log_b: torch.Tensor,
-    a: torch.Tensor,
     source_mask: torch.Tensor,
     target_mask: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
     n_iters: int,
     tol: float | None,
     check_every: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-domain Sinkhorn iterations on ``K = -C / reg``: ``u = log a - LSE_j(K + v)``, ``v = log b - LSE_i(K + u)``.
+    """Log-domain Sinkhorn on ``K = -C / reg``: ``u = log a - LSE_j(K + v)``, ``v = log b - LSE_i(K + u)``.
 
-    Without ``tol`` the loop runs exactly ``n_iters`` times and never synchronises with the host. With ``tol`` the
-    largest L1 error of the row marginals is read back every ``check_every`` iterations (one sync per check).
+    Each update masks only the dimension it reduces over, with ``-inf``: every row (column) keeps at least one finite
+    entry, so no ``-inf - (-inf)`` appears in values or gradients, and ``exp(-inf)`` is the cheapest exp there is. The
+    column update reads a contiguous transposed copy of ``K`` so that both reductions run over the last dimension.
+    Both masks must have at least one True per pair. Without ``tol`` the loop runs exactly ``n_iters`` times and never
+    synchronises with the host; with ``tol`` the largest L1 error of the row marginals is read back every
+    ``check_every`` iterations (one sync per check).
+
+    Returns:
+        ``(u, v)``: ``(batch, n)`` and ``(batch, m)`` scaled potentials (``f / reg``, ``g / reg``).
     """
-    v = torch.zeros_like(log_b).masked_fill(~target_mask, _MASKED_LOG_WEIGHT)
-    solvable = source_mask.any(dim=1) & target_mask.any(dim=1)
+    tiny = torch.finfo(a.dtype).tiny
+    log_a, log_b = a.clamp_min(tiny).log(), b.clamp_min(tiny).log()
+    row_kernel = log_kernel.masked_fill(~target_mask.unsqueeze(1), float("-inf"))  # (batch, n, m), reduce over m
+    col_kernel = log_kernel.masked_fill(~source_mask.unsqueeze(2), float("-inf")).transpose(1, 2).contiguous()
+    v = torch.zeros_like(b)
     for it in range(n_iters):
-        u = log_a - torch.logsumexp(log_kernel + v.unsqueeze(1), dim=2)
-        v = log_b - torch.logsumexp(log_kernel + u.unsqueeze(2), dim=1)
+        u = log_a - torch.logsumexp(row_kernel + v.unsqueeze(1), dim=2)
+        v = log_b - torch.logsumexp(col_kernel + u.unsqueeze(1), dim=2)
         if tol is not None and (it + 1) % check_every == 0:
             with torch.no_grad():
-                rows = torch.exp(log_kernel + u.unsqueeze(2) + v.unsqueeze(1)).sum(dim=2)
-                if torch.where(solvable, (rows - a).abs().sum(dim=1), 0.0).max().item() < tol:
+                rows = torch.exp(row_kernel + u.unsqueeze(2) + v.unsqueeze(1)).sum(dim=2)
+                if ((rows - a) * source_mask).abs().sum(dim=1).max().item() < tol:
                     break
     return u, v
 
@@ -169,19 +169,21 @@ def sinkhorn(
         work_dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
         pair_mask = source_mask.unsqueeze(2) & target_mask.unsqueeze(1)
         cost = cost.to(work_dtype).masked_fill(~pair_mask, 0.0)
-        a = uniform_weights(source_mask, source_weights, work_dtype)
-        b = uniform_weights(target_mask, target_weights, work_dtype)
         if backend == "pot":
+            a = uniform_weights(source_mask, source_weights, work_dtype)
+            b = uniform_weights(target_mask, target_weights, work_dtype)
             return _pot_sinkhorn(cost, a, b, reg=reg, n_iters=n_iters, tol=tol, grad=grad)
         if backend != "torch":
             raise ValueError(f"`backend` must be 'torch' or 'pot', got {backend!r}")
 
-        log_a, log_b = _log_weights(a, source_mask), _log_weights(b, target_mask)
+        # A pair with no real token on a side is solved as if unmasked (well defined, no sync) and zeroed below.
+        solvable = (source_mask.any(dim=1) & target_mask.any(dim=1)).unsqueeze(1)
+        solved_source, solved_target = source_mask | ~solvable, target_mask | ~solvable
+        a = uniform_weights(solved_source, source_weights, work_dtype)
+        b = uniform_weights(solved_target, target_weights, work_dtype)
         with torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled()):
             log_kernel = -cost / reg
-            u, v = _scaled_potentials(
-                log_kernel, log_a, log_b, a, source_mask, target_mask, n_iters, tol, check_every
-            )
+            u, v = _scaled_potentials(log_kernel, solved_source, solved_target, a, b, n_iters, tol, check_every)
             log_plan = (log_kernel + u.unsqueeze(2) + v.unsqueeze(1)).masked_fill(~pair_mask, float("-inf"))
             plan = log_plan.exp()
         return OTResult(plan=plan, cost=(plan * cost).sum(dim=(1, 2)))
