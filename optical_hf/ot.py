@@ -13,10 +13,11 @@ student's tokens of a low-resource sentence and the teacher's tokens of its Engl
 the student on ``<P, C>``.
 
 Why this is written here rather than taken from POT: ``ot.solve_batch`` needs every problem of the batch to
-have the same size, so padding can only be expressed as zero weights, whose ``log(0) = -inf`` turns into NaN
-gradients under autodiff; its convergence check synchronises with the host every 10 iterations; and it has no
-autocast guard for fp16/bf16 inputs. POT remains available as ``backend="pot"`` and is the reference the tests
-compare against.
+have the same size, so padding can only be expressed as zero weights (a pair with no real token on a side then
+comes out NaN); its ``grad="envelope"`` still records the graph of every iteration (memory like autodiff); its
+convergence check synchronises with the host every 10 iterations; and it has no autocast guard for fp16/bf16
+inputs. ``benchmarks/speed.py`` measures both side by side. POT remains available as ``backend="pot"`` and is the
+reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -134,8 +135,8 @@ def sinkhorn(
             at no extra memory. ``"autodiff"`` back-propagates through every iteration (memory grows with
             ``n_iters``; also differentiates the plan).
         backend: ``"torch"`` (this solver) or ``"pot"`` (``ot.solve_batch`` with ``method="log_sinkhorn"``, padding
-            expressed as zero weights; only ``grad="envelope"`` is offered there since zero weights give NaN
-            gradients under autodiff).
+            expressed as zero weights, empty pairs zeroed; ``grad="envelope"`` only: it is offered as a reference
+            solver, not as a second training path).
 
     Returns:
         :class:`OTResult` with ``plan`` ``(batch, n, m)`` and ``cost`` ``(batch,)``. A pair with no real token on
@@ -194,7 +195,7 @@ def _pot_sinkhorn(
 ) -> OTResult:
     """Solve with POT's batched log-Sinkhorn (``ot.solve_batch``) on the same inputs."""
     if grad != "envelope":
-        raise ValueError("backend='pot' supports grad='envelope' only (zero weights give NaN gradients under autodiff)")
+        raise ValueError("backend='pot' supports grad='envelope' only (it is a reference solver, not a training path)")
     from ot import solve_batch
 
     res = solve_batch(

@@ -39,7 +39,7 @@ FRONT_ENDS = ("sentence-transformers", "trainer")
 # Defaults of the no-argument demo run (a few minutes on 2 CPU cores); every one can be overridden by its flag.
 TRAINING_DEFAULTS: dict[str, Any] = {
     "output_dir": "optical-student-sw",
-    "num_train_epochs": 4,
+    "num_train_epochs": 3,
     "per_device_train_batch_size": 16,
     "learning_rate": 1e-4,
     "warmup_steps": 0.1,  # a float is a fraction of the training steps in transformers 5

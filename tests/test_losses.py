@@ -109,3 +109,21 @@ def test_config_and_citation(model_dirs):
     assert loss.citation == CITATION and "2023" in CITATION
     with pytest.raises(ValueError, match="reg"):
         OTDistillationLoss(student, student, reg=0)
+
+
+def test_bf16_mixed_precision_training(model_dirs, bitext, tmp_path):
+    """bf16 autocast (CPU here; the same code path as GPU bf16): the OT solve stays fp32 and the loss is finite."""
+    student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+    loss = OTDistillationLoss(student, teacher, sentence_weight=1.0)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=16, learning_rate=5e-4,
+        logging_steps=2, report_to=[], save_strategy="no", seed=0, bf16=True, use_cpu=True,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=student, args=args, train_dataset=bitext, loss=loss,
+        data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess),
+    )
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert logs and all(torch.isfinite(torch.tensor([log["loss"], log["ot"], log["sentence"]])).all() for log in logs)
+    assert logs[-1]["loss"] < logs[0]["loss"]
