@@ -16,7 +16,6 @@ import logging
 import shlex
 from pathlib import Path
 
-import requests
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
@@ -66,7 +65,7 @@ FULL_MODEL_PATTERNS = [
     "pytorch_model.bin.index.json",
 ]
 
-_HUB_ERRORS = (HfHubHTTPError, OSError, _HttpClientError, requests.RequestException)
+_HUB_ERRORS = (HfHubHTTPError, OSError, _HttpClientError)
 
 
 class HubPushError(RuntimeError):
