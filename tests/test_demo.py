@@ -17,8 +17,9 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill.py"
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # ~2 min on 2 idle cores; much longer when the machine is shared
 def test_no_argument_demo_improves_heldout_accuracy(tmp_path):
-    result = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True, timeout=1400)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = dict(re.findall(r"^\| (untrained student|distilled student) \|(.*)\|$", result.stdout, flags=re.M))
     before, after = ([float(x) for x in rows[name].split("|")] for name in ("untrained student", "distilled student"))
