@@ -21,6 +21,7 @@ LAFAND = SHARED / "data" / "lafand-mt" / "en-swa"
 FLORES = SHARED / "data" / "flores-sib200"
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(1500),  # ~2 min on 2 idle cores; much longer when the machine is shared
     pytest.mark.skipif(not (LAFAND.is_dir() and FLORES.is_dir()), reason="../shared data not present"),
 ]
 
