@@ -111,6 +111,16 @@ def model_dirs(tmp_path_factory, toy_pairs) -> dict[str, Path]:
 
 
 @pytest.fixture
+def hub(tmp_path):
+    """A loopback fake Hub (tests/hub_server.py); fails the test if the client called an unimplemented endpoint."""
+    from hub_server import FakeHub
+
+    with FakeHub(tmp_path / "hub") as server:
+        yield server
+    assert server.unknown_requests == [], "the client called endpoints the fake Hub does not implement"
+
+
+@pytest.fixture
 def bitext(toy_pairs):
     from optical_hf import bitext_from_pairs
 

@@ -20,6 +20,8 @@ The server binds 127.0.0.1 only, on a free port.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import base64
 import hashlib
 import json
@@ -194,3 +196,14 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             """Silence the default stderr access log."""
 
     return Handler
+
+
+@contextmanager
+def online(monkeypatch, hub: FakeHub):
+    """Let huggingface_hub make HTTP calls (tests run offline), with its default endpoint also at the fake Hub."""
+    import huggingface_hub.constants
+
+    with monkeypatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        yield

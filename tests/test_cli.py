@@ -13,13 +13,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 from conftest import sentence_transformer, toy_bitext
-from hub_server import FakeHub
+from hub_server import online
 from sentence_transformers import SentenceTransformer
 
 import optical_hf
@@ -60,22 +59,6 @@ def hub_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv("OPTICAL_HF_DEBUG", raising=False)
-
-
-@contextmanager
-def online(monkeypatch, hub: FakeHub):
-    """Let huggingface_hub reach the loopback fake Hub, which is also the default endpoint (as in test_hub.py)."""
-    with monkeypatch.context() as patch:
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
-        yield
-
-
-@pytest.fixture
-def hub(tmp_path):
-    with FakeHub(tmp_path / "hub") as server:
-        yield server
-    assert server.unknown_requests == [], "the client called endpoints the fake Hub does not implement"
 
 
 @pytest.fixture(scope="module")

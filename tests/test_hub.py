@@ -5,7 +5,6 @@ import json
 import shutil
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
-from hub_server import FakeHub
+from hub_server import FakeHub, online
 from optical_hf.hub import HubPushError, push_student
 from optical_hf.model_card import StudentCardInfo, write_model_card
 
@@ -60,22 +59,6 @@ def hub_offline(monkeypatch):
     """Tests run offline; `online` lifts this only around pushes to the loopback server."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@contextmanager
-def online(monkeypatch, hub: FakeHub):
-    """Allow huggingface_hub HTTP calls, with the default endpoint also pointing at the fake Hub."""
-    with monkeypatch.context() as patch:
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        patch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
-        yield
-
-
-@pytest.fixture
-def hub(tmp_path):
-    with FakeHub(tmp_path / "hub") as server:
-        yield server
-    assert server.unknown_requests == [], "the client called endpoints the fake Hub does not implement"
 
 
 @pytest.fixture(scope="module")
