@@ -15,7 +15,8 @@ Systems, per setting and language (all students trained on the same bitext, step
 * **mse**: sentence-level distillation (Reimers & Gurevych 2020): sentence-transformers' ``MSELoss`` with the
   teacher's embeddings of the English side precomputed as labels; the student is trained on **one text column, the
   low-resource sentence** (the same input the OT student sees), not also on the English side;
-* **ot**: :class:`optical_hf.OTDistillationLoss`, token-level OT only;
+* **ot**: :class:`optical_hf.OTDistillationLoss`, token-level OT only (``--ot-reg`` default 0.02, the best of a
+  one-factor sweep on Hausa dev in ``results/quality_sweep.md``; the library's default is 0.05);
 * **ot+sent**: the same plus a sentence-level term (``--sentence-weight``, ``--sentence-loss``, default ``cosine``
   with weight 1: every model here ends with a ``Normalize`` module, so for unit vectors ``MSE = (1 - cos) * 2 / dim``;
   the cosine distance is in the same units as the OT cost ``1 - cos`` between tokens, so weight 1 is an even mix,
@@ -383,10 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     settings = make_settings(args.settings, args.e5_path)
     tasks = {lang: dev_retrieval(lang) for lang in args.langs}
-    bitexts: dict[str, tuple[datasets.Dataset, dict[str, Any]]] = {}
-    for lang, data in tasks.items():
-        bitext, info = language_bitext(lang, set(data.queries.values()))
-        bitexts[lang] = (bitext, info)
+    bitexts = {lang: language_bitext(lang, set(data.queries.values())) for lang, data in tasks.items()}
 
     plan: list[tuple[str, str, str, int | None]] = []  # (setting, lang, method, pairs)
     for name in settings:
@@ -402,8 +400,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data_info: dict[str, Any] = {}
     done: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     for name, setting in settings.items():
-        teacher = load_model(setting.model_path, args.device, config.max_seq_length)
         setting_plan = [item for item in plan if item[0] == name]
+        if not setting_plan:
+            logger.warning("Nothing to run for setting %s with --langs %s (it runs on %s only unless --full)", name,
+                           " ".join(args.langs), BUDGET_LANG)
+            continue
+        teacher = load_model(setting.model_path, args.device, config.max_seq_length)
         langs = list(dict.fromkeys(item[1] for item in setting_plan))
         for lang in langs:
             data = tasks[lang]
@@ -445,8 +447,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 metrics[PRIMARY], 100 * done[key]["gap_closed"][PRIMARY])
                     records.append(done[key])
         del teacher
-    return {"config": asdict(config), "records": records, "data": data_info, "doc_cache": doc_cache,
-            "settings": {name: asdict(s) for name, s in settings.items()}}
+    pool = len(next(iter(tasks.values())).corpus)
+    return {
+        "config": asdict(config), "records": records, "data": data_info, "doc_cache": doc_cache,
+        "pool_passages": pool, "settings": {name: asdict(s) for name, s in settings.items()},
+    }
 
 
 # --------------------------------------------------------------------------------------------------------- reports
@@ -480,6 +485,16 @@ def _find(records: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
     return [r for r in records if all(r.get(k) == v for k, v in match.items())]
 
 
+def _langs(results: dict[str, Any], setting: str) -> list[str]:
+    """Languages evaluated in ``setting``, in ``--langs`` order."""
+    return [lang for lang in results["run_args"]["langs"]
+            if _find(results["records"], setting=setting, lang=lang, system="floor")]
+
+
+def _loads(values: list[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in values)
+
+
 def _main_pairs(results: dict[str, Any], lang: str) -> int:
     """Pair count of a language's main-table runs (the cap, or all pairs)."""
     cap = results["run_args"]["max_pairs"]
@@ -495,7 +510,7 @@ def main_table(results: dict[str, Any], setting: str) -> list[str]:
     """Markdown rows: one per language (+ mean), MRR@10 of every system and the gap closed by each method."""
     records = results["records"]
     methods = [m for m in METHODS if _find(records, setting=setting, system=m)]
-    langs = [lang for lang in results["run_args"]["langs"] if _find(records, setting=setting, lang=lang, system="floor")]
+    langs = _langs(results, setting)
     header = ["lang", "dev queries", "train pairs", "floor", "oracle", *[METHOD_LABELS[m] for m in methods],
               *[f"gap closed {METHOD_LABELS[m]}" for m in methods]]
     if {"mse", "ot"} <= set(methods):
@@ -555,14 +570,15 @@ def budget_table(results: dict[str, Any]) -> list[str]:
 def render_markdown(results: dict[str, Any]) -> str:
     """The report: provenance, protocol, the main table per setting, the budget curve and all metrics."""
     meta, config, run_args = results["machine"], results["config"], results["run_args"]
+    steps_note = f", at most {config['max_steps']} steps" if config["max_steps"] else ""
     lines = [
         "# optical_hf retrieval-quality benchmark (AfriQA dev, gold pool)",
         "",
         f"- command: `{meta['command']}`",
         f"- machine: {meta['hardware']} ({meta['device']}), {meta['cores_available']} cores available, torch threads "
-        f"{meta['torch_threads']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}, load average (1/5/15 min) at start {', '.join(f'{x:.2f}' for x in meta['load_average_at_start'])}, "
-        f"at end {', '.join(f'{x:.2f}' for x in meta['load_average_at_end'])} (other jobs share the machine: timings "
-        "scale with the load)",
+        f"{meta['torch_threads']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}, load average (1/5/15 min) at start "
+        f"{_loads(meta['load_average_at_start'])}, at end {_loads(meta['load_average_at_end'])} (other jobs share the "
+        "machine: timings scale with the load)",
         f"- versions: python {meta['python']}, torch {meta['torch']}, transformers {meta['transformers']}, "
         f"sentence-transformers {meta['sentence_transformers']}",
         f"- date: {meta['date']}; **wall time {results['wall_time_s'] / 60:.1f} min** "
@@ -574,17 +590,18 @@ def render_markdown(results: dict[str, Any]) -> str:
         "Closed-pool cross-lingual passage retrieval built from AfriQA's gold passages (**not** AfriQA's official "
         "open-retrieval task): queries = native `question_lang` of each language's dev gold-passage file; relevant "
         "document = that row's passage; corpus = all distinct non-empty contexts of every gold-passage file (all "
-        f"languages and splits, {next(iter(results['data'].values()))['pool_passages']} passages). Passages are "
+        f"languages and splits, {results['pool_passages']} passages). Passages are "
         f"encoded by the frozen teacher (truncated at {run_args['doc_max_length']} tokens), queries by the student. "
         "Floor = untrained student on the native question; oracle = teacher on the human English translation; "
-        "gap closed = (student − floor) / (oracle − floor), on MRR@10 here (all metrics in `quality.json` and below).",
+        "gap closed = (student − floor) / (oracle − floor), on MRR@10 here (every metric in the JSON file and "
+        "below).",
         "",
         "Training (identical for every method): bitext = LAFAND-MT pairs of the language (Kinyarwanda: LAFAND's dev "
         "file, since it has no train file; LAFAND is not the evaluated data) + AfriQA **train** query translations "
         "(questions also in the dev split dropped), "
         + (f"a seeded random sample of {run_args['max_pairs']} pairs per language (the same for every method); "
            if run_args["max_pairs"] else "all pairs; ")
-        + f"{config['epochs']:g} epoch(s){', max ' + str(config['max_steps']) + ' steps' if config['max_steps'] else ''}, "
+        + f"{config['epochs']:g} epoch(s){steps_note}, "
         f"batch {config['batch_size']}, lr {config['lr']:g} (AdamW, linear decay, warmup {config['warmup']:g}), "
         f"max length {config['max_seq_length']}, seed {config['seed']}, word-embedding matrix "
         f"{'frozen' if config['freeze_embeddings'] else 'trained'}.",
@@ -635,7 +652,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels) + has_budget, figsize=(6 * (len(panels) + has_budget), 4.2),
                              squeeze=False)
     for ax, name in zip(axes[0], panels):
-        langs = [lang for lang in results["run_args"]["langs"] if _find(records, setting=name, lang=lang, system="floor")]
+        langs = _langs(results, name)
         methods = [m for m in METHODS if _find(records, setting=name, system=m)]
         width = 0.8 / max(1, len(methods))
         for i, method in enumerate(methods):
@@ -692,7 +709,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-seq-length", type=int, default=64, help="training truncation (both sides, queries)")
     parser.add_argument("--doc-max-length", type=int, default=256, help="passage truncation for the teacher")
-    parser.add_argument("--ot-reg", type=float, default=0.02, help="Sinkhorn epsilon (library default 0.05; see quality_sweep.md)")
+    parser.add_argument("--ot-reg", type=float, default=0.02,
+                        help="Sinkhorn epsilon (the library's default is 0.05; see results/quality_sweep.md)")
     parser.add_argument("--ot-iters", type=int, default=50)
     parser.add_argument("--sentence-weight", type=float, default=1.0, help="weight of the sentence term of ot+sent")
     parser.add_argument("--sentence-loss", choices=["mse", "cosine"], default="cosine")
@@ -747,7 +765,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paths["json"].write_text(json.dumps(results, indent=2, allow_nan=True) + "\n", encoding="utf-8")
     plot(results, paths["png"])
     for name in results["settings"]:
-        print(f"\n{results['settings'][name]['title']} (MRR@10)\n" + "\n".join(main_table(results, name)))
+        table = main_table(results, name)
+        if len(table) > 2:
+            print(f"\n{results['settings'][name]['title']} (MRR@10)\n" + "\n".join(table))
     budget = budget_table(results)
     if budget:
         print(f"\nBudget curve ({BUDGET_LANG})\n" + "\n".join(budget))
