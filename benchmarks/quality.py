@@ -395,6 +395,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plan += [(budget_setting, BUDGET_LANG, method, pairs)
                  for pairs in args.budgets for method in BUDGET_METHODS if method in args.methods]
 
+    if not plan:
+        raise SystemExit(f"quality.py: nothing to run for --settings {' '.join(args.settings)} --langs "
+                         f"{' '.join(args.langs)} (the English-teacher setting runs on {BUDGET_LANG} only unless --full)")
     records: list[dict[str, Any]] = []
     doc_cache: dict[str, str] = {}
     data_info: dict[str, Any] = {}
