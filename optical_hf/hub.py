@@ -27,7 +27,9 @@ except ImportError:
     from httpx import HTTPError as _HttpClientError
 
 from .export import ADAPTER_DIR
-from .model_card import CARD_INFO_NAME, MODEL_CARD_NAME, StudentCardInfo, is_hub_repo_id, render_model_card
+from .model_card import (
+    CARD_INFO_NAME, MODEL_CARD_NAME, StudentCardInfo, is_hub_repo_id, read_json, render_model_card,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -201,10 +203,7 @@ def _adapter_operations(folder: Path, base_model: str) -> list[CommitOperationAd
                 f"An adapter-only push needs {path}, which is missing: the student was trained without LoRA "
                 "(push the full model instead)."
             )
-    try:
-        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}, line {err.lineno}: invalid JSON ({err.msg}).") from err
+    adapter_config = read_json(config_path)
     adapter_config["base_model_name_or_path"] = base_model
     return [
         CommitOperationAdd(

@@ -56,6 +56,14 @@ def is_hub_repo_id(value: str) -> bool:
     return True
 
 
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a syntax error names the file and line."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}, line {err.lineno}: invalid JSON ({err.msg}).") from err
+
+
 @dataclass
 class StudentCardInfo:
     """Everything the model card of a trained OPTICAL student says; stored as ``optical_hf.json`` in the student folder.
@@ -115,10 +123,7 @@ class StudentCardInfo:
                 f"{path} not found: the folder holds no OPTICAL card info (training writes it; "
                 "optical_hf.model_card.write_model_card(folder, info) does too)."
             )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {err.lineno}: invalid JSON ({err.msg}).") from err
+        data = read_json(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}.")
         known = {f.name for f in fields(cls)}
