@@ -1,52 +1,41 @@
 #!/usr/bin/env python
 """Retrieval-quality benchmark: OPTICAL (OT) distillation against sentence-level MSE distillation on AfriQA.
 
-Protocol (``shared/README.md``, "gold-pool" CLIR): for each AfriQA language with a dev split, the queries are the
-native ``question_lang`` of the dev gold-passage file, each query's relevant document is its own gold English
-Wikipedia passage, and the corpus is the pool of all distinct non-empty ``context`` passages of *all* gold-passage
-files (every language and split). This is a closed-pool setup built from AfriQA's gold passages, not AfriQA's
-official open-retrieval task. Metrics: MRR@10 (primary), nDCG@10, Recall@1/10/100, computed by ``pytrec_eval``, and
-"gap closed" = (student - floor) / (oracle - floor).
+Protocol (``shared/README.md``, "gold-pool" CLIR): for each AfriQA language with a gold-passage file for ``--split``
+(default ``dev``) under ``--data-dir`` (default ``../shared/data``), the queries are the native ``question_lang`` of
+that file, each query's relevant document is its own gold English Wikipedia passage, and the corpus is the pool of
+all distinct non-empty ``context`` passages of *every* gold-passage file found (every language and split). This is a
+closed-pool setup built from AfriQA's gold passages, not AfriQA's official open-retrieval task. Metrics: MRR@10
+(primary), nDCG@10, Recall@1/10/100 (``pytrec_eval``), and "gap closed" = (student - floor) / (oracle - floor).
 
-Systems, per setting and language (all students trained on the same bitext, steps, seed and hyper-parameters):
+Systems, per setting and language (all students trained on the same bitext sample, steps and seed):
 
 * **floor**: the untrained student on the native questions;
 * **oracle**: the teacher on the human English translations (``question_translated``);
 * **mse**: sentence-level distillation (Reimers & Gurevych 2020): sentence-transformers' ``MSELoss`` with the
-  teacher's embeddings of the English side precomputed as labels; the student is trained on **one text column, the
-  low-resource sentence** (the same input the OT student sees), not also on the English side;
-* **ot**: :class:`optical_hf.OTDistillationLoss`, token-level OT only (``--ot-reg`` default 0.02, the best of a
-  one-factor sweep on Hausa dev in ``results/quality_sweep.md``; the library's default is 0.05);
-* **ot+sent**: the same plus a sentence-level term (``--sentence-weight``, ``--sentence-loss``, default ``cosine``
-  with weight 1: every model here ends with a ``Normalize`` module, so for unit vectors ``MSE = (1 - cos) * 2 / dim``;
-  the cosine distance is in the same units as the OT cost ``1 - cos`` between tokens, so weight 1 is an even mix,
-  whereas ``mse`` would scale the term down by ``dim / 2 = 192``).
+  teacher's embeddings of the English side precomputed as labels, trained on the low-resource column only;
+* **ot**: :class:`optical_hf.OTDistillationLoss` with the library's default recipe, or the ``OTLossConfig`` fields
+  given with ``--loss KEY=VALUE`` (``--tag`` labels such a variant in the tables).
 
-Settings:
+Settings: ``e5`` (same-model transfer, the paper's setting): multilingual-e5-small is the frozen teacher (English
+side and passages, ``"passage: "``) and the student's initialisation (native queries, ``"query: "``; the teacher's
+English side of the bitext also gets ``"query: "``). ``minilm``: all-MiniLM-L6-v2 as teacher and initialisation.
 
-* ``e5`` (primary, same-model transfer): teacher = multilingual-e5-small, frozen, on the English side; student
-  initialised from the same checkpoint, trained on the low-resource side. Documents are encoded by the teacher with
-  ``"passage: "``; queries by the student with ``"query: "``; the teacher's English side of the bitext also gets
-  ``"query: "`` (the student learns to put a native question where the teacher puts its English translation).
-* ``minilm`` (English teacher): all-MiniLM-L6-v2 as teacher and as the student's initialisation, no prompts.
+Bitext per language: LAFAND-MT train pairs (Kinyarwanda: LAFAND's dev file, as *training* bitext) plus the AfriQA
+*train* query translations, minus any question of the evaluated split; ``--budgets`` picks seeded nested samples
+(default: all pairs). The student's word-embedding matrix is frozen for every method alike unless
+``--no-freeze-embeddings``.
 
-Bitext per language: LAFAND-MT train pairs (Kinyarwanda has only a LAFAND dev file: it is used as *training* bitext,
-which is fine since LAFAND is not the evaluated data) plus the AfriQA *train* query translations (``question`` ->
-``translated_question``), never dev; train questions identical to an evaluated dev question are dropped (AfriQA
-repeats a few questions across splits). By default each language trains on a seeded random sample of
-``--max-pairs`` pairs (the same sample for every method); ``--full`` trains on all pairs.
-
-Speed (what makes the default fit a 2-core CPU without changing what is compared): the teacher's passage embeddings
-are cached on disk per teacher (key: model path and weights, prompt, max length, pool); passages are truncated at
-``--doc-max-length`` tokens, training sequences at ``--max-seq-length``; the student's word-embedding matrix is
-frozen for every method alike (``--no-freeze-embeddings`` to train it). The English-teacher setting and the
-bitext-budget curve (OT vs MSE) run on Hausa only unless ``--full``.
+Every finished run is appended to ``OUTPUT_DIR/OUTPUT_NAME.jsonl`` at once, keyed by everything that defines it
+(setting, language, split, evaluated data, method, pairs, seed and training/loss configuration); a run already stored
+is skipped, so a stopped command can simply be started again and a long table built over several sittings. The
+Markdown report ``OUTPUT_NAME.md`` is rendered from every stored record.
 
 Example::
 
-    python benchmarks/quality.py                         # default configuration (CPU)
-    python benchmarks/quality.py --full --device cuda    # every language, setting and budget on all pairs (GPU)
-    python benchmarks/quality.py --langs hau --settings e5 --methods mse ot --ot-reg 0.1 --output-dir /tmp/q
+    python benchmarks/quality.py                                   # e5, every dev language, all pairs, mse + ot
+    python benchmarks/quality.py --langs hau --methods ot --tag eps1 --loss reg=1.0 debias=true --output-name sweep
+    python benchmarks/quality.py --data-dir /data/copy --split test --output-name heldout   # another copy of the data
 """
 
 from __future__ import annotations
@@ -60,6 +49,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,26 +79,20 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(REPO_ROOT))
 
 from optical_hf import OTDistillationDataCollator, OTDistillationLoss, bitext_from_pairs, load_bitext  # noqa: E402
-from optical_hf.corpora import RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
+from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
 from optical_hf.evaluation import compute_metrics, format_metrics_table, retrieve  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
 SHARED = REPO_ROOT.parent / "shared"
-DATA = SHARED / "data"
+DEFAULT_DATA = SHARED / "data"
 E5_BUILD_TOOL = SHARED / "tools" / "build_multilingual_e5_small.py"
 DEFAULT_E5 = Path("~/.cache/optical-bench/multilingual-e5-small").expanduser()
 DEFAULT_CACHE = Path("~/.cache/optical-bench/quality").expanduser()
 
-DEV_LANGS = ("hau", "ibo", "kin", "twi", "zul")
-METHODS = ("mse", "ot", "ot+sent")
-METHOD_LABELS = {"mse": "MSE", "ot": "OT", "ot+sent": "OT+sent"}
+METHODS = ("mse", "ot")
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100")
 PRIMARY = "mrr@10"
-BUDGET_LANG = "hau"
-BUDGET_METHODS = ("mse", "ot")
-DEFAULT_MAX_PAIRS = 256
-FULL_BUDGETS = ("500", "2000", "all")
 
 
 @dataclass(frozen=True)
@@ -134,26 +118,22 @@ class TrainConfig:
     warmup: float
     seed: int
     max_seq_length: int
-    ot_reg: float
-    ot_iters: int
-    sentence_weight: float
-    sentence_loss: str
-    include_special_tokens: bool
-    include_prompt_tokens: bool
     freeze_embeddings: bool
+    loss: tuple[tuple[str, Any], ...] = ()
+    """``OTLossConfig`` overrides of the OT method (``--loss KEY=VALUE``); the library's defaults otherwise."""
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-def language_bitext(lang: str, exclude_questions: set[str]) -> tuple[datasets.Dataset, dict[str, Any]]:
+def language_bitext(data_dir: Path, lang: str, exclude_questions: set[str]) -> tuple[datasets.Dataset, dict[str, Any]]:
     """LAFAND pairs of ``lang`` plus its AfriQA train query translations, minus questions of the evaluated split.
 
     Returns:
         The bitext (columns ``source`` = ``lang`` sentence, ``target`` = English) and a dict of counts and files.
     """
-    lafand_dir = DATA / "lafand-mt" / f"en-{lang}"
+    lafand_dir = data_dir / "lafand-mt" / f"en-{lang}"
     split = "train" if (lafand_dir / f"train.{lang}").is_file() else "dev"
     lafand = load_bitext(lafand_dir / f"{split}.{lang}", lafand_dir / f"{split}.en")
-    queries_file = DATA / "afriqa" / "queries" / lang / f"queries.afriqa.{lang}.en.train.json"
+    queries_file = data_dir / "afriqa" / "queries" / lang / f"queries.afriqa.{lang}.en.train.json"
     queries = load_bitext(queries_file, source_column="question", target_column="translated_question")
     kept = [(s, t) for s, t in zip(queries["source"], queries["target"]) if s not in exclude_questions]
     pairs = list(zip(lafand["source"], lafand["target"])) + kept
@@ -176,10 +156,16 @@ def sample_bitext(bitext: datasets.Dataset, pairs: int | None, seed: int) -> dat
     return shuffled if pairs is None or pairs >= len(bitext) else shuffled.select(range(pairs))
 
 
-def dev_retrieval(lang: str) -> RetrievalData:
-    """Dev gold-pool task of ``lang``: its dev questions against the pool of every gold-passage file."""
-    root = DATA / "afriqa"
-    return load_afriqa_gold(afriqa_files(root, lang, "dev"), afriqa_files(root))
+def split_retrieval(data_dir: Path, lang: str, split: str) -> RetrievalData:
+    """Gold-pool task of ``lang``: its ``split`` questions against the pool of every gold-passage file found."""
+    root = data_dir / "afriqa"
+    return load_afriqa_gold(afriqa_files(root, lang, split), afriqa_files(root))
+
+
+def split_langs(data_dir: Path, split: str) -> list[str]:
+    """Languages with a gold-passage file for ``split`` under ``data_dir`` (alphabetical)."""
+    pattern = AFRIQA_GOLD_TEMPLATE.format(lang="*", split=split)
+    return sorted(path.parent.name for path in (data_dir / "afriqa" / "gold_passages").glob(f"*/{pattern}"))
 
 
 # ---------------------------------------------------------------------------------------------------------- models
@@ -316,12 +302,7 @@ def train_student(
         prompts = {"source": source_prompt} if source_prompt else None
         collator = None
     else:
-        loss = OTDistillationLoss(
-            student, teacher, reg=config.ot_reg, n_iters=config.ot_iters,
-            sentence_weight=config.sentence_weight if method == "ot+sent" else 0.0,
-            sentence_loss=config.sentence_loss, exclude_special_tokens=not config.include_special_tokens,
-            exclude_prompt=not config.include_prompt_tokens,
-        )
+        loss = OTDistillationLoss(student, teacher, **dict(config.loss))
         train = bitext
         prompts = {k: v for k, v in (("source", source_prompt), ("target", target_prompt)) if v} or None
         collator = OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
@@ -373,88 +354,126 @@ def parse_budget(value: str) -> int | None:
     return pairs
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every floor, oracle and student of the configuration; returns the results dict (see ``render_markdown``)."""
-    config = TrainConfig(
-        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
-        seed=args.seed, max_seq_length=args.max_seq_length, ot_reg=args.ot_reg, ot_iters=args.ot_iters,
-        sentence_weight=args.sentence_weight, sentence_loss=args.sentence_loss,
-        include_special_tokens=args.include_special_tokens, include_prompt_tokens=args.include_prompt_tokens,
-        freeze_embeddings=args.freeze_embeddings,
-    )
+def parse_override(value: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--loss``: the value is read as JSON (``0.5``, ``true``) or else kept as a string."""
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--loss: {value!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def record_key(**fields: Any) -> str:
+    """Stable id of a run: a hash of everything that defines its result."""
+    return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RecordStore:
+    """Append-only JSON-lines file of finished runs, so a long table can be built over several sittings.
+
+    Each record carries a ``key`` (see :func:`record_key`); a run whose key is already stored is skipped.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if path.is_file():
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip():
+                    try:
+                        self.records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise SystemExit(f"quality.py: {path}, line {number}: not JSON ({error.msg})") from None
+        self._keys = {record["key"]: record for record in self.records}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._keys.get(key)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, allow_nan=True) + "\n")
+        self.records.append(record)
+        self._keys[record["key"]] = record
+
+
+def eval_fingerprint(data: RetrievalData) -> str:
+    """Hash of the evaluated queries and the pool, so results on another copy of the data never mix."""
+    return record_key(queries=sorted(data.queries.items()), pool=sorted(data.corpus))
+
+
+def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
+    """Every floor, oracle and student of the command not already in ``store``; each is appended as it finishes."""
     settings = make_settings(args.settings, args.e5_path)
-    tasks = {lang: dev_retrieval(lang) for lang in args.langs}
-    bitexts = {lang: language_bitext(lang, set(data.queries.values())) for lang, data in tasks.items()}
+    tasks = {lang: split_retrieval(args.data_dir, lang, args.split) for lang in args.langs}
+    bitexts = {lang: language_bitext(args.data_dir, lang, set(data.queries.values())) for lang, data in tasks.items()}
+    label = lambda method: f"{method} [{args.tag}]" if args.tag else method  # noqa: E731
 
-    plan: list[tuple[str, str, str, int | None]] = []  # (setting, lang, method, pairs)
+    plan: list[tuple[str, str, str, int | None, int]] = []  # (setting, lang, method, pairs, seed)
     for name in settings:
-        langs = args.langs if (name == "e5" or args.full) else [lang for lang in args.langs if lang == BUDGET_LANG]
-        plan += [(name, lang, method, args.max_pairs) for lang in langs for method in args.methods]
-    budget_setting = "e5" if "e5" in settings else next(iter(settings))
-    if BUDGET_LANG in args.langs and args.budgets:
-        plan += [(budget_setting, BUDGET_LANG, method, pairs)
-                 for pairs in args.budgets for method in BUDGET_METHODS if method in args.methods]
-
-    if not plan:
-        raise SystemExit(f"quality.py: nothing to run for --settings {' '.join(args.settings)} --langs "
-                         f"{' '.join(args.langs)} (the English-teacher setting runs on {BUDGET_LANG} only unless --full)")
-    records: list[dict[str, Any]] = []
-    doc_cache: dict[str, str] = {}
-    data_info: dict[str, Any] = {}
-    done: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+        for lang in args.langs:
+            plan += [(name, lang, method, pairs, seed) for pairs in args.budgets for method in args.methods
+                     for seed in args.seeds]
     for name, setting in settings.items():
-        setting_plan = [item for item in plan if item[0] == name]
-        if not setting_plan:
-            logger.warning("Nothing to run for setting %s with --langs %s (it runs on %s only unless --full)", name,
-                           " ".join(args.langs), BUDGET_LANG)
-            continue
-        teacher = load_model(setting.model_path, args.device, config.max_seq_length)
-        langs = list(dict.fromkeys(item[1] for item in setting_plan))
-        for lang in langs:
+        teacher = None
+        for lang in args.langs:
             data = tasks[lang]
-            docs, hit = doc_embeddings(teacher, setting, data.corpus, args.doc_max_length, args.encode_batch_size,
-                                       args.cache_dir)
+            lang_plan = [item for item in plan if item[:2] == (name, lang)]
+            base = {"setting": name, "lang": lang, "split": args.split, "eval": eval_fingerprint(data),
+                    "model": setting.model_path}
+            bitext, info = bitexts[lang]
+            keys = {system: record_key(**base, system=system, doc_max_length=args.doc_max_length)
+                    for system in ("floor", "oracle")}
+            students = []
+            for _, _, method, pairs, seed in lang_plan:
+                sample_size = min(pairs or len(bitext), len(bitext))
+                config = TrainConfig(
+                    epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+                    warmup=args.warmup, seed=seed, max_seq_length=args.max_seq_length,
+                    freeze_embeddings=args.freeze_embeddings, loss=tuple(args.loss) if method == "ot" else (),
+                )
+                key = record_key(**base, method=method, pairs=sample_size, config=asdict(config),
+                                 doc_max_length=args.doc_max_length)
+                if store.get(key):
+                    logger.info("[%s %s] %s, %d pairs, seed %d: already in %s, skipped", name, lang, method,
+                                sample_size, seed, store.path)
+                else:
+                    students.append((method, pairs, config, key))
+            if all(store.get(key) for key in keys.values()) and not students:
+                continue
+            if teacher is None:
+                teacher = load_model(setting.model_path, args.device, args.max_seq_length)
+            docs, _ = doc_embeddings(teacher, setting, data.corpus, args.doc_max_length, args.encode_batch_size,
+                                     args.cache_dir)
             docs = docs.to(args.device)
-            doc_cache.setdefault(name, "from cache" if hit else "computed")
             qids = list(data.queries)
             native = [data.queries[qid] for qid in qids]
-            floor = retrieval_metrics(teacher, native, setting.query_prompt, data, docs)
-            oracle = retrieval_metrics(teacher, [data.translations[qid] for qid in qids], setting.query_prompt, data,
-                                       docs)
-            bitext, info = bitexts[lang]
-            data_info[lang] = {"dev_queries": len(qids), "pool_passages": len(data.corpus), **info}
-            base = {"setting": name, "lang": lang}
-            records.append({**base, "system": "floor", "metrics": floor})
-            records.append({**base, "system": "oracle", "metrics": oracle})
-            logger.info("[%s %s] floor %s %.4f, oracle %.4f", name, lang, PRIMARY, floor[PRIMARY], oracle[PRIMARY])
-            lang_plan = sorted((item for item in setting_plan if item[1] == lang),
-                               key=lambda item: -(item[3] or len(bitext)))
-            cached_labels: torch.Tensor | None = None
-            for _, _, method, pairs in tqdm(lang_plan, desc=f"{name} {lang}", unit="run"):
+            references = {}
+            for system, texts in (("floor", native), ("oracle", [data.translations[qid] for qid in qids])):
+                if not store.get(keys[system]):
+                    store.add({"key": keys[system], **base, "system": system, "command": command,
+                               "queries": len(qids), "pool_passages": len(data.corpus),
+                               "metrics": retrieval_metrics(teacher, texts, setting.query_prompt, data, docs)})
+                references[system] = store.get(keys[system])["metrics"]
+            logger.info("[%s %s] floor %s %.4f, oracle %.4f", name, lang, PRIMARY, references["floor"][PRIMARY],
+                        references["oracle"][PRIMARY])
+            for method, pairs, config, key in tqdm(students, desc=f"{name} {lang}", unit="run"):
                 sample = sample_bitext(bitext, pairs, config.seed)
-                key = (name, lang, method, len(sample))
-                if key not in done:
-                    logger.info("[%s %s] training %s on %d pairs", name, lang, method, len(sample))
-                    labels = None
-                    if method == "mse":  # samples are prefixes of one shuffle: encode the largest once, slice
-                        if cached_labels is None or len(cached_labels) < len(sample):
-                            cached_labels = teacher_labels(teacher, list(sample["target"]), setting.target_prompt)
-                        labels = cached_labels[: len(sample)]
-                    student, stats = train_student(setting, method, sample, teacher, config, args.device, labels)
-                    metrics = retrieval_metrics(student, native, setting.query_prompt, data, docs)
-                    del student
-                    done[key] = {**base, "system": method, "pairs": len(sample), **stats, "metrics": metrics,
-                                 "gap_closed": gap_closed(metrics, floor, oracle)}
-                    logger.info("[%s %s] %s (%d pairs, %d steps, %.0f s): %s %.4f, gap closed %.1f%%", name, lang,
-                                method, len(sample), stats["steps"], stats["train_seconds"], PRIMARY,
-                                metrics[PRIMARY], 100 * done[key]["gap_closed"][PRIMARY])
-                    records.append(done[key])
+                logger.info("[%s %s] training %s on %d pairs, seed %d", name, lang, method, len(sample), config.seed)
+                student, stats = train_student(setting, method, sample, teacher, config, args.device)
+                metrics = retrieval_metrics(student, native, setting.query_prompt, data, docs)
+                del student
+                record = {"key": key, **base, "system": label(method), "method": method, "pairs": len(sample),
+                          "seed": config.seed, "config": asdict(config), "command": command, "bitext": info, **stats,
+                          "metrics": metrics, "gap_closed": gap_closed(metrics, references["floor"],
+                                                                       references["oracle"])}
+                store.add(record)
+                logger.info("[%s %s] %s (%d pairs, seed %d, %d steps, %.0f s): %s %.4f, gap closed %.1f%%", name,
+                            lang, record["system"], len(sample), config.seed, stats["steps"], stats["train_seconds"],
+                            PRIMARY, metrics[PRIMARY], 100 * record["gap_closed"][PRIMARY])
         del teacher
-    pool = len(next(iter(tasks.values())).corpus)
-    return {
-        "config": asdict(config), "records": records, "data": data_info, "doc_cache": doc_cache,
-        "pool_passages": pool, "settings": {name: asdict(s) for name, s in settings.items()},
-    }
 
 
 # --------------------------------------------------------------------------------------------------------- reports
@@ -473,309 +492,170 @@ def machine_info(device: str) -> dict[str, Any]:
         "hardware": hardware,
         "cores_available": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "load_average_at_start": list(os.getloadavg()),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "sentence_transformers": sentence_transformers.__version__,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
     }
 
 
-def _find(records: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
-    return [r for r in records if all(r.get(k) == v for k, v in match.items())]
+def _mean_sd(values: list[float]) -> str:
+    """``0.512`` for one value, ``0.512 ± 0.004 (3)`` (sample sd, number of seeds) for several."""
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
 
 
-def _langs(results: dict[str, Any], setting: str) -> list[str]:
-    """Languages evaluated in ``setting``, in ``--langs`` order."""
-    return [lang for lang in results["run_args"]["langs"]
-            if _find(results["records"], setting=setting, lang=lang, system="floor")]
+def _students(records: list[dict[str, Any]], setting: str, lang: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["setting"] == setting and r["lang"] == lang and "pairs" in r]
 
 
-def _loads(values: list[float]) -> str:
-    return ", ".join(f"{x:.2f}" for x in values)
+def _reference(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> float | None:
+    found = [r for r in records if (r["setting"], r["lang"], r["system"]) == (setting, lang, system)]
+    return found[-1]["metrics"][PRIMARY] if found else None
 
 
-def _main_pairs(results: dict[str, Any], lang: str) -> int:
-    """Pair count of a language's main-table runs (the cap, or all pairs)."""
-    cap = results["run_args"]["max_pairs"]
-    available = results["data"][lang]["pairs"]
-    return available if cap is None else min(cap, available)
+def main_table(records: list[dict[str, Any]], setting: str) -> list[str]:
+    """Markdown rows, one per language: floor, oracle and each system at the language's largest budget.
+
+    A cell is the MRR@10 over the seeds run (mean ± sample sd, number of seeds), then the gap closed of the mean.
+    """
+    langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting and "pairs" in r))
+    systems = list(dict.fromkeys(r["system"] for r in records if r["setting"] == setting and "pairs" in r))
+    header = ["lang", "pairs", "floor", "oracle", *systems]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for lang in langs:
+        runs = _students(records, setting, lang)
+        pairs = max(r["pairs"] for r in runs)
+        floor, oracle = (_reference(records, setting, lang, s) for s in ("floor", "oracle"))
+        row = [lang, str(pairs), f"{floor:.3f}", f"{oracle:.3f}"]
+        for system in systems:
+            values = [r["metrics"][PRIMARY] for r in runs if r["system"] == system and r["pairs"] == pairs]
+            gap = (statistics.fmean(values) - floor) / (oracle - floor) if values and oracle > floor else None
+            row.append(_mean_sd(values) + (f" ({_pct(gap)} gap)" if gap is not None else ""))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def budget_table(records: list[dict[str, Any]], setting: str, lang: str) -> list[str]:
+    """Markdown rows, one per budget (pairs) of ``lang``: each system's MRR@10 (mean ± sd over seeds)."""
+    runs = _students(records, setting, lang)
+    sizes = sorted({r["pairs"] for r in runs})
+    if len(sizes) < 2:
+        return []
+    systems = list(dict.fromkeys(r["system"] for r in runs))
+    lines = ["| pairs | " + " | ".join(systems) + " |", "|---:|" + "---:|" * len(systems)]
+    for size in sizes:
+        cells = [_mean_sd([r["metrics"][PRIMARY] for r in runs if r["system"] == s and r["pairs"] == size])
+                 for s in systems]
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.0f}%"
 
 
-def main_table(results: dict[str, Any], setting: str) -> list[str]:
-    """Markdown rows: one per language (+ mean), MRR@10 of every system and the gap closed by each method."""
-    records = results["records"]
-    methods = [m for m in METHODS if _find(records, setting=setting, system=m)]
-    langs = _langs(results, setting)
-    header = ["lang", "dev queries", "train pairs", "floor", "oracle", *[METHOD_LABELS[m] for m in methods],
-              *[f"gap closed {METHOD_LABELS[m]}" for m in methods]]
-    if {"mse", "ot"} <= set(methods):
-        header.append("OT − MSE")
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    sums: dict[str, list[float]] = {}
-    for lang in langs:
-        pairs = _main_pairs(results, lang)
-        floor = _find(records, setting=setting, lang=lang, system="floor")[0]["metrics"][PRIMARY]
-        oracle = _find(records, setting=setting, lang=lang, system="oracle")[0]["metrics"][PRIMARY]
-        row = [lang, str(results["data"][lang]["dev_queries"]), str(pairs), f"{floor:.3f}", f"{oracle:.3f}"]
-        sums.setdefault("floor", []).append(floor)
-        sums.setdefault("oracle", []).append(oracle)
-        scores, gaps = {}, {}
-        for method in methods:
-            found = _find(records, setting=setting, lang=lang, system=method, pairs=pairs)
-            if found:
-                scores[method] = found[0]["metrics"][PRIMARY]
-                gaps[method] = found[0]["gap_closed"][PRIMARY]
-                sums.setdefault(method, []).append(scores[method])
-                sums.setdefault("gap " + method, []).append(gaps[method])
-        row += [f"{scores[m]:.3f}" if m in scores else "-" for m in methods]
-        row += [_pct(gaps[m]) if m in gaps else "-" for m in methods]
-        if {"mse", "ot"} <= set(methods):
-            row.append(f"{scores['ot'] - scores['mse']:+.3f}" if {"ot", "mse"} <= set(scores) else "-")
-        lines.append("| " + " | ".join(row) + " |")
-    if len(langs) > 1:
-        mean = lambda key: sum(sums[key]) / len(sums[key]) if sums.get(key) else float("nan")
-        row = ["**mean**", "", "", f"{mean('floor'):.3f}", f"{mean('oracle'):.3f}"]
-        row += [f"{mean(m):.3f}" for m in methods] + [_pct(mean("gap " + m)) for m in methods]
-        if {"mse", "ot"} <= set(methods):
-            row.append(f"{mean('ot') - mean('mse'):+.3f}")
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def budget_table(results: dict[str, Any]) -> list[str]:
-    records = results["records"]
-    setting = results["budget_setting"]
-    runs = [r for r in _find(records, setting=setting, lang=BUDGET_LANG) if r["system"] in BUDGET_METHODS]
-    sizes = sorted({r["pairs"] for r in runs})
-    if len(sizes) < 2:
-        return []
-    lines = ["| pairs | steps | MSE MRR@10 | OT MRR@10 | gap closed MSE | gap closed OT | OT − MSE |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for size in sizes:
-        by = {r["system"]: r for r in runs if r["pairs"] == size}
-        cells = [str(size), str(next(iter(by.values()))["steps"])]
-        cells += [f"{by[m]['metrics'][PRIMARY]:.3f}" if m in by else "-" for m in BUDGET_METHODS]
-        cells += [_pct(by[m]["gap_closed"][PRIMARY]) if m in by else "-" for m in BUDGET_METHODS]
-        both = all(m in by for m in BUDGET_METHODS)
-        cells.append(f"{by['ot']['metrics'][PRIMARY] - by['mse']['metrics'][PRIMARY]:+.3f}" if both else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    """The report: provenance, protocol, the main table per setting, the budget curve and all metrics."""
-    meta, config, run_args = results["machine"], results["config"], results["run_args"]
-    steps_note = f", at most {config['max_steps']} steps" if config["max_steps"] else ""
-    lines = [
-        "# optical_hf retrieval-quality benchmark (AfriQA dev, gold pool)",
-        "",
-        f"- command: `{meta['command']}`",
-        f"- machine: {meta['hardware']} ({meta['device']}), {meta['cores_available']} cores available, torch threads "
-        f"{meta['torch_threads']}, OMP_WAIT_POLICY={meta['omp_wait_policy']}, load average (1/5/15 min) at start "
-        f"{_loads(meta['load_average_at_start'])}, at end {_loads(meta['load_average_at_end'])} (other jobs share the "
-        "machine: timings scale with the load)",
-        f"- versions: python {meta['python']}, torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"sentence-transformers {meta['sentence_transformers']}",
-        f"- date: {meta['date']}; **wall time {results['wall_time_s'] / 60:.1f} min** "
-        "(teacher passage embeddings: "
-        + ", ".join(f"{name} {status}" for name, status in results["doc_cache"].items()) + ")",
-        "",
-        "## Protocol",
-        "",
-        "Closed-pool cross-lingual passage retrieval built from AfriQA's gold passages (**not** AfriQA's official "
-        "open-retrieval task): queries = native `question_lang` of each language's dev gold-passage file; relevant "
-        "document = that row's passage; corpus = all distinct non-empty contexts of every gold-passage file (all "
-        f"languages and splits, {results['pool_passages']} passages). Passages are "
-        f"encoded by the frozen teacher (truncated at {run_args['doc_max_length']} tokens), queries by the student. "
-        "Floor = untrained student on the native question; oracle = teacher on the human English translation; "
-        "gap closed = (student − floor) / (oracle − floor), on MRR@10 here (every metric in the JSON file and "
-        "below).",
-        "",
-        "Training (identical for every method): bitext = LAFAND-MT pairs of the language (Kinyarwanda: LAFAND's dev "
-        "file, since it has no train file; LAFAND is not the evaluated data) + AfriQA **train** query translations "
-        "(questions also in the dev split dropped), "
-        + (f"a seeded random sample of {run_args['max_pairs']} pairs per language (the same for every method); "
-           if run_args["max_pairs"] else "all pairs; ")
-        + f"{config['epochs']:g} epoch(s){steps_note}, "
-        f"batch {config['batch_size']}, lr {config['lr']:g} (AdamW, linear decay, warmup {config['warmup']:g}), "
-        f"max length {config['max_seq_length']}, seed {config['seed']}, word-embedding matrix "
-        f"{'frozen' if config['freeze_embeddings'] else 'trained'}.",
-        "",
-        "- **MSE**: sentence-transformers `MSELoss` (Reimers & Gurevych 2020) with the teacher's embeddings of the "
-        "English side precomputed as labels; the student is trained on the low-resource column only.",
-        f"- **OT**: `OTDistillationLoss`, ε = {config['ot_reg']:g}, {config['ot_iters']} Sinkhorn iterations, uniform "
-        f"marginals over the tokens (special tokens {'included' if config['include_special_tokens'] else 'excluded'}, "
-        f"prompt tokens {'included' if config.get('include_prompt_tokens') else 'excluded'}), "
-        "plan detached (envelope gradient).",
-        f"- **OT+sent**: the same plus `sentence_weight={config['sentence_weight']:g}`, "
-        f"`sentence_loss=\"{config['sentence_loss']}\"` between the pooled, normalised embeddings.",
-        "",
-    ]
-    for name, setting in results["settings"].items():
-        table = main_table(results, name)
+def render_markdown(records: list[dict[str, Any]], machine: dict[str, Any], title: str) -> str:
+    """The report of every stored record: commands, protocol, main table, budget curves, every run's config."""
+    commands = list(dict.fromkeys(r["command"] for r in records))
+    lines = [f"# {title}", "", "Commands that produced these records (each skips runs already stored):", "",
+             *[f"- `{c}`" for c in commands], "",
+             f"- rendered on: {machine['hardware']} ({machine['device']}), {machine['cores_available']} cores; python "
+             f"{machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}, "
+             f"sentence-transformers {machine['sentence_transformers']}; {machine['date']}", "",
+             "Protocol: closed-pool cross-lingual passage retrieval built from AfriQA's gold passages (**not** "
+             "AfriQA's official open-retrieval task); queries = native `question_lang` of the evaluated split's "
+             "gold-passage file; relevant document = that row's passage; corpus = every distinct non-empty context "
+             "of every gold-passage file found. Floor = untrained student on the native question; oracle = teacher "
+             "on the human English translation; gap closed = (student − floor) / (oracle − floor). Training bitext: "
+             "LAFAND-MT pairs + AfriQA **train** query translations (evaluated questions dropped), a seeded sample "
+             "of the stated size. Cells: MRR@10, mean ± sample sd (number of seeds) when several seeds ran.", ""]
+    for setting in dict.fromkeys(r["setting"] for r in records):
+        split = next(r["split"] for r in records if r["setting"] == setting)
+        table = main_table(records, setting)
         if len(table) > 2:
-            prompts = (f"queries `{setting['query_prompt']}`, passages `{setting['doc_prompt']}`, teacher's English "
-                       f"side `{setting['target_prompt']}`" if setting["query_prompt"] else "no prompts")
-            lines += [f"## {setting['title']}: MRR@10", "", f"Model `{setting['model_path']}`; {prompts}.", "",
-                      *table, ""]
-    budget = budget_table(results)
-    if budget:
-        lines += [f"## Bitext budget curve ({BUDGET_LANG}, {results['budget_setting']}): OT vs MSE", "",
-                  "Nested seeded samples of the bitext, one epoch each (steps = pairs / batch).", "", *budget, ""]
-    lines += ["## All metrics", ""]
-    for name in results["settings"]:
-        for lang in run_args["langs"]:
-            rows = {}
-            for r in _find(results["records"], setting=name, lang=lang):
-                label = r["system"] if "pairs" not in r else f"{r['system']} ({r['pairs']} pairs, {r['steps']} steps)"
-                rows[label] = r["metrics"]
-            if rows:
-                lines += [f"### {name}, {lang}", "", format_metrics_table(rows, digits=3), ""]
+            lines += [f"## {setting}, split {split}: MRR@10 at each language's largest budget", "", *table, ""]
+        for lang in dict.fromkeys(r["lang"] for r in records if r["setting"] == setting):
+            budget = budget_table(records, setting, lang)
+            if budget:
+                lines += [f"## Budget curve, {setting} {lang}: MRR@10", "", *budget, ""]
+    lines += ["## Every run", "", "| setting | lang | system | pairs | seed | steps | train s | MRR@10 | "
+              "nDCG@10 | R@100 | config |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in records:
+        if "pairs" in r:
+            config = {k: v for k, v in r["config"].items() if k != "seed"}
+            lines.append(f"| {r['setting']} | {r['lang']} | {r['system']} | {r['pairs']} | {r['seed']} | "
+                         f"{r['steps']} | {r['train_seconds']:.0f} | {r['metrics']['mrr@10']:.4f} | "
+                         f"{r['metrics']['ndcg@10']:.4f} | {r['metrics']['recall@100']:.4f} | `{json.dumps(config)}` |")
     return "\n".join(lines)
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Gap closed per language and method (each setting), and the budget curve, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = results["records"]
-    panels = [name for name in results["settings"] if _find(records, setting=name, system="floor")]
-    has_budget = bool(budget_table(results))
-    fig, axes = plt.subplots(1, len(panels) + has_budget, figsize=(6 * (len(panels) + has_budget), 4.2),
-                             squeeze=False)
-    for ax, name in zip(axes[0], panels):
-        langs = _langs(results, name)
-        methods = [m for m in METHODS if _find(records, setting=name, system=m)]
-        width = 0.8 / max(1, len(methods))
-        for i, method in enumerate(methods):
-            values = []
-            for lang in langs:
-                found = _find(records, setting=name, lang=lang, system=method, pairs=_main_pairs(results, lang))
-                values.append(100 * found[0]["gap_closed"][PRIMARY] if found else float("nan"))
-            ax.bar([x + (i - (len(methods) - 1) / 2) * width for x in range(len(langs))], values, width,
-                   label=METHOD_LABELS[method])
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.axhline(50, color="grey", linewidth=0.8, linestyle="--", label="half the gap")
-        ax.set_xticks(range(len(langs)), langs)
-        ax.set_xlim(-0.75, len(langs) - 0.25)
-        ax.set_ylabel("gap closed, MRR@10 (%)")
-        ax.set_title(results["settings"][name]["title"], fontsize=10)
-        ax.legend(fontsize=8)
-    if has_budget:
-        ax = axes[0][-1]
-        setting = results["budget_setting"]
-        runs = [r for r in _find(records, setting=setting, lang=BUDGET_LANG) if r["system"] in BUDGET_METHODS]
-        for method in BUDGET_METHODS:
-            points = sorted((r["pairs"], r["metrics"][PRIMARY]) for r in runs if r["system"] == method)
-            ax.plot([p for p, _ in points], [v for _, v in points], marker="o", label=METHOD_LABELS[method])
-        for system, style in (("floor", ":"), ("oracle", "--")):
-            value = _find(records, setting=setting, lang=BUDGET_LANG, system=system)[0]["metrics"][PRIMARY]
-            ax.axhline(value, color="grey", linestyle=style, linewidth=0.8, label=system)
-        sizes = sorted({r["pairs"] for r in runs})
-        ax.set_xscale("log")
-        ax.set_xticks(sizes, [str(size) for size in sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("bitext pairs (1 epoch)")
-        ax.set_ylabel("MRR@10")
-        ax.set_title(f"budget curve, {BUDGET_LANG} ({setting})", fontsize=10)
-        ax.legend(fontsize=8)
-    fig.suptitle("AfriQA dev, gold pool (closed pool, not the official open-retrieval task)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--langs", nargs="+", default=list(DEV_LANGS), choices=DEV_LANGS)
-    parser.add_argument("--settings", nargs="+", default=["e5", "minilm"], choices=["e5", "minilm"],
-                        help="e5: same-model transfer (primary); minilm: English teacher (hau only unless --full)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
+                        help="folder with afriqa/ and lafand-mt/ in the layout of ../shared/data")
+    parser.add_argument("--split", default="dev", help="AfriQA split whose questions are the queries")
+    parser.add_argument("--langs", nargs="+", default=None,
+                        help="languages (default: every language with a gold-passage file for --split)")
+    parser.add_argument("--settings", nargs="+", default=["e5"], choices=["e5", "minilm"],
+                        help="e5: same-model transfer (primary); minilm: English teacher")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--loss", nargs="*", type=parse_override, default=[], metavar="KEY=VALUE",
+                        help="OTLossConfig overrides of the ot method (default: the library's recipe)")
+    parser.add_argument("--tag", default=None, help="label added to the method names in the tables, e.g. 'eps1'")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=float, default=0.0, help="linear warm-up, as a fraction of the steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-seq-length", type=int, default=64, help="training truncation (both sides, queries)")
     parser.add_argument("--doc-max-length", type=int, default=256, help="passage truncation for the teacher")
-    parser.add_argument("--ot-reg", type=float, default=0.02,
-                        help="Sinkhorn epsilon (the library's default is 0.05; see results/quality_sweep.md)")
-    parser.add_argument("--ot-iters", type=int, default=50)
-    parser.add_argument("--sentence-weight", type=float, default=1.0, help="weight of the sentence term of ot+sent")
-    parser.add_argument("--sentence-loss", choices=["mse", "cosine"], default="cosine")
-    parser.add_argument("--include-special-tokens", action="store_true",
-                        help="give special tokens OT marginal mass (default: excluded)")
-    parser.add_argument("--include-prompt-tokens", action="store_true",
-                        help="give the prompt's tokens (e5's 'query: ') OT marginal mass (default: excluded)")
     parser.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
                         help="freeze the student's word-embedding matrix (every method alike)")
-    parser.add_argument("--max-pairs", type=int, default=DEFAULT_MAX_PAIRS,
-                        help="training pairs per language (seeded sample); 0 = all pairs")
-    parser.add_argument("--budgets", nargs="*", type=parse_budget, default=None,
-                        help="budget curve sizes in pairs or 'all' (default: 1/4 and 1/2 of --max-pairs; with "
-                             f"--full: {' '.join(FULL_BUDGETS)}); none to skip")
-    parser.add_argument("--full", action="store_true",
-                        help="all pairs, English teacher on every language, budgets 500/2000/all (meant for a GPU)")
+    parser.add_argument("--budgets", nargs="+", type=parse_budget, default=[None], metavar="PAIRS",
+                        help="training pairs per language (seeded nested samples), or 'all'")
     parser.add_argument("--e5-path", default=None, help=f"multilingual-e5-small folder (default {DEFAULT_E5})")
     parser.add_argument("--encode-batch-size", type=int, default=32)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--output-name", default="quality", help="stem of the .md/.json/.png files")
+    parser.add_argument("--output-name", default="quality",
+                        help="stem of the .jsonl (records, appended) and .md (report) files")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--report-only", action="store_true", help="render the report from the stored records")
     args = parser.parse_args(argv)
-    if not DATA.is_dir():
-        parser.error(f"shared data not found at {DATA}")
-    if args.full:
-        args.max_pairs = 0
-    args.max_pairs = args.max_pairs or None
-    if args.budgets is None:
-        args.budgets = ([parse_budget(b) for b in FULL_BUDGETS] if args.max_pairs is None
-                        else [args.max_pairs // 4, args.max_pairs // 2, args.max_pairs])
+    if not (args.data_dir / "afriqa" / "gold_passages").is_dir():
+        parser.error(f"--data-dir {args.data_dir}: no afriqa/gold_passages folder there")
+    found = split_langs(args.data_dir, args.split)
+    args.langs = args.langs or found
+    missing = [lang for lang in args.langs if lang not in found]
+    if missing:
+        parser.error(f"--langs {' '.join(missing)}: no gold-passage file for --split {args.split} in {args.data_dir} "
+                     f"(found: {' '.join(found) or 'none'})")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    started = time.perf_counter()
-    meta = machine_info(args.device)
-    results = run(args)
-    results["machine"] = meta
-    results["run_args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    results["budget_setting"] = "e5" if "e5" in args.settings else args.settings[0]
-    results["wall_time_s"] = time.perf_counter() - started
-    meta["load_average_at_end"] = list(os.getloadavg())
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {suffix: args.output_dir / f"{args.output_name}.{suffix}" for suffix in ("md", "json", "png")}
-    paths["md"].write_text(render_markdown(results) + "\n", encoding="utf-8")
-    paths["json"].write_text(json.dumps(results, indent=2, allow_nan=True) + "\n", encoding="utf-8")
-    plot(results, paths["png"])
-    for name in results["settings"]:
-        table = main_table(results, name)
-        if len(table) > 2:
-            print(f"\n{results['settings'][name]['title']} (MRR@10)\n" + "\n".join(table))
-    budget = budget_table(results)
-    if budget:
-        print(f"\nBudget curve ({BUDGET_LANG})\n" + "\n".join(budget))
-    print(f"\nWall time {results['wall_time_s'] / 60:.1f} min; wrote {', '.join(map(str, paths.values()))}")
-    return results
+    store = RecordStore(args.output_dir / f"{args.output_name}.jsonl")
+    if not args.report_only:
+        run(args, store, shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]))
+    report = args.output_dir / f"{args.output_name}.md"
+    title = f"optical_hf retrieval-quality benchmark: {args.output_name} (AfriQA gold pool)"
+    report.write_text(render_markdown(store.records, machine_info(args.device), title) + "\n", encoding="utf-8")
+    for setting in dict.fromkeys(r["setting"] for r in store.records):
+        print(f"\n{setting} (MRR@10)\n" + "\n".join(main_table(store.records, setting)))
+    print(f"\n{len(store.records)} records in {store.path}; report {report}")
+    return store.records
 
 
 if __name__ == "__main__":
