@@ -5,7 +5,7 @@ Distillation", WSDM 2023 (arXiv 2301.12566).
 """
 
 from .data import BitextError, bitext_from_pairs, load_bitext
-from .export import save_student
+from .export import add_lora, save_student
 from .losses import CITATION, OTDistillationDataCollator, OTDistillationLoss, OTLossConfig, distillation_losses
 from .ot import OTResult, sinkhorn
 from .trainer import BitextCollator, OTDistillationTrainer
@@ -21,6 +21,7 @@ __all__ = [
     "OTDistillationTrainer",
     "OTLossConfig",
     "OTResult",
+    "add_lora",
     "bitext_from_pairs",
     "distillation_losses",
     "load_bitext",

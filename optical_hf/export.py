@@ -1,64 +1,112 @@
 """Writing a trained student as one complete, loadable folder.
 
-The folder loads with ``SentenceTransformer(path)`` and ``AutoModel.from_pretrained(path)``: LoRA adapters are
-merged into the weights (and also kept, unmerged, under ``adapter/``). The folder is staged next to its destination
-and swapped in with renames, so an interrupted save leaves either the previous folder or the new one, never a
-half-written one.
+The folder loads with ``SentenceTransformer(path)`` and ``AutoModel.from_pretrained(path)``: LoRA adapters (added with
+:func:`add_lora`) are merged into the weights and also kept, unmerged, under ``adapter/``. The folder is staged next to
+its destination and swapped in with renames, so an interrupted save leaves the previous folder or the new one (a save
+killed between the two renames is finished or undone by the next save or training run).
+
+Saving never deletes what optical_hf did not write: the destination must be missing, empty, a previous student folder
+(recognised by its ``.optical_hf_student`` marker or ``optical_hf.json``) or hold only what a Trainer writes there
+during training (``checkpoint-*``, ``runs/``, ``eval/``, carried over into the new folder). Any other folder is refused.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
+import glob
+import logging
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
-from peft import PeftModel
+from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules.transformer import Transformer
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .model_card import StudentCardInfo, write_model_card
+from .model_card import CARD_INFO_NAME, StudentCardInfo, write_model_card
 
-__all__ = ["has_adapters", "merged_copy", "save_student", "sentence_transformer_from"]
+__all__ = [
+    "add_lora", "check_output_dir", "has_adapters", "merged_copy", "prepare_output_dir", "save_student",
+    "sentence_transformer_from",
+]
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+# Empty file that marks a folder written by save_student (with or without a model card).
+STUDENT_MARKER = ".optical_hf_student"
+# What a Trainer writes into its output_dir during training: accepted in a destination and carried into the new folder.
+TRAINER_OUTPUTS = ("checkpoint-*", "runs", "eval")
+
+
+def add_lora(student: SentenceTransformer, config: PeftConfig) -> PeftModel:
+    """Train only LoRA (or other peft) adapters of ``student``: wrap its transformer with ``peft.get_peft_model``.
+
+    The wrapped model replaces ``student[0].auto_model``; :func:`save_student` merges the adapters into the saved
+    weights and keeps them under ``adapter/``. Trainer checkpoints hold the adapter only, and resuming from one works
+    (sentence-transformers reloads it with the adapters injected into the bare model; a load hook maps that layout).
+
+    Returns:
+        The ``PeftModel`` now inside ``student``.
+    """
+    transformer = student[0]
+    if not isinstance(transformer, Transformer):
+        raise ValueError(
+            f"add_lora needs a student whose first module is a Transformer, got {type(transformer).__name__}"
+        )
+    peft_model = get_peft_model(transformer.auto_model, config)
+    peft_model.register_load_state_dict_pre_hook(_from_injected_layout)
+    transformer.model = peft_model
+    return peft_model
+
+
+def _from_injected_layout(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load-state-dict pre-hook of a ``PeftModel``: move keys of the same adapters injected into the bare model
+    (``{prefix}encoder...lora_A.default.weight``) under ``{prefix}base_model.model.``."""
+    for key in [key for key in state_dict if key.startswith(prefix) and not key.startswith(f"{prefix}base_model.")]:
+        state_dict[f"{prefix}base_model.model.{key[len(prefix):]}"] = state_dict.pop(key)
 
 
 def has_adapters(model: nn.Module) -> bool:
-    """Whether ``model`` holds LoRA/peft adapter layers (peft-wrapped or injected by ``add_adapter``)."""
+    """Whether ``model`` holds LoRA/peft adapter layers."""
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def _peft_models(model: nn.Module) -> list[tuple[str, PeftModel]]:
+    """The ``(name, PeftModel)`` sub-modules of ``model``; adapters outside a ``PeftModel`` are an error."""
+    found = [(name, module) for name, module in model.named_modules() if isinstance(module, PeftModel)]
+    if not found:
+        raise ValueError(
+            "the model holds adapters that peft.get_peft_model did not add (e.g. added with add_adapter): add LoRA "
+            "with optical_hf.add_lora(student, LoraConfig(...)) so they can be merged and saved"
+        )
+    return found
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with its adapters merged into the base weights and the adapter layers removed.
 
-    Handles both a :class:`peft.PeftModel` and adapters injected with ``model.add_adapter(LoraConfig(...))``
-    (transformers' and sentence-transformers' integration, which has no merge of its own).
+    Handles a :class:`peft.PeftModel` and a model holding one (a SentenceTransformer after :func:`add_lora`).
     """
     model = copy.deepcopy(model)
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
-    for module in model.modules():
-        if getattr(module, "_hf_peft_config_loaded", False):
-            module._hf_peft_config_loaded = False
-            del module.peft_config
+    for name, peft_model in _peft_models(model):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, peft_model.merge_and_unload())
     return model
 
 
 def _save_adapter(model: nn.Module, folder: Path) -> None:
     """Save the (unmerged) adapter of ``model`` with peft's own format under ``folder``."""
-    for module in model.modules():
-        if isinstance(module, PeftModel) or getattr(module, "_hf_peft_config_loaded", False):
-            module.save_pretrained(folder)
-            return
+    peft_model = model if isinstance(model, PeftModel) else _peft_models(model)[0][1]
+    peft_model.save_pretrained(folder)
 
 
 def sentence_transformer_from(
@@ -69,7 +117,6 @@ def sentence_transformer_from(
     Saves both into a temporary folder and builds ``Transformer`` + ``Pooling`` modules from it, so the result
     has exactly the weights of ``model``.
     """
-    from sentence_transformers.base.modules.transformer import Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,15 +137,22 @@ def save_student(
 
     Adapters are merged into the saved weights and also saved unmerged under ``output_dir/adapter`` (taken from
     ``adapter_model`` when the adapters live outside ``model``, e.g. a Trainer's peft-wrapped student). With ``card``,
-    the OPTICAL model card (README.md) and its ``optical_hf.json`` are written into the folder too. Existing
-    ``checkpoint-*`` sub-folders of ``output_dir`` (a Trainer's resumable state) are carried over untouched.
+    the OPTICAL model card (README.md) and its ``optical_hf.json`` are written into the folder too. Every student
+    folder holds the empty marker file ``.optical_hf_student``.
+
+    ``output_dir`` may be missing, empty, a previous student folder (replaced as a whole) or a folder holding only a
+    Trainer's outputs (``checkpoint-*``, ``runs/``, ``eval/``); those outputs are carried over untouched into the new
+    folder. Any other folder raises ``ValueError`` and nothing is written: the student is never saved over files
+    optical_hf did not write. The folder's permissions follow the umask. One save per folder at a time.
 
     Returns:
         The folder written.
     """
-    output_dir = Path(output_dir).resolve()
+    output_dir = Path(output_dir).expanduser().resolve()
+    prepare_output_dir(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    staging.mkdir()  # unlike tempfile.mkdtemp (0700), mkdir applies the umask
     try:
         adapter_model = adapter_model if adapter_model is not None else model
         (merged_copy(model) if has_adapters(model) else model).save(str(staging))
@@ -106,16 +160,68 @@ def save_student(
             _save_adapter(adapter_model, staging / ADAPTER_DIR)
         if card is not None:
             write_model_card(staging, card)
+        (staging / STUDENT_MARKER).touch()
         _swap_in(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 
-def _swap_in(staging: Path, output_dir: Path) -> None:
-    """Replace ``output_dir`` by ``staging`` with renames, then move the old folder's checkpoints across.
+def is_student_folder(folder: Path) -> bool:
+    """Whether ``folder`` was written by :func:`save_student` (or carries an OPTICAL card)."""
+    return (folder / STUDENT_MARKER).is_file() or (folder / CARD_INFO_NAME).is_file()
 
-    At every instant the previous content survives in ``output_dir`` or in ``.NAME.old-PID`` beside it.
+
+def _is_trainer_output(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TRAINER_OUTPUTS)
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless :func:`save_student` may write ``output_dir`` (see there); reads only."""
+    output_dir = Path(output_dir).expanduser()
+    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(
+            f"output_dir {output_dir}: {existing} is a file, not a folder; choose a folder for the student"
+        )
+    if existing != output_dir or is_student_folder(output_dir):
+        return
+    foreign = sorted(path.name for path in output_dir.iterdir() if not _is_trainer_output(path.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(
+            f"output_dir {output_dir} holds files optical_hf did not write ({shown}) and saving the student would "
+            f"replace them: choose a new or empty folder (e.g. {output_dir / 'student'})"
+        )
+
+
+def prepare_output_dir(output_dir: str | os.PathLike) -> None:
+    """Finish or undo saves into ``output_dir`` that were killed, then :func:`check_output_dir`.
+
+    Removes stale ``.NAME.partial-*`` staging folders. A ``.NAME.old-*`` folder (the previous student, renamed away
+    just before the new one was renamed in) is renamed back when ``output_dir`` is missing; otherwise its Trainer
+    outputs are carried into ``output_dir`` and it is deleted.
+    """
+    output_dir = Path(output_dir).expanduser().resolve()
+    pattern = f".{glob.escape(output_dir.name)}"
+    for partial in output_dir.parent.glob(f"{pattern}.partial-*"):
+        logger.warning("Removing %s, left by an interrupted save", partial)
+        shutil.rmtree(partial)
+    for old in sorted(output_dir.parent.glob(f"{pattern}.old-*"), key=lambda path: path.stat().st_mtime, reverse=True):
+        if output_dir.exists():
+            logger.warning("Finishing an interrupted save: carrying the Trainer outputs of %s into %s", old, output_dir)
+            _retire(old, output_dir)
+        else:
+            logger.warning("Restoring %s from %s, left by an interrupted save", output_dir, old)
+            old.rename(output_dir)
+    check_output_dir(output_dir)
+
+
+def _swap_in(staging: Path, output_dir: Path) -> None:
+    """Replace ``output_dir`` by ``staging`` with renames, then move the old folder's Trainer outputs across.
+
+    At every instant the previous content survives in ``output_dir`` or in ``.NAME.old-PID`` beside it (which
+    :func:`prepare_output_dir` recovers if the process is killed between the renames).
     """
     if not output_dir.exists():
         staging.rename(output_dir)
@@ -127,6 +233,12 @@ def _swap_in(staging: Path, output_dir: Path) -> None:
     except BaseException:
         old.rename(output_dir)
         raise
-    for checkpoint in old.glob("checkpoint-*"):
-        checkpoint.rename(output_dir / checkpoint.name)
+    _retire(old, output_dir)
+
+
+def _retire(old: Path, output_dir: Path) -> None:
+    """Move the Trainer outputs of the replaced folder ``old`` into ``output_dir`` (unless there already), delete it."""
+    for path in old.iterdir():
+        if _is_trainer_output(path.name) and not (output_dir / path.name).exists():
+            path.rename(output_dir / path.name)
     shutil.rmtree(old)

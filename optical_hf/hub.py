@@ -26,7 +26,7 @@ try:  # huggingface_hub >= 2 talks HTTP through httpx2, 1.x through httpx; trans
 except ImportError:
     from httpx import HTTPError as _HttpClientError
 
-from .export import ADAPTER_DIR
+from .export import ADAPTER_DIR, STUDENT_MARKER
 from .model_card import (
     CARD_INFO_NAME, MODEL_CARD_NAME, StudentCardInfo, is_hub_repo_id, read_json, render_model_card,
 )
@@ -43,6 +43,7 @@ JUNK_PATTERNS = [
     "checkpoint-*/",
     "*/checkpoint-*/",
     "runs/",
+    "eval/",
     "__pycache__/",
     "*/__pycache__/",
     ".ipynb_checkpoints/",
@@ -146,7 +147,8 @@ def push_student(
         operations.extend(_adapter_operations(folder, hub_base_model))
 
     retry_command = _retry_command(
-        folder, repo_id, adapter_only=adapter_only, base_model=base_model, revision=revision, endpoint=endpoint
+        folder, repo_id, adapter_only=adapter_only, base_model=base_model, private=private, revision=revision,
+        endpoint=endpoint,
     )
     api = HfApi(endpoint=endpoint, token=token, library_name="optical-hf")
     size_mb = sum(op.upload_info.size for op in operations) / 2**20
@@ -185,12 +187,24 @@ def push_student(
 
 
 def _files_to_upload(folder: Path, *, adapter_only: bool) -> list[str]:
-    """Relative POSIX paths of the files of ``folder`` uploaded as they are (README and card info are re-rendered)."""
-    ignore = [*JUNK_PATTERNS, f"{ADAPTER_DIR}/", MODEL_CARD_NAME, CARD_INFO_NAME]
+    """Relative POSIX paths of the files of ``folder`` uploaded as they are (README and card info are re-rendered).
+
+    A symlink that points outside ``folder`` is skipped with a warning (its target is not part of the student).
+    """
+    ignore = [*JUNK_PATTERNS, f"{ADAPTER_DIR}/", STUDENT_MARKER, MODEL_CARD_NAME, CARD_INFO_NAME]
     if adapter_only:
         ignore.extend(FULL_MODEL_PATTERNS)
     paths = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    return list(filter_repo_objects(paths, ignore_patterns=ignore))
+    return [path for path in filter_repo_objects(paths, ignore_patterns=ignore) if _inside(folder, path)]
+
+
+def _inside(folder: Path, path: str) -> bool:
+    """Whether ``folder/path`` resolves inside ``folder`` (``folder`` is resolved); warns when it does not."""
+    target = (folder / path).resolve()
+    if target.is_relative_to(folder):
+        return True
+    logger.warning("Not uploading %s: it is a symlink to %s, outside %s", folder / path, target, folder)
+    return False
 
 
 def _adapter_operations(folder: Path, base_model: str) -> list[CommitOperationAdd]:
@@ -215,13 +229,16 @@ def _adapter_operations(folder: Path, base_model: str) -> list[CommitOperationAd
 
 
 def _retry_command(
-    folder: Path, repo_id: str, *, adapter_only: bool, base_model: str | None, revision: str | None,
-    endpoint: str | None = None,
+    folder: Path, repo_id: str, *, adapter_only: bool, base_model: str | None, private: bool | None,
+    revision: str | None, endpoint: str | None = None,
 ) -> str:
-    """The ``optical-hf push`` command line that repeats this push."""
+    """The ``optical-hf push`` command line that repeats this push (keeping ``--private``: a retry after a failed
+    ``create_repo`` must not create a public repo)."""
     args = ["optical-hf", "push", str(folder), "--repo_id", repo_id]
     if adapter_only:
         args.append("--adapter_only")
+    if private:
+        args.append("--private")
     if base_model is not None:
         args.extend(["--base_model", base_model])
     if revision is not None:

@@ -9,8 +9,10 @@ model card -> optionally the Hub. Options are one dataclass (:class:`DistillArgu
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,12 @@ from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.evaluation import SequentialEvaluator
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 
 from .corpora import load_beir
 from .data import load_bitext
 from .evaluation import BitextRetrievalEvaluator, CLIREvaluator, format_metrics_table
-from .export import save_student
+from .export import add_lora, prepare_output_dir, save_student
 from .hub import push_student
 from .losses import OTDistillationDataCollator, OTDistillationLoss, OTLossConfig
 from .model_card import StudentCardInfo, is_hub_repo_id
@@ -200,6 +203,25 @@ def _card_metrics(metrics: dict[str, float], args: DistillArguments, eval_name: 
     return rows
 
 
+def last_complete_checkpoint(output_dir: Path) -> str:
+    """The newest ``checkpoint-N`` of ``output_dir`` whose ``trainer_state.json`` (the Trainer writes it last) is
+    complete; newer checkpoints without it (a run killed while saving one) are skipped with a warning naming them."""
+    steps = {path: int(match[1]) for path in output_dir.glob("checkpoint-*")
+             if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and path.is_dir()}
+    incomplete = []
+    for checkpoint in sorted(steps, key=steps.get, reverse=True):
+        try:
+            json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            incomplete.append(str(checkpoint))
+            continue
+        if incomplete:
+            logger.warning("Skipping incomplete checkpoint(s) %s (interrupted while saving); resuming from %s",
+                           ", ".join(incomplete), checkpoint)
+        return str(checkpoint)
+    raise ValueError(f"--resume_from_checkpoint: no complete checkpoint-* folder in {output_dir}")
+
+
 def run(args: DistillArguments, training_args: SentenceTransformerTrainingArguments) -> dict[str, Any]:
     """Distill, evaluate before/after, save the student folder (with card) and push it if asked.
 
@@ -210,6 +232,9 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the final folder ourselves
     if push and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/optical-minilm-sw)")
+    token, training_args.hub_token = training_args.hub_token, None  # checkpoints pickle training_args: keep it out
+    with training_args.main_process_first(desc="checking --output_dir"):
+        prepare_output_dir(training_args.output_dir)
     packaged = packaged_teacher_path() if args.teacher is None or args.student is None else None
     teacher_name = args.teacher or packaged
     student_name = args.student or teacher_name
@@ -231,10 +256,11 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
 
     loss_config = args.loss_config()
     resume = training_args.resume_from_checkpoint
-    resume = True if resume in ("true", "True", "latest") else resume
+    if resume in ("true", "True", "latest"):
+        resume = last_complete_checkpoint(Path(training_args.output_dir))
     if args.front_end == "sentence-transformers":
         if args.lora:
-            student.add_adapter(args.lora_config())
+            add_lora(student, args.lora_config())
         column_prompts = {"source": args.query_prompt, "target": args.query_prompt} if args.query_prompt else None
         trainer = SentenceTransformerTrainer(
             model=student, args=training_args, train_dataset=train, eval_dataset=evaluation,
@@ -285,7 +311,7 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
         commit_url = push_student(
             output_dir, training_args.hub_model_id, adapter_only=args.push_adapter_only,
             base_model=_hub_id(args.student_hub_id, student_name, packaged), private=training_args.hub_private_repo,
-            token=training_args.hub_token,
+            token=token,
         )
         print(f"Pushed to {commit_url}")
     return {"before": before, "after": after, "output_dir": output_dir, "commit_url": commit_url}

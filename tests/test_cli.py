@@ -332,6 +332,37 @@ def test_distill_push_to_hub(model_dirs, data, tmp_path, monkeypatch, capsys, hu
     assert remote_info["model_id"] == REPO_ID
 
 
+def test_distill_into_a_folder_of_user_files_fails_before_training(model_dirs, data, tmp_path, capsys, monkeypatch):
+    project = tmp_path / "myproject"
+    (project / "notes").mkdir(parents=True)
+    for name, text in {"train.tsv": "source\ttarget\n", "notes/todo.txt": "todo\n", "README.md": "# mine\n"}.items():
+        (project / name).write_text(text, encoding="utf-8")
+    monkeypatch.setattr(recipe, "load_sentence_transformer", lambda *args: pytest.fail("training started"))
+    assert cli(*_distill_argv(model_dirs, data["tsv"], project)) == EXIT_BAD_INPUT
+    line = error_line(capsys.readouterr().err)
+    assert f"output_dir {project} holds files optical_hf did not write (README.md, notes, train.tsv)" in line
+    assert sorted(path.relative_to(project).as_posix() for path in project.rglob("*")) == [
+        "README.md", "notes", "notes/todo.txt", "train.tsv"]
+
+
+def test_distill_output_dir_that_is_a_file(model_dirs, data, tmp_path, capsys):
+    file = tmp_path / "out.txt"
+    file.write_text("mine", encoding="utf-8")
+    assert cli(*_distill_argv(model_dirs, data["tsv"], file)) == EXIT_BAD_INPUT
+    assert f"{file} is a file, not a folder" in error_line(capsys.readouterr().err)
+    assert file.read_text(encoding="utf-8") == "mine"
+
+
+def test_distill_never_writes_the_hub_token(model_dirs, data, tmp_path):
+    token = "hf_SECRETtoken0123456789"
+    out = tmp_path / "student"
+    assert cli(*_distill_argv(model_dirs, data["tsv"], out, "--hub_token", token, "--save_strategy", "steps",
+                              "--save_steps", 2)) == 0
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.name == "training_args.bin" for path in written)  # the Trainer pickled its arguments
+    assert [path for path in written if token.encode() in path.read_bytes()] == []
+
+
 def test_distill_push_to_hub_needs_a_repo_id(model_dirs, data, tmp_path, capsys):
     assert cli(*_distill_argv(model_dirs, data["tsv"], tmp_path / "out", "--push_to_hub")) == EXIT_BAD_INPUT
     assert "--push_to_hub needs --hub_model_id" in error_line(capsys.readouterr().err)

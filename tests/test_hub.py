@@ -226,3 +226,24 @@ def test_fake_hub_records_unknown_endpoints(tmp_path):
             no_proxy.open(f"{server.endpoint}/api/models/{REPO_ID}", timeout=5)
     assert failure.value.code == 404
     assert [(r.method, r.path) for r in server.unknown_requests] == [("GET", f"/api/models/{REPO_ID}")]
+
+
+def test_retry_command_after_a_failed_private_push_keeps_it_private(student, hub, monkeypatch):
+    hub.fail_commit = True
+    with online(monkeypatch, hub), pytest.raises(HubPushError) as failure:
+        push_student(student.folder, REPO_ID, private=True, endpoint=hub.endpoint)
+    assert failure.value.retry_command == (
+        f"optical-hf push {student.folder} --repo_id {REPO_ID} --private --endpoint {hub.endpoint}")
+
+
+def test_symlinks_to_files_outside_the_folder_are_not_uploaded(student, hub, monkeypatch, tmp_path, caplog):
+    folder = tmp_path / "student"
+    shutil.copytree(student.folder, folder)
+    secret = tmp_path / "secrets.txt"
+    secret.write_text("HF_TOKEN=hf_private", encoding="utf-8")
+    (folder / "notes.txt").symlink_to(secret)
+    (folder / "modules-link.json").symlink_to(folder / "modules.json")  # inside the folder: uploaded
+    with online(monkeypatch, hub):
+        push_student(folder, REPO_ID, endpoint=hub.endpoint)
+    assert hub.uploaded_files(REPO_ID) == student.st_files | {"optical_hf.json", "modules-link.json"}
+    assert f"Not uploading {folder / 'notes.txt'}: it is a symlink to {secret}" in caplog.text

@@ -9,7 +9,8 @@ from peft import LoraConfig
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from transformers import AutoModel, AutoTokenizer
 
-from optical_hf import CITATION, OTDistillationDataCollator, OTDistillationLoss, save_student
+from optical_hf import CITATION, OTDistillationDataCollator, OTDistillationLoss, add_lora, save_student
+from optical_hf.export import has_adapters
 from optical_hf.losses import content_mask
 
 
@@ -80,17 +81,23 @@ def test_content_mask_drops_special_and_prompt_tokens(model_dirs):
 
 def test_lora_adapter_trains_and_saves_merged(model_dirs, bitext, tmp_path):
     student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
-    student.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
-    base_weight = student[0].model.encoder.layer[0].attention.self.query.base_layer.weight.clone()
+    peft_model = add_lora(student, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    assert student[0].auto_model is peft_model
+    # peft itself, not transformers' adapter integration (add_adapter), holds the adapters
+    assert not getattr(peft_model.get_base_model(), "_hf_peft_config_loaded", False)
+    query = peft_model.get_base_model().encoder.layer[0].attention.self.query
+    base_weight = query.base_layer.weight.clone()
     _, logs = _train(student, teacher, bitext, tmp_path, steps=30)
     assert logs[-1]["loss"] < logs[0]["loss"]
-    assert torch.equal(base_weight, student[0].model.encoder.layer[0].attention.self.query.base_layer.weight)
+    assert torch.equal(base_weight, query.base_layer.weight)
 
     out = save_student(student, tmp_path / "student")
     assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
     texts = bitext["source"][:5]
     expected = student.encode(texts, convert_to_tensor=True)
     reloaded = SentenceTransformer(str(out), device="cpu")
+    assert not has_adapters(reloaded)
     assert torch.allclose(reloaded.encode(texts, convert_to_tensor=True), expected, atol=1e-5)
     auto = AutoModel.from_pretrained(out)
     enc = AutoTokenizer.from_pretrained(out)(texts, padding=True, return_tensors="pt")
@@ -98,6 +105,42 @@ def test_lora_adapter_trains_and_saves_merged(model_dirs, bitext, tmp_path):
         hidden = auto(**enc).last_hidden_state
     pooled = (hidden * enc["attention_mask"][..., None]).sum(1) / enc["attention_mask"].sum(1, keepdim=True)
     assert torch.allclose(pooled, expected, atol=1e-5)
+    assert student[0].auto_model is peft_model  # saving merged a copy: the student keeps training its adapters
+
+
+def test_lora_training_resumes_from_a_checkpoint(model_dirs, bitext, tmp_path):
+    """A checkpoint of an add_lora student holds the adapter only; resuming restores it and ends on the same weights."""
+
+    def lora_trainer():
+        student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+        add_lora(student, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=16, learning_rate=5e-3,
+            report_to=[], save_strategy="steps", save_steps=3, seed=0, disable_tqdm=True,
+        )
+        return SentenceTransformerTrainer(
+            model=student, args=args, train_dataset=bitext, loss=OTDistillationLoss(student, teacher),
+            data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess),
+        )
+
+    uninterrupted = lora_trainer()
+    uninterrupted.train()
+    assert (tmp_path / "run" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    resumed = lora_trainer()
+    untrained = {name: value.clone() for name, value in resumed.model.state_dict().items()}
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    final, expected = resumed.model.state_dict(), uninterrupted.model.state_dict()
+    assert final.keys() == expected.keys()
+    assert all(torch.allclose(final[name], expected[name], atol=1e-6) for name in final)
+    assert any(not torch.equal(final[name], untrained[name]) for name in final if "lora_B" in name)
+
+
+def test_adapters_added_outside_peft_are_refused_by_save(model_dirs, tmp_path):
+    student = sentence_transformer(model_dirs["student"])
+    student.add_adapter(LoraConfig(r=4, target_modules=["query"]))
+    with pytest.raises(ValueError, match="optical_hf.add_lora"):
+        save_student(student, tmp_path / "student")
+    assert not (tmp_path / "student").exists()
 
 
 def test_config_and_citation(model_dirs):

@@ -23,6 +23,7 @@ from optical_hf import OTDistillationDataCollator, OTDistillationLoss, OTDistill
 from optical_hf.cli import main
 from optical_hf.export import save_student
 from optical_hf.model_card import StudentCardInfo
+from optical_hf.recipe import last_complete_checkpoint
 
 STEPS, SAVE_EVERY, STOP_AT = 12, 4, 8  # 40 pairs / batch 8 = 5 steps per epoch: step 8 is in the middle of epoch 2
 ATOL = 1e-5
@@ -114,9 +115,18 @@ def test_resumed_run_reaches_the_uninterrupted_weights(kind, model_dirs, pairs, 
         assert _max_difference(_weights(control), final) > 10 * ATOL, missing
 
 
-@pytest.mark.parametrize("resume", ["latest", "true"])
-def test_cli_resume_from_latest_checkpoint_reaches_the_uninterrupted_weights(resume, model_dirs, tmp_path):
-    """``optical-hf distill --resume_from_checkpoint latest`` continues from the newest checkpoint in --output_dir."""
+def _kill_while_saving(checkpoint: Path) -> None:
+    """Leave ``checkpoint`` as a kill -9 while the Trainer writes it does: weights cut short, no trainer_state.json."""
+    (checkpoint / "trainer_state.json").unlink()
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("resume, interruption", [("latest", "killed-while-saving"), ("true", "killed-before-saving")])
+def test_cli_resume_from_latest_checkpoint_reaches_the_uninterrupted_weights(resume, interruption, model_dirs, tmp_path,
+                                                                             caplog):
+    """``optical-hf distill --resume_from_checkpoint latest`` continues from the newest complete checkpoint in
+    --output_dir, skipping one a crash left incomplete."""
     bitext = tmp_path / "pairs.tsv"
     bitext.write_text("source\ttarget\n" + "".join(f"{s}\t{t}\n" for s, t in toy_bitext(48, seed=5)), encoding="utf-8")
     out = tmp_path / "student"
@@ -125,16 +135,35 @@ def test_cli_resume_from_latest_checkpoint_reaches_the_uninterrupted_weights(res
               "--learning_rate", "2e-3", "--seed", "0", "--output_dir", str(out), "--disable_tqdm", "true"]
     assert main([*common, "--student", str(model_dirs["student"])]) == 0
     uninterrupted = load_file(out / "model.safetensors")
-    shutil.rmtree(out / "checkpoint-6")  # as if the run had been killed between step 3 and step 6
+    if interruption == "killed-while-saving":
+        _kill_while_saving(out / "checkpoint-6")
+    else:
+        shutil.rmtree(out / "checkpoint-6")
 
     # A student initialised differently: only a real resume from checkpoint-3 can end on the same weights.
     other = tiny_bert(tmp_path / "other-init", AutoTokenizer.from_pretrained(model_dirs["student"]), seed=7)
     assert main([*common, "--student", str(other), "--resume_from_checkpoint", resume]) == 0
+    skipped = [record.getMessage() for record in caplog.records if "incomplete checkpoint" in record.getMessage()]
+    expected = (f"Skipping incomplete checkpoint(s) {out / 'checkpoint-6'} (interrupted while saving); resuming from "
+                f"{out / 'checkpoint-3'}")
+    assert skipped == ([expected] if interruption == "killed-while-saving" else [])
     resumed = load_file(out / "model.safetensors")
     assert _max_difference(resumed, uninterrupted) <= ATOL
     assert _max_difference(load_file(other / "model.safetensors"),
                            load_file(model_dirs["student"] / "model.safetensors")) > 1e-2
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_latest_checkpoint_skips_a_truncated_trainer_state(tmp_path):
+    for step in (3, 6, 9, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (3, 6):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text('{"global_step": 1}', encoding="utf-8")
+    (tmp_path / "checkpoint-9" / "trainer_state.json").write_text('{"global_st', encoding="utf-8")  # cut short
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+    with pytest.raises(ValueError, match=f"no complete checkpoint-\\* folder in {tmp_path / 'empty'}"):
+        last_complete_checkpoint(tmp_path / "empty")
 
 
 # ---- atomic save -------------------------------------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""save_student never deletes what optical_hf did not write, and recovers from saves killed at any instant."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import sentence_transformer
+from sentence_transformers import SentenceTransformer
+
+from optical_hf import save_student
+from optical_hf.export import STUDENT_MARKER, prepare_output_dir
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under ``folder``."""
+    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture
+def model(model_dirs):
+    return sentence_transformer(model_dirs["student"])
+
+
+@pytest.fixture
+def user_project(tmp_path) -> Path:
+    """A folder of the user's own files."""
+    project = tmp_path / "myproject"
+    (project / "notes").mkdir(parents=True)
+    (project / "train.tsv").write_text("source\ttarget\nkitacwa\tcat\n", encoding="utf-8")
+    (project / "notes" / "todo.txt").write_text("try lora\n", encoding="utf-8")
+    (project / "README.md").write_text("# my project\n", encoding="utf-8")
+    return project
+
+
+def test_a_folder_of_user_files_is_refused_and_left_untouched(model, user_project):
+    (user_project / "checkpoint-4").mkdir()  # the Trainer's outputs do not make the folder acceptable
+    before = _snapshot(user_project)
+    with pytest.raises(ValueError, match=f"output_dir {user_project} holds files optical_hf did not write"):
+        save_student(model, user_project)
+    assert _snapshot(user_project) == before
+    assert sorted(path.name for path in user_project.parent.iterdir()) == [user_project.name]  # no staging left
+
+
+def test_a_file_as_output_dir_is_refused(model, tmp_path):
+    file = tmp_path / "student.txt"
+    file.write_text("not a folder", encoding="utf-8")
+    for output_dir in (file, file / "student"):
+        with pytest.raises(ValueError, match=f"{file} is a file, not a folder"):
+            save_student(model, output_dir)
+    assert file.read_text(encoding="utf-8") == "not a folder"
+
+
+def test_a_folder_of_trainer_outputs_is_accepted_and_they_are_kept(model, tmp_path):
+    output_dir = tmp_path / "student"
+    (output_dir / "checkpoint-3").mkdir(parents=True)
+    (output_dir / "checkpoint-3" / "optimizer.pt").write_bytes(b"resumable state")
+    (output_dir / "runs").mkdir()
+    (output_dir / "runs" / "events.out.tfevents.1").write_bytes(b"tensorboard")
+    trainer_outputs = _snapshot(output_dir)
+    save_student(model, output_dir)
+    after = _snapshot(output_dir)
+    assert {name: after.get(name) for name in trainer_outputs} == trainer_outputs
+    assert (output_dir / "modules.json").is_file()
+
+
+def test_a_student_saved_without_card_is_recognised_and_replaced(model, tmp_path):
+    output_dir = save_student(model, tmp_path / "student")
+    assert (output_dir / STUDENT_MARKER).is_file() and not (output_dir / "optical_hf.json").exists()
+    (output_dir / "stale.txt").write_text("left over", encoding="utf-8")
+    save_student(model, output_dir)
+    assert not (output_dir / "stale.txt").exists()
+    SentenceTransformer(str(output_dir), device="cpu")
+
+
+def test_the_folder_permissions_follow_the_umask(model, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        output_dir = save_student(model, tmp_path / "student")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(output_dir.stat().st_mode) == 0o755
+
+
+def _killed_between_renames(model, output_dir: Path) -> Path:
+    """A previous student (with a checkpoint) renamed away: what a save killed between its two renames leaves."""
+    save_student(model, output_dir)
+    (output_dir / "checkpoint-4").mkdir()
+    (output_dir / "checkpoint-4" / "optimizer.pt").write_bytes(b"resumable state")
+    old = output_dir.with_name(f".{output_dir.name}.old-99999")
+    output_dir.rename(old)
+    return old
+
+
+def test_a_save_killed_between_the_renames_is_undone_at_the_next_start(model, tmp_path):
+    output_dir = tmp_path / "student"
+    old = _killed_between_renames(model, output_dir)
+    before = _snapshot(old)
+    prepare_output_dir(output_dir)  # what `optical-hf distill` runs before training
+    assert not old.exists()
+    assert _snapshot(output_dir) == before
+
+
+def test_a_save_killed_between_the_renames_is_finished_by_the_next_save(model, tmp_path):
+    output_dir = tmp_path / "student"
+    _killed_between_renames(model, output_dir)
+    (output_dir / "checkpoint-8").mkdir(parents=True)  # the next run trained into a fresh output_dir
+    save_student(model, output_dir)
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert (output_dir / "checkpoint-4" / "optimizer.pt").read_bytes() == b"resumable state"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["student"]
+
+
+def test_stale_staging_folders_of_killed_saves_are_removed(model, tmp_path):
+    output_dir = tmp_path / "student"
+    partial = tmp_path / f".{output_dir.name}.partial-99999-abcd"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half-written weights")
+    unrelated = tmp_path / ".other.partial-1"
+    unrelated.mkdir()
+    save_student(model, output_dir)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".other.partial-1", "student"]
