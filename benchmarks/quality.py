@@ -518,24 +518,34 @@ def _reference(records: list[dict[str, Any]], setting: str, lang: str, system: s
 
 
 def main_table(records: list[dict[str, Any]], setting: str) -> list[str]:
-    """Markdown rows, one per language: floor, oracle and each system at the language's largest budget.
+    """Markdown rows, one per system (floor, oracle, then each trained system), one column per language.
 
-    A cell is the MRR@10 over the seeds run (mean ± sample sd, number of seeds), then the gap closed of the mean.
+    A student cell is the MRR@10 at the language's largest budget over the seeds run (mean ± sample sd, number of
+    seeds) and the gap closed by that mean. The mean column is shown for systems run on every language.
     """
-    langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting and "pairs" in r))
-    systems = list(dict.fromkeys(r["system"] for r in records if r["setting"] == setting and "pairs" in r))
-    header = ["lang", "pairs", "floor", "oracle", *systems]
+    students = [r for r in records if r["setting"] == setting and "pairs" in r]
+    langs = list(dict.fromkeys(r["lang"] for r in students))
+    systems = list(dict.fromkeys(r["system"] for r in students))
+    largest = {lang: max(r["pairs"] for r in students if r["lang"] == lang) for lang in langs}
+    refs = {(lang, s): _reference(records, setting, lang, s) for lang in langs for s in ("floor", "oracle")}
+    header = ["system", *[f"{lang} ({largest[lang]} pairs)" for lang in langs], "mean"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for lang in langs:
-        runs = _students(records, setting, lang)
-        pairs = max(r["pairs"] for r in runs)
-        floor, oracle = (_reference(records, setting, lang, s) for s in ("floor", "oracle"))
-        row = [lang, str(pairs), f"{floor:.3f}", f"{oracle:.3f}"]
-        for system in systems:
-            values = [r["metrics"][PRIMARY] for r in runs if r["system"] == system and r["pairs"] == pairs]
-            gap = (statistics.fmean(values) - floor) / (oracle - floor) if values and oracle > floor else None
-            row.append(_mean_sd(values) + (f" ({_pct(gap)} gap)" if gap is not None else ""))
-        lines.append("| " + " | ".join(row) + " |")
+    for system in ("floor", "oracle"):
+        values = [refs[lang, system] for lang in langs]
+        lines.append(f"| {system} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.fmean(values):.3f} |")
+    for system in systems:
+        cells, means = [], []
+        for lang in langs:
+            values = [r["metrics"][PRIMARY] for r in students
+                      if r["lang"] == lang and r["system"] == system and r["pairs"] == largest[lang]]
+            floor, oracle = refs[lang, "floor"], refs[lang, "oracle"]
+            if values:
+                means.append(statistics.fmean(values))
+                cells.append(f"{_mean_sd(values)} ({_pct((means[-1] - floor) / (oracle - floor))})")
+            else:
+                cells.append("-")
+        mean = f"{statistics.fmean(means):.3f}" if len(means) == len(langs) else "-"
+        lines.append(f"| {system} | " + " | ".join(cells) + f" | {mean} |")
     return lines
 
 
@@ -577,7 +587,7 @@ def render_markdown(records: list[dict[str, Any]], machine: dict[str, Any], titl
         split = next(r["split"] for r in records if r["setting"] == setting)
         table = main_table(records, setting)
         if len(table) > 2:
-            lines += [f"## {setting}, split {split}: MRR@10 at each language's largest budget", "", *table, ""]
+            lines += [f"## {setting}, split {split}: MRR@10 (gap closed) at each language's largest budget", "", *table, ""]
         for lang in dict.fromkeys(r["lang"] for r in records if r["setting"] == setting):
             budget = budget_table(records, setting, lang)
             if budget:
