@@ -7,7 +7,9 @@
    iterations (POT with a zero tolerance, so it runs ``max_iter``) and at equal tolerance (iterations used are
    reported, and the marginal errors actually reached are measured the same way for every solver).
 2. **Training step**: forward + backward + ``AdamW.step()`` with :class:`optical_hf.OTDistillationLoss` against
-   sentence-transformers' ``MSELoss`` (Reimers & Gurevych 2020) on the same student, batch and sequence length.
+   sentence-transformers' ``MSELoss`` (Reimers & Gurevych 2020) on the same student, batch and sequence length;
+   the OT loss with the teacher run inside the step and with its outputs read from a
+   :class:`optical_hf.TeacherCache` (looked up by the collator, like MSE's precomputed labels).
 3. **Peak memory** of each training step (and of the batched OT solvers): on CUDA ``torch.cuda.max_memory_allocated``
    minus the memory live when the step starts; on CPU the same quantity from the torch profiler's allocation
    records (``profile_memory=True``: every tensor allocation and free in the step, replayed in time order).
@@ -37,6 +39,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,14 +55,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from optical_hf import OTDistillationDataCollator, OTDistillationLoss, bitext_from_pairs, load_bitext
+from optical_hf import (
+    OTDistillationDataCollator,
+    OTDistillationLoss,
+    bitext_from_pairs,
+    build_teacher_cache,
+    load_bitext,
+)
 from optical_hf.ot import sinkhorn, uniform_weights
 
 logger = logging.getLogger("benchmarks.speed")
 
 LAFAND_SWA = REPO_ROOT.parent / "shared" / "data" / "lafand-mt" / "en-swa"
 DEMO_BITEXT = REPO_ROOT / "optical_hf" / "resources" / "demo_bitext_en_sw.tsv"
-OT_STEP, MSE_LABELS, MSE_ONLINE = "ot_envelope", "mse_precomputed_labels", "mse_teacher_online"
+OT_STEP, OT_CACHED = "ot_envelope", "ot_cached_teacher"
+MSE_LABELS, MSE_ONLINE = "mse_precomputed_labels", "mse_teacher_online"
 THREAD_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # recorded in the command when set
 
 Step = Callable[[], Any]
@@ -340,7 +350,8 @@ def training_steps(
     """One AdamW training step per loss variant on the same batch (features collated once, outside the timings).
 
     Variants: OTDistillationLoss (envelope and autodiff gradients; the frozen teacher's forward runs inside the step,
-    as in training); MSELoss on the source column with precomputed teacher labels (the label column of Reimers &
+    as in training without a cache); OTDistillationLoss (envelope) with the teacher's token states and sentence
+    embeddings from a TeacherCache, looked up by the collator; MSELoss on the source column with precomputed teacher labels (the label column of Reimers &
     Gurevych); MSELoss with the teacher forward inside the step; MSELoss on both columns (source and English target
     through the student, as sentence-transformers' multilingual distillation example does) with precomputed labels.
 
@@ -358,8 +369,13 @@ def training_steps(
     sources, targets = [s for s, _ in pairs], [t for _, t in pairs]
 
     ot_collator = OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess)
-    bitext_features = _split_columns(ot_collator([{"source": s, "target": t} for s, t in pairs]),
-                                     ["source", "target"], device)
+    rows = [{"source": s, "target": t} for s, t in pairs]
+    bitext_features = _split_columns(ot_collator(rows), ["source", "target"], device)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cache = build_teacher_cache(teacher, targets, cache_dir=cache_dir)
+        cached_collator = OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
+                                                     teacher_cache=cache)
+        cached_features = _split_columns(cached_collator(rows), ["source", "target"], device)
     labels = teacher.encode(targets, batch_size=len(targets), convert_to_tensor=True, device=str(device)).clone()
     mse_collator = SentenceTransformerDataCollator(student.preprocess)
     two_column = mse_collator([{"source": s, "target": t, "label": y} for s, t, y in zip(sources, targets, labels)])
@@ -383,6 +399,7 @@ def training_steps(
 
     losses: dict[str, Callable[[], Tensor]] = {
         OT_STEP: lambda: sum(ot_losses["envelope"](fresh(bitext_features)).values()),
+        OT_CACHED: lambda: sum(ot_losses["envelope"](fresh(cached_features)).values()),
         "ot_autodiff": lambda: sum(ot_losses["autodiff"](fresh(bitext_features)).values()),
         MSE_LABELS: lambda: mse(fresh(bitext_features[:1]), labels),
         MSE_ONLINE: mse_online,
@@ -437,7 +454,8 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, 
     }
     ratios = {
         f"{ot}/{mse}": rows[ot]["median_ms"] / rows[mse]["median_ms"]
-        for ot in (OT_STEP, "ot_autodiff") for mse in (MSE_LABELS, MSE_ONLINE, "mse_two_column_precomputed_labels")
+        for ot in (OT_STEP, OT_CACHED, "ot_autodiff")
+        for mse in (MSE_LABELS, MSE_ONLINE, "mse_two_column_precomputed_labels")
     }
     return {"setup": setup, "steps": rows, "time_ratios": ratios}
 
@@ -505,7 +523,7 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "source_sha256": {  # the repository has no commit to cite: identify the benchmarked code by content
             name: hashlib.sha256((REPO_ROOT / "optical_hf" / name).read_bytes()).hexdigest()[:12]
-            for name in ("ot.py", "losses.py")
+            for name in ("ot.py", "losses.py", "teacher_cache.py")
         },
         "command": " ".join(
             [f"{var}={shlex.quote(os.environ[var])}" for var in THREAD_ENV if var in os.environ]
@@ -607,14 +625,16 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"max_seq_length {setup['max_seq_length']}"),
             f"- OT loss config: {setup['ot_config']}",
             ("- features collated once outside the timings; the loss is called on them directly (as the trainer does); "
-            "labels for the precomputed MSE variants come from `teacher.encode` before timing"),
+            "labels for the precomputed MSE variants come from `teacher.encode` before timing; the cached OT variant's "
+            "teacher outputs come from `build_teacher_cache` (fp16) before timing and are looked up by the collator"),
             "",
             "| step | what runs inside the step | median ms | min ms | peak MB | finite |",
             "|---|---|---|---|---|---|",
         ]
         what = {
             OT_STEP: "student fwd/bwd (source) + teacher fwd (target, no_grad) + OT (envelope)",
-            "ot_autodiff": "same, OT gradient by autodiff through Sinkhorn",
+            OT_CACHED: "student fwd/bwd (source) + OT (envelope); teacher token states precomputed (TeacherCache)",
+            "ot_autodiff": "same as ot_envelope, OT gradient by autodiff through Sinkhorn",
             MSE_LABELS: "student fwd/bwd (source); teacher embeddings precomputed (label column)",
             MSE_ONLINE: "student fwd/bwd (source) + teacher fwd (target, no_grad)",
             "mse_two_column_precomputed_labels": "student fwd/bwd on source and English target; labels precomputed",
@@ -635,6 +655,9 @@ def check_targets(results: dict[str, Any]) -> list[str]:
         for base in (MSE_LABELS, MSE_ONLINE):
             ratio = ratios[f"{OT_STEP}/{base}"]
             out.append(f"OT step <= 1.15x MSE step ({base}): {ratio:.2f}x -> {'PASS' if ratio <= 1.15 else 'FAIL'}")
+        ratio = ratios[f"{OT_CACHED}/{MSE_LABELS}"]
+        out.append(f"OT step with cached teacher <= 1.05x MSE step with precomputed labels: {ratio:.2f}x -> "
+                   f"{'PASS' if ratio <= 1.05 else 'FAIL'}")
     for cfg in results.get("ot_core", []):
         tol, iters = cfg["equal_tol"], cfg["equal_iters"]
         ours = tol["ours_envelope"]["median_ms"]

@@ -8,6 +8,7 @@ from .data import BitextError, bitext_from_pairs, load_bitext
 from .export import add_lora, save_student
 from .losses import CITATION, OTDistillationDataCollator, OTDistillationLoss, OTLossConfig, distillation_losses
 from .ot import OTResult, sinkhorn
+from .teacher_cache import TeacherCache, build_teacher_cache
 from .trainer import BitextCollator, OTDistillationTrainer
 
 __version__ = "0.1.0"
@@ -21,8 +22,10 @@ __all__ = [
     "OTDistillationTrainer",
     "OTLossConfig",
     "OTResult",
+    "TeacherCache",
     "add_lora",
     "bitext_from_pairs",
+    "build_teacher_cache",
     "distillation_losses",
     "load_bitext",
     "save_student",

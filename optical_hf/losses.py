@@ -30,6 +30,7 @@ from sentence_transformers.sentence_transformer.data_collator import SentenceTra
 from torch import Tensor, nn
 
 from .ot import sinkhorn
+from .teacher_cache import TeacherCache
 
 __all__ = [
     "CITATION",
@@ -202,6 +203,9 @@ class OTDistillationLoss(nn.Module):
 
         The teacher may use another tokenizer than the student: then train with
         :class:`OTDistillationDataCollator`, which tokenizes the English column with the teacher's tokenizer.
+        When that collator has a ``teacher_cache`` (:func:`optical_hf.teacher_cache.build_teacher_cache`), the
+        English column arrives with the teacher's token states and sentence embedding already in it, and the
+        teacher is not run.
 
         Args:
             model: the student SentenceTransformer.
@@ -274,12 +278,15 @@ class OTDistillationLoss(nn.Module):
             )
         target = {k: v for k, v in target.items() if k != "task"}
         student_out = self.model(source)
-        with torch.no_grad():
-            teacher_out = self.teacher(target)
+        if "token_embeddings" in target:  # looked up in a TeacherCache by the collator
+            teacher_out = {k: target[k].float() for k in ("token_embeddings", "sentence_embedding") if k in target}
+        else:
+            with torch.no_grad():
+                teacher_out = self.teacher(target)
         return distillation_losses(
             student_out["token_embeddings"], self._mask(source, "student"),
             teacher_out["token_embeddings"], self._mask(target, "teacher"),
-            self.config, student_out["sentence_embedding"], teacher_out["sentence_embedding"],
+            self.config, student_out["sentence_embedding"], teacher_out.get("sentence_embedding"),
         )
 
     def get_config_dict(self) -> dict[str, Any]:
@@ -299,6 +306,11 @@ class OTDistillationDataCollator(SentenceTransformerDataCollator):
     stamped with the task :data:`TEACHER_TASK` so :class:`OTDistillationLoss` can check it. ``prompts`` work per
     column as in sentence-transformers.
 
+    With ``teacher_cache`` (a :class:`optical_hf.teacher_cache.TeacherCache` built with the English column's
+    prompt), the teacher column is looked up instead: ``input_ids``, ``attention_mask`` ``(batch, m)``,
+    ``token_embeddings`` ``(batch, m, dim)`` and ``sentence_embedding`` ``(batch, dim)`` (fp16), so the loss skips
+    the teacher forward. A batch with a text missing from the cache is tokenized for the online teacher instead.
+
     Example::
 
         collator = OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess, prompts=args.prompts)
@@ -306,6 +318,7 @@ class OTDistillationDataCollator(SentenceTransformerDataCollator):
 
     teacher_preprocess_fn: Callable | None = None
     teacher_column: int = 1
+    teacher_cache: TeacherCache | None = field(default=None, repr=False)
     _student_preprocess_fn: Callable | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -316,6 +329,10 @@ class OTDistillationDataCollator(SentenceTransformerDataCollator):
 
     def _dispatch(self, inputs: list[str], prompt: str | None = None, task: str | None = None, **kwargs: Any) -> dict:
         if task == TEACHER_TASK:
+            if self.teacher_cache is not None:
+                cached = self.teacher_cache.lookup(inputs, prompt, kwargs.get("max_length"))
+                if cached is not None:
+                    return cached
             return self.teacher_preprocess_fn(inputs, prompt=prompt, **kwargs)
         return self._student_preprocess_fn(inputs, prompt=prompt, task=task, **kwargs)
 

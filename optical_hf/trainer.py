@@ -8,11 +8,13 @@ sentence-transformers front end (:class:`optical_hf.losses.OTDistillationLoss`).
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 from peft import PeftConfig, get_peft_model
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
@@ -20,8 +22,11 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from .export import has_adapters, merged_copy, save_student, sentence_transformer_from
 from .losses import OTLossConfig, content_mask, distillation_losses
+from .teacher_cache import TeacherCache, distinct_texts, load_or_encode, teacher_fingerprint
 
 __all__ = ["BitextCollator", "OTDistillationTrainer", "mean_pool"]
+
+logger = logging.getLogger(__name__)
 
 
 def mean_pool(tokens: Tensor, attention_mask: Tensor) -> Tensor:
@@ -46,10 +51,12 @@ class BitextCollator:
         max_length: truncation length for both sides.
         source_prompt / target_prompt: optional prefixes (e.g. e5's ``"query: "``); excluded from the OT marginals.
         exclude_special_tokens: give special tokens zero OT mass.
+        teacher_cache: cached teacher outputs of the English texts (:class:`OTDistillationTrainer` builds it).
 
     Returns (``__call__``): ``{side}_input_ids``, ``{side}_attention_mask`` (and ``{side}_token_type_ids`` when the
     tokenizer makes them) ``(batch, n_side)``, plus ``{side}_content_mask`` ``(batch, n_side)`` bool, for
-    ``side`` in ``("source", "target")``.
+    ``side`` in ``("source", "target")``. With a ``teacher_cache`` holding every English text of the batch, the
+    target side comes from the cache instead, with ``target_token_embeddings`` ``(batch, m, dim)`` fp16.
     """
 
     def __init__(
@@ -62,6 +69,7 @@ class BitextCollator:
         source_prompt: str | None = None,
         target_prompt: str | None = None,
         exclude_special_tokens: bool = True,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         self.sides = {
             "source": (student_tokenizer, source_column, source_prompt or ""),
@@ -69,16 +77,30 @@ class BitextCollator:
         }
         self.max_length = max_length
         self.exclude_special_tokens = exclude_special_tokens
+        self.teacher_cache = teacher_cache
+
+    def tokenize(self, side: str, texts: list[str]) -> dict[str, Tensor]:
+        """``input_ids``, ``attention_mask`` (and ``token_type_ids``) ``(batch, n)`` of ``texts`` on ``side``."""
+        tokenizer, _, prompt = self.sides[side]
+        return dict(tokenizer(
+            [prompt + text for text in texts], padding=True, truncation=True, max_length=self.max_length,
+            return_tensors="pt",
+        ))
+
+    def _encode(self, side: str, texts: list[str]) -> dict[str, Tensor]:
+        """The English side from the teacher cache when it holds every text of the batch, else tokenized."""
+        if side == "target" and self.teacher_cache is not None:
+            cached = self.teacher_cache.lookup(texts, self.sides[side][2], self.max_length)
+            if cached is not None:
+                return cached
+        return self.tokenize(side, texts)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
         batch: dict[str, Tensor] = {}
         for side, (tokenizer, column, prompt) in self.sides.items():
             if column not in rows[0]:
                 raise KeyError(f"bitext rows have no column {column!r} (columns: {sorted(rows[0])})")
-            encoded = tokenizer(
-                [prompt + row[column] for row in rows], padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
-            )
+            encoded = self._encode(side, [row[column] for row in rows])
             special = tokenizer.all_special_ids if self.exclude_special_tokens else []
             encoded["content_mask"] = content_mask(
                 encoded["input_ids"], encoded["attention_mask"], special, _prompt_length(tokenizer, prompt)
@@ -110,6 +132,12 @@ class OTDistillationTrainer(Trainer):
         max_length, source_prompt, target_prompt, source_column, target_column: see :class:`BitextCollator`.
         pooling: pooling of the saved SentenceTransformer folder (and of the sentence-level term): ``"mean"`` or
             ``"cls"``.
+        cache_teacher: run the teacher once over the English side of ``train_dataset`` and ``eval_dataset`` before
+            training and read its token states from that cache at each step (fp16 on disk, see
+            :mod:`optical_hf.teacher_cache`); False runs the teacher at every step (for teachers too large to
+            cache). Needs ``datasets.Dataset`` train/eval sets and the default collator, else the teacher runs
+            online.
+        teacher_cache_dir: folder of the cache files (default ``~/.cache/optical_hf/teacher``).
 
     Example::
 
@@ -148,6 +176,8 @@ class OTDistillationTrainer(Trainer):
         target_column: str = "target",
         pooling: str = "mean",
         data_collator: Any = None,
+        cache_teacher: bool = True,
+        teacher_cache_dir: str | Path | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(model, str):
@@ -184,16 +214,49 @@ class OTDistillationTrainer(Trainer):
         teacher.eval()
         self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self._components: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if cache_teacher:
+            self._cache_teacher_outputs(teacher_cache_dir)
+
+    def _cache_teacher_outputs(self, cache_dir: str | Path | None) -> None:
+        """Encode the English side of the train and eval sets once (main process first) for the collator to look up."""
+        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        sets = [d for d in (self.train_dataset, *evals) if d is not None]
+        if not (isinstance(self.data_collator, BitextCollator) and sets and all(isinstance(d, Dataset) for d in sets)):
+            logger.info("Teacher outputs not cached (needs datasets.Dataset train/eval sets and the default "
+                        "BitextCollator): the teacher runs at every step")
+            return
+        collator = self.data_collator
+        tokenizer, column, prompt = collator.sides["target"]
+        texts = distinct_texts(text for dataset in sets for text in dataset[column])
+        fingerprint = teacher_fingerprint(
+            self.accelerator.unwrap_model(self.teacher), tokenizer, texts, front_end="trainer", prompt=prompt or None,
+            max_length=collator.max_length,
+        )
+        with self.args.main_process_first(desc="teacher cache"):
+            collator.teacher_cache = load_or_encode(
+                texts, self._encode_teacher, prompt or None, collator.max_length, fingerprint, cache_dir
+            )
+
+    def _encode_teacher(self, texts: list[str]) -> dict[str, Tensor]:
+        """The teacher on English ``texts`` tokenized as in training: ids, mask and ``token_embeddings``."""
+        features = self.data_collator.tokenize("target", texts)
+        device_features = {key: value.to(self.accelerator.device) for key, value in features.items()}
+        return {**features, "token_embeddings": self._teacher_forward(device_features)}
 
     def _pool(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
         return tokens[:, 0] if self.pooling == "cls" else mean_pool(tokens, attention_mask)
 
-    def _teacher_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
-        features = _model_inputs(inputs, "target")
+    def _teacher_forward(self, features: dict[str, Tensor]) -> Tensor:
         with torch.no_grad():
             if isinstance(self.accelerator.unwrap_model(self.teacher), SentenceTransformer):
                 return self.teacher(features)["token_embeddings"]
             return self.teacher(**features).last_hidden_state
+
+    def _teacher_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
+        """``(batch, m, dim)`` teacher token states: looked up by the collator when cached, else a teacher forward."""
+        if "target_token_embeddings" in inputs:
+            return inputs["target_token_embeddings"].float()
+        return self._teacher_forward(_model_inputs(inputs, "target"))
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None

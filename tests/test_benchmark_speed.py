@@ -46,7 +46,7 @@ def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
         "--student", str(model_dirs["student"]), "--teacher", str(model_dirs["teacher"]),
     ])
     saved = json.loads((tmp_path / "speed.json").read_text())
-    assert saved["targets"] == results["targets"] and len(saved["targets"]) == 3
+    assert saved["targets"] == results["targets"] and len(saved["targets"]) == 4
 
     (config,) = saved["ot_core"]
     assert set(config["equal_iters"]) == {
@@ -68,12 +68,14 @@ def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
     assert equal_tol["pot_solve_batch_envelope_l1"]["max_plan_diff_vs_ours"] < 1e-3
 
     steps = saved["training"]["steps"]
-    assert set(steps) == {"ot_envelope", "ot_autodiff", "mse_precomputed_labels", "mse_teacher_online",
-                          "mse_two_column_precomputed_labels"}
+    assert set(steps) == {"ot_envelope", "ot_cached_teacher", "ot_autodiff", "mse_precomputed_labels",
+                          "mse_teacher_online", "mse_two_column_precomputed_labels"}
+    assert "ot_cached_teacher/mse_precomputed_labels" in saved["training"]["time_ratios"]
+    assert any(target.startswith("OT step with cached teacher <= 1.05x") for target in saved["targets"])
     assert all(row["finite"] and row["median_ms"] > 0 and row["peak_mem_mb"] > 0 for row in steps.values())
     assert saved["training"]["setup"]["batch_size"] == 4
 
     report = (tmp_path / "speed.md").read_text()
     for heading in ("## OT core", "### Equal iterations", "### Equal tolerance", "## Training step", "## Targets"):
         assert heading in report
-    assert "| ot_envelope |" in report and saved["machine"]["command"] in report
+    assert "| ot_envelope |" in report and "| ot_cached_teacher |" in report and saved["machine"]["command"] in report
