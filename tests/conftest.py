@@ -91,6 +91,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def teacher_cache_in_tmp(monkeypatch, tmp_path):
+    """Teacher caches (``$XDG_CACHE_HOME/optical_hf/teacher`` by default) go to the test's temporary folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 @pytest.fixture(scope="session")
 def toy_pairs() -> list[tuple[str, str]]:
     return toy_bitext(96, seed=0)
