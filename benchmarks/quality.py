@@ -78,7 +78,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from optical_hf import OTDistillationDataCollator, OTDistillationLoss, bitext_from_pairs, load_bitext  # noqa: E402
+from optical_hf import (  # noqa: E402
+    OTDistillationDataCollator,
+    OTDistillationLoss,
+    bitext_from_pairs,
+    build_teacher_cache,
+    load_bitext,
+)
 from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
 from optical_hf.evaluation import compute_metrics, format_metrics_table, retrieve  # noqa: E402
 
@@ -305,8 +311,9 @@ def train_student(
         loss = OTDistillationLoss(student, teacher, **dict(config.loss))
         train = bitext
         prompts = {k: v for k, v in (("source", source_prompt), ("target", target_prompt)) if v} or None
+        cache = build_teacher_cache(teacher, bitext["target"], prompt=target_prompt)  # the teacher runs once
         collator = OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
-                                              prompts=prompts or {})
+                                              prompts=prompts or {}, teacher_cache=cache)
     with tempfile.TemporaryDirectory(prefix="optical-quality-") as output_dir:
         args = SentenceTransformerTrainingArguments(
             output_dir=output_dir,
