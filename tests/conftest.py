@@ -111,10 +111,14 @@ def model_dirs(tmp_path_factory, toy_pairs) -> dict[str, Path]:
 
 
 @pytest.fixture
-def hub(tmp_path):
+def hub(tmp_path, monkeypatch):
     """A loopback fake Hub (tests/hub_server.py); fails the test if the client called an unimplemented endpoint."""
+    import huggingface_hub.constants
     from hub_server import FakeHub
 
+    # Without telemetry, huggingface_hub does not fetch its agent-harness registry (/api/agent-harnesses) on the first
+    # request of a process that has no cached copy.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
     with FakeHub(tmp_path / "hub") as server:
         yield server
     assert server.unknown_requests == [], "the client called endpoints the fake Hub does not implement"
