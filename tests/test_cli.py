@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import transformers
 from conftest import sentence_transformer, toy_bitext
 from hub_server import online
 from sentence_transformers import SentenceTransformer
@@ -206,6 +208,9 @@ def test_evaluate_unknown_model_path(flag, model_dirs, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["distill", "--push_adapter_only"], "--push_adapter_only needs --lora"),
+    (["distill", "--bitext_target", "train.en"], "--bitext_target needs --bitext"),
+    (["distill", "--bitext", "train.sw", "--eval_bitext_target", "dev.en"], "--eval_bitext_target needs --eval_bitext"),
+    (["distill", "--ot_iters", "0"], "bad OT flag (--ot_reg, --ot_iters"),
     (["evaluate", "--model", "m", "--bitext", "f", "--oracle"], "--oracle needs --afriqa"),
     (["evaluate", "--model", "m", "--beir", "d", "--bitext_target", "f"], "--bitext_target needs --bitext"),
     (["push", "folder", "--repo_id", "no namespace"], "'no namespace' is not a Hub repo id"),
@@ -213,6 +218,31 @@ def test_evaluate_unknown_model_path(flag, model_dirs, data, tmp_path, capsys):
 def test_inconsistent_options_exit_2(argv, expected, capsys):
     assert cli(*argv) == EXIT_BAD_INPUT
     assert expected in error_line(capsys.readouterr().err)
+
+
+def test_distill_output_dir_that_is_a_file(model_dirs, data, tmp_path, capsys):
+    file = tmp_path / "taken"
+    file.write_text("not a folder\n", encoding="utf-8")
+    assert cli(*_distill_argv(model_dirs, data["tsv"], file)) == EXIT_BAD_INPUT
+    assert f"--output_dir {file}: exists and is not a folder" in error_line(capsys.readouterr().err)
+
+
+def test_an_error_from_inside_a_model_is_not_reported_as_bad_input(model_dirs, data, monkeypatch):
+    def broken_forward(self, *args, **kwargs):
+        raise ValueError("shape mismatch deep inside the model")
+
+    monkeypatch.setattr(transformers.BertModel, "forward", broken_forward)
+    with pytest.raises(ValueError, match="shape mismatch deep inside the model"):
+        cli("evaluate", "--model", model_dirs["student"], "--teacher", model_dirs["teacher"], "--bitext", data["tsv"])
+
+
+def test_example_script_prints_the_cli_error_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["distill.py", "--eval_bitext_target", "dev.en"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "distill.py"), run_name="__main__")
+    assert exit_.value.code == EXIT_BAD_INPUT
+    assert error_line(capsys.readouterr().err) == (
+        "optical-hf: error: --eval_bitext_target needs --eval_bitext (the low-resource side, line-aligned with it)")
 
 
 def test_debug_shows_the_exception(model_dirs, tmp_path, monkeypatch):
