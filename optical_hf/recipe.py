@@ -21,6 +21,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.base.evaluation import SequentialEvaluator
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser, set_seed
 
+from .callbacks import NonFiniteLossCallback
 from .corpora import load_beir
 from .data import load_bitext
 from .errors import OpticalInputError
@@ -219,6 +220,7 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
 
     Raises:
         OpticalInputError: a bad flag, file or model path (before any training).
+        NonFiniteLossError: the loss or gradients became NaN/infinite; nothing is saved or pushed.
     """
     set_seed(training_args.seed)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the final folder ourselves
@@ -255,7 +257,7 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
         trainer = SentenceTransformerTrainer(
             model=student, args=training_args, train_dataset=train, eval_dataset=evaluation,
             loss=OTDistillationLoss(student, teacher, **dataclasses.asdict(loss_config)),
-            evaluator=SequentialEvaluator(evaluators),
+            evaluator=SequentialEvaluator(evaluators), callbacks=[NonFiniteLossCallback()],
             data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
                                                      prompts=column_prompts),
         )

@@ -138,3 +138,29 @@ def sentence_transformer(folder: Path):
 
     transformer = Transformer(str(folder))
     return SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")], device="cpu")
+
+
+@pytest.fixture
+def nan_loss_from_step(monkeypatch):
+    """``nan_loss_from_step(k)``: the distillation loss of both front ends turns NaN at the k-th training step."""
+    import torch
+
+    import optical_hf.losses
+    import optical_hf.trainer
+
+    def install(step: int) -> None:
+        real = optical_hf.losses.distillation_losses
+        training_calls = []
+
+        def losses(*args, **kwargs):
+            components = real(*args, **kwargs)
+            if torch.is_grad_enabled():  # a training step (evaluation runs without gradients)
+                training_calls.append(None)
+                if len(training_calls) >= step:
+                    return {name: value * float("nan") for name, value in components.items()}
+            return components
+
+        monkeypatch.setattr(optical_hf.losses, "distillation_losses", losses)
+        monkeypatch.setattr(optical_hf.trainer, "distillation_losses", losses)
+
+    return install

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import torch
 import transformers
 from conftest import sentence_transformer, toy_bitext
 from hub_server import online
+from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
 import optical_hf
@@ -360,6 +362,24 @@ def test_distill_push_to_hub(model_dirs, data, tmp_path, monkeypatch, capsys, hu
     assert not any(path.startswith("checkpoint-") for path in uploaded)
     remote_info = json.loads((hub.repo_dir(REPO_ID) / "optical_hf.json").read_text(encoding="utf-8"))
     assert remote_info["model_id"] == REPO_ID
+
+
+@pytest.mark.parametrize("front_end", ["sentence-transformers", "trainer"])
+def test_distill_stops_at_a_nan_loss_without_saving_or_pushing(front_end, model_dirs, data, tmp_path, monkeypatch,
+                                                                capsys, hub, nan_loss_from_step):
+    nan_loss_from_step(3)
+    out = tmp_path / "student"
+    argv = _distill_argv(model_dirs, data["tsv"], out, "--front_end", front_end, "--save_strategy", "steps",
+                         "--save_steps", 1, "--save_total_limit", 5, "--push_to_hub", "--hub_model_id", REPO_ID)
+    with online(monkeypatch, hub):
+        assert cli(*argv) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert "optical-hf: error: training step 3: the gradient norm is nan" in error_line(captured.err)
+    assert "Student saved" not in captured.out and "Pushed" not in captured.out
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # no student, no card
+    weights = list(out.rglob("*.safetensors"))
+    assert weights and all(torch.isfinite(tensor).all() for path in weights for tensor in load_file(path).values())
+    assert hub.uploaded_files(REPO_ID) == set()
 
 
 def test_distill_push_to_hub_needs_a_repo_id(model_dirs, data, tmp_path, capsys):
