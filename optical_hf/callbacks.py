@@ -40,7 +40,7 @@ class NonFiniteLossCallback(TrainerCallback):
         if norm is not None and not math.isfinite(norm):
             raise NonFiniteLossError(
                 f"training step {state.global_step + 1}: the gradient norm is {norm} (the loss or the gradients are "
-                f"NaN or infinite); stopped before the optimizer step, so no weights were changed: {_ADVICE}"
+                f"NaN or infinite); stopped before this step's optimizer update, so the weights stay finite: {_ADVICE}"
             )
 
     def on_log(
