@@ -9,12 +9,14 @@ prints the held-out bitext-retrieval accuracy before and after, and writes ./opt
         --student intfloat/multilingual-e5-small --bitext train.sw --bitext_target train.en --language sw \
         --bf16 --max_steps 2000 --push_to_hub --hub_model_id my-org/optical-e5-sw
 
-Every flag: python examples/distill.py --help (OT options, LoRA, front end, and all Trainer arguments).
+This is ``optical-hf distill`` (the recipe in optical_hf/recipe.py: ``build_parser`` and ``run``), with its one-line
+error messages and exit statuses (OPTICAL_HF_DEBUG=1 shows tracebacks). Every flag: python examples/distill.py --help
+(OT options, LoRA, front end, and all Trainer arguments).
 """
 
-from optical_hf.recipe import build_parser, run, use_cpu_processes_if_no_gpu
+import sys
+
+from optical_hf.cli import main
 
 if __name__ == "__main__":
-    use_cpu_processes_if_no_gpu()
-    distill_args, training_args = build_parser().parse_args_into_dataclasses()
-    run(distill_args, training_args)
+    sys.exit(main(["distill", *sys.argv[1:]]))

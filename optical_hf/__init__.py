@@ -4,7 +4,9 @@ Huang, Yu & Allan, "Improving Cross-lingual Information Retrieval on Low-Resourc
 Distillation", WSDM 2023 (arXiv 2301.12566).
 """
 
+from .callbacks import NonFiniteLossCallback
 from .data import BitextError, bitext_from_pairs, load_bitext
+from .errors import NonFiniteLossError, OpticalInputError
 from .export import add_lora, save_student
 from .losses import CITATION, OTDistillationDataCollator, OTDistillationLoss, OTLossConfig, distillation_losses
 from .ot import OTResult, sinkhorn
@@ -17,11 +19,14 @@ __all__ = [
     "CITATION",
     "BitextCollator",
     "BitextError",
+    "NonFiniteLossCallback",
+    "NonFiniteLossError",
     "OTDistillationDataCollator",
     "OTDistillationLoss",
     "OTDistillationTrainer",
     "OTLossConfig",
     "OTResult",
+    "OpticalInputError",
     "TeacherCache",
     "add_lora",
     "bitext_from_pairs",

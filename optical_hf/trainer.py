@@ -20,6 +20,7 @@ from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from .callbacks import NonFiniteLossCallback
 from .export import has_adapters, merged_copy, save_student, sentence_transformer_from
 from .losses import OTLossConfig, content_mask, distillation_losses
 from .teacher_cache import TeacherCache, distinct_texts, load_or_encode, teacher_fingerprint
@@ -139,6 +140,9 @@ class OTDistillationTrainer(Trainer):
             online.
         teacher_cache_dir: folder of the cache files (default ``~/.cache/optical_hf/teacher``).
 
+    Training stops with :class:`optical_hf.NonFiniteLossError` at the first step whose loss or gradients are NaN or
+    infinite (:class:`optical_hf.callbacks.NonFiniteLossCallback`, installed by default), before the optimizer step.
+
     Example::
 
         from transformers import AutoModel, TrainingArguments
@@ -210,6 +214,7 @@ class OTDistillationTrainer(Trainer):
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, data_collator=data_collator, **kwargs,
         )
+        self.add_callback(NonFiniteLossCallback)
         teacher.requires_grad_(False)
         teacher.eval()
         self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)

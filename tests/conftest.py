@@ -117,10 +117,14 @@ def model_dirs(tmp_path_factory, toy_pairs) -> dict[str, Path]:
 
 
 @pytest.fixture
-def hub(tmp_path):
+def hub(tmp_path, monkeypatch):
     """A loopback fake Hub (tests/hub_server.py); fails the test if the client called an unimplemented endpoint."""
+    import huggingface_hub.constants
     from hub_server import FakeHub
 
+    # Without telemetry, huggingface_hub does not fetch its agent-harness registry (/api/agent-harnesses) on the first
+    # request of a process that has no cached copy.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
     with FakeHub(tmp_path / "hub") as server:
         yield server
     assert server.unknown_requests == [], "the client called endpoints the fake Hub does not implement"
@@ -140,3 +144,29 @@ def sentence_transformer(folder: Path):
 
     transformer = Transformer(str(folder))
     return SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")], device="cpu")
+
+
+@pytest.fixture
+def nan_loss_from_step(monkeypatch):
+    """``nan_loss_from_step(k)``: the distillation loss of both front ends turns NaN at the k-th training step."""
+    import torch
+
+    import optical_hf.losses
+    import optical_hf.trainer
+
+    def install(step: int) -> None:
+        real = optical_hf.losses.distillation_losses
+        training_calls = []
+
+        def losses(*args, **kwargs):
+            components = real(*args, **kwargs)
+            if torch.is_grad_enabled():  # a training step (evaluation runs without gradients)
+                training_calls.append(None)
+                if len(training_calls) >= step:
+                    return {name: value * float("nan") for name, value in components.items()}
+            return components
+
+        monkeypatch.setattr(optical_hf.losses, "distillation_losses", losses)
+        monkeypatch.setattr(optical_hf.trainer, "distillation_losses", losses)
+
+    return install

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -17,8 +18,11 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import torch
+import transformers
 from conftest import sentence_transformer, toy_bitext
 from hub_server import online
+from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
 import optical_hf
@@ -206,6 +210,9 @@ def test_evaluate_unknown_model_path(flag, model_dirs, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["distill", "--push_adapter_only"], "--push_adapter_only needs --lora"),
+    (["distill", "--bitext_target", "train.en"], "--bitext_target needs --bitext"),
+    (["distill", "--bitext", "train.sw", "--eval_bitext_target", "dev.en"], "--eval_bitext_target needs --eval_bitext"),
+    (["distill", "--ot_iters", "0"], "bad OT flag (--ot_reg, --ot_iters"),
     (["evaluate", "--model", "m", "--bitext", "f", "--oracle"], "--oracle needs --afriqa"),
     (["evaluate", "--model", "m", "--beir", "d", "--bitext_target", "f"], "--bitext_target needs --bitext"),
     (["push", "folder", "--repo_id", "no namespace"], "'no namespace' is not a Hub repo id"),
@@ -213,6 +220,24 @@ def test_evaluate_unknown_model_path(flag, model_dirs, data, tmp_path, capsys):
 def test_inconsistent_options_exit_2(argv, expected, capsys):
     assert cli(*argv) == EXIT_BAD_INPUT
     assert expected in error_line(capsys.readouterr().err)
+
+
+def test_an_error_from_inside_a_model_is_not_reported_as_bad_input(model_dirs, data, monkeypatch):
+    def broken_forward(self, *args, **kwargs):
+        raise ValueError("shape mismatch deep inside the model")
+
+    monkeypatch.setattr(transformers.BertModel, "forward", broken_forward)
+    with pytest.raises(ValueError, match="shape mismatch deep inside the model"):
+        cli("evaluate", "--model", model_dirs["student"], "--teacher", model_dirs["teacher"], "--bitext", data["tsv"])
+
+
+def test_example_script_prints_the_cli_error_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["distill.py", "--eval_bitext_target", "dev.en"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "distill.py"), run_name="__main__")
+    assert exit_.value.code == EXIT_BAD_INPUT
+    assert error_line(capsys.readouterr().err) == (
+        "optical-hf: error: --eval_bitext_target needs --eval_bitext (the low-resource side, line-aligned with it)")
 
 
 def test_debug_shows_the_exception(model_dirs, tmp_path, monkeypatch):
@@ -361,6 +386,24 @@ def test_distill_never_writes_the_hub_token(model_dirs, data, tmp_path):
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert any(path.name == "training_args.bin" for path in written)  # the Trainer pickled its arguments
     assert [path for path in written if token.encode() in path.read_bytes()] == []
+
+
+@pytest.mark.parametrize("front_end", ["sentence-transformers", "trainer"])
+def test_distill_stops_at_a_nan_loss_without_saving_or_pushing(front_end, model_dirs, data, tmp_path, monkeypatch,
+                                                                capsys, hub, nan_loss_from_step):
+    nan_loss_from_step(3)
+    out = tmp_path / "student"
+    argv = _distill_argv(model_dirs, data["tsv"], out, "--front_end", front_end, "--save_strategy", "steps",
+                         "--save_steps", 1, "--save_total_limit", 5, "--push_to_hub", "--hub_model_id", REPO_ID)
+    with online(monkeypatch, hub):
+        assert cli(*argv) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert "optical-hf: error: training step 3: the gradient norm is nan" in error_line(captured.err)
+    assert "Student saved" not in captured.out and "Pushed" not in captured.out
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # no student, no card
+    weights = list(out.rglob("*.safetensors"))
+    assert weights and all(torch.isfinite(tensor).all() for path in weights for tensor in load_file(path).values())
+    assert hub.uploaded_files(REPO_ID) == set()
 
 
 def test_distill_push_to_hub_needs_a_repo_id(model_dirs, data, tmp_path, capsys):

@@ -12,6 +12,7 @@ import datasets
 import pytest
 
 from optical_hf.data import BitextError, bitext_from_pairs, load_bitext
+from optical_hf.errors import OpticalInputError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PAIRS = [("Habari ya asubuhi", "Good morning"), ("Asante sana", "Thank you very much"), ("Karibu", "Welcome")]
@@ -64,6 +65,25 @@ def test_tsv_with_header_extra_columns_and_quotes(tmp_path):
 def test_csv_default_columns_with_quoted_comma(tmp_path):
     path = write(tmp_path / "pairs.csv", 'target,source\n"Good morning, friend",Habari ya asubuhi rafiki\n')
     assert rows(load_bitext(path)) == [("Habari ya asubuhi rafiki", "Good morning, friend")]
+
+
+@pytest.mark.parametrize("ending", ["\r", "\r\n", "\n"], ids=["cr", "crlf", "lf"])
+def test_every_line_ending_splits_lines(tmp_path, ending):
+    sources, targets = zip(*PAIRS)
+    source = write(tmp_path / "mac.swa", ending.join(sources) + ending)
+    target = write(tmp_path / "mac.en", ending.join(targets) + ending)
+    assert rows(load_bitext(source, target)) == PAIRS
+    table = write(tmp_path / "mac.tsv", ending.join(["source\ttarget", *(f"{s}\t{t}" for s, t in PAIRS)]) + ending)
+    assert rows(load_bitext(table)) == PAIRS
+    lines = write(tmp_path / "mac.jsonl", ending.join(json.dumps({"source": s, "target": t}) for s, t in PAIRS))
+    assert rows(load_bitext(lines)) == PAIRS
+
+
+def test_classic_mac_line_numbers_in_errors(tmp_path):
+    source = write(tmp_path / "mac.swa", "Habari\r \rKaribu\r")
+    target = write(tmp_path / "mac.en", "Hello\rThanks\rWelcome\r")
+    with pytest.raises(BitextError, match=r"mac\.swa, line 2: 'source' is empty"):
+        load_bitext(source, target)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
@@ -180,6 +200,29 @@ def test_wrong_field_count_in_tsv(tmp_path):
         load_bitext(path)
 
 
+@pytest.mark.parametrize("rows_text, end", [
+    ('"Habari\tHello\nAsante\tThanks"\nKaribu\tWelcome\nKwaheri\tGoodbye\n', 3),  # the quote closes on line 3
+    ('"Habari\tHello\nAsante\tThanks\nKaribu\tWelcome\nKwaheri\tGoodbye\n', 5),  # it never closes
+], ids=["closed-later", "never-closed"])
+def test_unbalanced_leading_quote_names_the_line(tmp_path, rows_text, end):
+    path = write(tmp_path / "quote.tsv", "source\ttarget\n" + rows_text)
+    with pytest.raises(BitextError, match=rf"quote\.tsv, line 2: a quoted field runs on to line {end}"):
+        load_bitext(path)
+
+
+def test_quoted_field_with_a_line_break_in_csv(tmp_path):
+    path = write(tmp_path / "multi.csv", 'source,target\nHabari,Hello\n"Asante\r\nsana",Thanks\n')
+    with pytest.raises(BitextError, match=r"multi\.csv, line 3: a quoted field runs on to line 4"):
+        load_bitext(path)
+
+
+@pytest.mark.parametrize("header, column", [("source,source,target", "source"), ("target,source,target", "target")])
+def test_duplicate_header_column_names_it(tmp_path, header, column):
+    path = write(tmp_path / "dup.csv", f"{header}\nHabari,Hello,Hi\n")
+    with pytest.raises(BitextError, match=rf"dup\.csv, line 1 \(header row\): column '{column}' appears 2 times"):
+        load_bitext(path)
+
+
 def test_bad_json_line(tmp_path):
     path = write(tmp_path / "broken.jsonl", '{"source": "a", "target": "b"}\n\n{"source": "c", "target": \n')
     with pytest.raises(BitextError, match=r"broken\.jsonl, line 3: not valid JSON"):
@@ -227,9 +270,9 @@ def test_unsupported_single_file_and_empty_file(tmp_path):
 
 def test_invalid_filter_options(tmp_path):
     source, target = write_text_pair(tmp_path, ["a"], ["b"])
-    with pytest.raises(ValueError, match="max_length_ratio"):
+    with pytest.raises(OpticalInputError, match="max_length_ratio"):
         load_bitext(source, target, max_length_ratio=0.5)
-    with pytest.raises(ValueError, match="max_pairs"):
+    with pytest.raises(OpticalInputError, match="max_pairs"):
         load_bitext(source, target, max_pairs=0)
 
 
