@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from .export import has_adapters, merged_copy, save_student, sentence_transformer_from
-from .losses import OTLossConfig, content_mask, distillation_losses
+from .losses import OTLossConfig, content_mask, distillation_losses, pooling_weights, special_token_ids
 
 __all__ = ["BitextCollator", "OTDistillationTrainer", "mean_pool"]
 
@@ -45,7 +45,7 @@ class BitextCollator:
         teacher_tokenizer: tokenizer of the teacher (English side, column ``target_column``).
         max_length: truncation length for both sides.
         source_prompt / target_prompt: optional prefixes (e.g. e5's ``"query: "``); excluded from the OT marginals.
-        exclude_special_tokens: give special tokens zero OT mass.
+        exclude_special_tokens: give special tokens (not ``[UNK]``) zero OT mass.
 
     Returns (``__call__``): ``{side}_input_ids``, ``{side}_attention_mask`` (and ``{side}_token_type_ids`` when the
     tokenizer makes them) ``(batch, n_side)``, plus ``{side}_content_mask`` ``(batch, n_side)`` bool, for
@@ -79,7 +79,7 @@ class BitextCollator:
                 [prompt + row[column] for row in rows], padding=True, truncation=True,
                 max_length=self.max_length, return_tensors="pt",
             )
-            special = tokenizer.all_special_ids if self.exclude_special_tokens else []
+            special = special_token_ids(tokenizer) if self.exclude_special_tokens else []
             encoded["content_mask"] = content_mask(
                 encoded["input_ids"], encoded["attention_mask"], special, _prompt_length(tokenizer, prompt)
             )
@@ -108,8 +108,8 @@ class OTDistillationTrainer(Trainer):
         loss_config: :class:`OTLossConfig` (epsilon, iterations, sentence-level term, ...).
         peft_config: optional peft config (e.g. ``LoraConfig``) to train adapters only.
         max_length, source_prompt, target_prompt, source_column, target_column: see :class:`BitextCollator`.
-        pooling: pooling of the saved SentenceTransformer folder (and of the sentence-level term): ``"mean"`` or
-            ``"cls"``.
+        pooling: pooling of the saved SentenceTransformer folder, of the sentence-level terms and, with
+            ``loss_config.marginals="pooling"``, of the OT weights of both sides: ``"mean"`` or ``"cls"``.
 
     Example::
 
@@ -121,7 +121,7 @@ class OTDistillationTrainer(Trainer):
             teacher="sentence-transformers/all-mpnet-base-v2",
             args=TrainingArguments("optical-xlmr-sw", max_steps=1000),
             train_dataset=load_bitext("train.sw", "train.en"),
-            loss_config=OTLossConfig(reg=0.05),
+            loss_config=OTLossConfig(reg=0.1),
         )
         trainer.train()
         trainer.save_model()  # loads with AutoModel.from_pretrained and SentenceTransformer
@@ -188,6 +188,12 @@ class OTDistillationTrainer(Trainer):
     def _pool(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
         return tokens[:, 0] if self.pooling == "cls" else mean_pool(tokens, attention_mask)
 
+    def _marginal(self, inputs: dict[str, Tensor], side: str) -> Tensor:
+        """``(batch, n)`` OT weights of one side: the pooling weights or the collator's content mask."""
+        if self.loss_config.marginals == "pooling":
+            return pooling_weights(inputs[f"{side}_attention_mask"], self.pooling)
+        return inputs[f"{side}_content_mask"]
+
     def _teacher_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
         features = _model_inputs(inputs, "target")
         with torch.no_grad():
@@ -201,7 +207,7 @@ class OTDistillationTrainer(Trainer):
         student_tokens = model(**_model_inputs(inputs, "source")).last_hidden_state
         teacher_tokens = self._teacher_tokens(inputs)
         losses = distillation_losses(
-            student_tokens, inputs["source_content_mask"], teacher_tokens, inputs["target_content_mask"],
+            student_tokens, self._marginal(inputs, "source"), teacher_tokens, self._marginal(inputs, "target"),
             self.loss_config,
             self._pool(student_tokens, inputs["source_attention_mask"]),
             self._pool(teacher_tokens, inputs["target_attention_mask"]),
@@ -222,7 +228,7 @@ class OTDistillationTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean of each loss component since the last log (``ot``, ``sentence``; rank-local)."""
+        """Add the mean of each loss component since the last log (``ot``, ``sentence``, ``contrastive``; rank-local)."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         for name, values in self._components[mode].items():
