@@ -225,10 +225,14 @@ def _problem(
 
 
 def _absolute_reg(problem: _Problem, reg: float, relative_reg: bool) -> torch.Tensor:
-    """``(batch,)`` absolute ``eps_b``: ``reg`` itself, or ``reg * <a (x) b, C>`` (floored at the dtype's tiny)."""
+    """``(batch,)`` absolute ``eps_b``: ``reg`` itself, or ``reg * <a (x) b, C>`` floored at the dtype's machine epsilon.
+
+    A pair with no real token on a side gets ``eps = 1`` (its problems are solved for shape only, then zeroed).
+    """
     if not relative_reg:
         return torch.full(problem.a.shape[:1], float(reg), dtype=problem.a.dtype, device=problem.a.device)
-    return (reg * problem.independent_cost()).clamp_min(torch.finfo(problem.a.dtype).tiny)
+    eps = (reg * problem.independent_cost()).clamp_min(torch.finfo(problem.a.dtype).eps)
+    return torch.where(problem.solvable, eps, 1.0)
 
 
 def _log_kernels(problem: _Problem, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,8 +248,16 @@ def _log_kernels(problem: _Problem, eps: torch.Tensor) -> tuple[torch.Tensor, to
     return rows, cols
 
 
-def _solve(problem: _Problem, eps: torch.Tensor, n_iters: int, tol: float | None, check_every: int, grad: str) -> OTResult:
-    """Log-domain Sinkhorn, ``u = log a - LSE_j(K + v)``, ``v = log b - LSE_i(K + u)``; no host sync except ``tol``."""
+def _solve(
+    problem: _Problem, eps: torch.Tensor, n_iters: int, tol: float | None, check_every: int, grad: str,
+    symmetric: bool = False,
+) -> OTResult:
+    """Log-domain Sinkhorn, ``u = log a - LSE_j(K + v)``, ``v = log b - LSE_i(K + u)``; no host sync except ``tol``.
+
+    ``symmetric=True`` (a problem ``OT(a, a)`` with a symmetric cost) uses the averaged update of Feydy et al. (2019),
+    ``u <- (u + log a - LSE_j(K + u)) / 2``, ``v = u``: the plain alternating updates oscillate on these problems and
+    converge far more slowly.
+    """
     tiny = torch.finfo(problem.a.dtype).tiny
     log_a, log_b = problem.a.clamp_min(tiny).log(), problem.b.clamp_min(tiny).log()
     with torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled()):
@@ -253,8 +265,11 @@ def _solve(problem: _Problem, eps: torch.Tensor, n_iters: int, tol: float | None
         v = torch.zeros_like(problem.b)
         iterations = n_iters
         for it in range(n_iters):
-            u = log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2)
-            v = log_b - torch.logsumexp(cols + u.unsqueeze(1), dim=2)
+            if symmetric:
+                v = u = 0.5 * (v + log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2))
+            else:
+                u = log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2)
+                v = log_b - torch.logsumexp(cols + u.unsqueeze(1), dim=2)
             if tol is not None and (it + 1) % check_every == 0:
                 with torch.no_grad():
                     row_sums = torch.exp(rows + u.unsqueeze(2) + v.unsqueeze(1)).sum(dim=2)
@@ -415,8 +430,10 @@ def sinkhorn_divergence(
             _problem(pairwise_cost(x, x, cost), x_mask, x_mask, x_weights, x_weights),
             _problem(pairwise_cost(y, y, cost), y_mask, y_mask, y_weights, y_weights),
         ]
-        xy, xx, yy = (_solve(p, eps, n_iters, tol, check_every, grad) for p in problems)
-        divergence = (xy.value - 0.5 * (xx.value + yy.value)) * cross.solvable
+        xy, xx, yy = (
+            _solve(p, eps, n_iters, tol, check_every, grad, symmetric=p is not cross) for p in problems
+        )
+        divergence = torch.where(cross.solvable, xy.value - 0.5 * (xx.value + yy.value), 0.0)
     nonfinite = torch.stack([p.nonfinite for p in problems]).any(dim=0)
     marginal_error = torch.stack([r.marginal_error for r in (xy, xx, yy)]).amax(dim=0)
     n_run = max(r.n_iters for r in (xy, xx, yy))
