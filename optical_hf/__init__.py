@@ -8,8 +8,15 @@ from .callbacks import NonFiniteLossCallback
 from .data import BitextError, bitext_from_pairs, load_bitext
 from .errors import NonFiniteLossError, OpticalInputError
 from .export import add_lora, save_student
-from .losses import CITATION, OTDistillationDataCollator, OTDistillationLoss, OTLossConfig, distillation_losses
-from .ot import OTResult, sinkhorn
+from .losses import (
+    CITATION,
+    OTDistillationDataCollator,
+    OTDistillationLoss,
+    OTLossConfig,
+    distillation_losses,
+    pooling_weights,
+)
+from .ot import DivergenceResult, OTResult, pairwise_cost, sinkhorn, sinkhorn_divergence
 from .teacher_cache import TeacherCache, build_teacher_cache
 from .trainer import BitextCollator, OTDistillationTrainer
 
@@ -19,6 +26,7 @@ __all__ = [
     "CITATION",
     "BitextCollator",
     "BitextError",
+    "DivergenceResult",
     "NonFiniteLossCallback",
     "NonFiniteLossError",
     "OTDistillationDataCollator",
@@ -33,6 +41,9 @@ __all__ = [
     "build_teacher_cache",
     "distillation_losses",
     "load_bitext",
+    "pairwise_cost",
+    "pooling_weights",
     "save_student",
     "sinkhorn",
+    "sinkhorn_divergence",
 ]

@@ -5,31 +5,42 @@ translation ``y``), the student embeds the tokens of ``x``, the frozen teacher e
 is ``C_ij = 1 - cos(s_i, t_j)``, the entropic OT plan ``P`` (Sinkhorn) is a soft token alignment, and the loss is
 ``<P, C>``. Alignment knowledge stays in the teacher, so training needs bitext only.
 
-Choices the paper leaves open, made here (and measured in ``benchmarks/quality.py``):
+Choices the paper leaves open, made here (options of :class:`OTLossConfig`, measured in ``benchmarks/quality.py``):
 
-* **Marginals**: uniform over *content* tokens. Padding, the tokenizer's special tokens (``[CLS]``, ``[SEP]``,
-  ``<s>``, ``</s>``) and prompt tokens (e.g. e5's ``query: ``) get zero mass: they carry no translation content and
-  would otherwise act as cheap "sinks" that absorb mass in both sentences (``[CLS]``/``<s>`` are near-identical
-  across sentences) and dilute the alignment signal. A row left with no content token (an empty sentence) falls back
-  to its attention mask.
+* **Cost** (``cost``): ``1 - cosine`` (the paper's) or the squared Euclidean distance on the raw token states.
+* **Marginals** (``marginals``): ``"content"`` (default) is uniform over *content* tokens. Padding, the tokenizer's
+  special tokens (``[CLS]``, ``[SEP]``, ``<s>``, ``</s>``; not ``[UNK]``, which stands for real words of scripts the
+  vocabulary lacks) and prompt tokens (e.g. e5's ``query: ``) get zero mass: they carry no translation content and
+  would otherwise act as cheap "sinks" that absorb mass in both sentences. A row left with no content token falls
+  back to its attention mask. ``"pooling"`` gives each side exactly the weights its pooling layer averages with
+  (:func:`pooling_weights`), so that the OT loss and the pooled sentence embeddings see the same tokens.
+* **Debiasing** (``debias``): the Sinkhorn divergence of Feydy et al. (AISTATS 2019) instead of ``<P, C>``. With
+  ``cost="sqeuclidean"`` and ``marginals="pooling"`` it tends to ``||pooled student - pooled teacher||^2`` (the
+  sentence-level MSE of Reimers & Gurevych 2020, times ``dim``) as ``reg -> inf`` and to exact token-level OT as
+  ``reg -> 0``: ``reg`` is then a dial between sentence-level and token-level distillation.
+* **Scale of epsilon** (``reg``): relative, ``eps = reg * <a (x) b, C>`` per pair (the detached marginal-weighted mean
+  cost), so one value means the same for both costs and any embedding scale.
 * **Gradient**: envelope theorem by default (plan detached), see :func:`optical_hf.ot.sinkhorn`.
-* **Sentence-level term**: optional ``sentence_weight * d(pooled student, pooled teacher)`` with ``d`` the MSE of
-  Reimers & Gurevych (2020) or ``1 - cosine``, so token-level and sentence-level distillation can be combined.
+* **Sentence-level terms**: optional ``sentence_weight * d(pooled student, pooled teacher)`` with ``d`` the MSE of
+  Reimers & Gurevych (2020) or ``1 - cosine``, and an in-batch contrastive (InfoNCE) term ``contrastive_weight``
+  between the pooled student embeddings and the fixed pooled teacher embeddings of the batch's English sides.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+from sentence_transformers.sentence_transformer.modules import Pooling
 from torch import Tensor, nn
 
-from .ot import sinkhorn
+from .ot import pairwise_cost, sinkhorn, sinkhorn_divergence, uniform_weights
 from .teacher_cache import TeacherCache
 
 __all__ = [
@@ -39,6 +50,8 @@ __all__ = [
     "OTLossConfig",
     "content_mask",
     "distillation_losses",
+    "pooling_weights",
+    "special_token_ids",
 ]
 
 CITATION = """@inproceedings{huang2023optical,
@@ -55,44 +68,78 @@ TEACHER_TASK = "optical_teacher"
 
 @dataclass
 class OTLossConfig:
-    """Hyper-parameters of the OPTICAL objective, shared by both front ends.
+    """Hyper-parameters of the OPTICAL objective, shared by both front ends (and readable by ``HfArgumentParser``).
 
-    Args:
-        reg: entropic regularisation ``epsilon`` of Sinkhorn, in cosine-distance units.
-        n_iters: Sinkhorn iterations.
-        tol: optional marginal tolerance for early stopping (one host sync per 10 iterations).
-        grad: ``"envelope"`` (plan detached) or ``"autodiff"`` (differentiate through Sinkhorn).
-        backend: ``"torch"`` or ``"pot"`` (POT's ``ot.solve_batch``).
-        exclude_special_tokens: give zero marginal mass to special tokens (``[CLS]``, ``</s>``, ...).
-        exclude_prompt: give zero marginal mass to prompt tokens (e.g. ``query: ``).
-        ot_weight: weight of the token-level OT term.
-        sentence_weight: weight of the sentence-level term (0 disables it).
-        sentence_loss: ``"mse"`` or ``"cosine"`` distance between pooled embeddings.
+    See the module docstring for what each choice means; ``__post_init__`` rejects out-of-range values with a
+    ``ValueError`` naming the option.
     """
 
-    reg: float = 0.05
-    n_iters: int = 50
-    tol: float | None = None
-    grad: Literal["envelope", "autodiff"] = "envelope"
-    backend: Literal["torch", "pot"] = "torch"
-    exclude_special_tokens: bool = True
-    exclude_prompt: bool = True
-    ot_weight: float = 1.0
-    sentence_weight: float = 0.0
-    sentence_loss: Literal["mse", "cosine"] = "mse"
+    reg: float = field(default=0.1, metadata={
+        "help": "Entropic regularisation epsilon, relative to the cost scale: eps = reg * (marginal-weighted mean cost) "
+                "per pair. Smaller: sharper token alignment, more Sinkhorn iterations needed."})
+    n_iters: int = field(default=100, metadata={"help": "Sinkhorn iterations (the maximum when --tol is set)."})
+    tol: float | None = field(default=None, metadata={
+        "help": "Stop Sinkhorn early once the L1 marginal error is below tol (one host sync per 10 iterations)."})
+    grad: Literal["envelope", "autodiff"] = field(default="envelope", metadata={
+        "help": "Gradient through OT: 'envelope' (plan detached, no memory for the iterations) or 'autodiff'."})
+    cost: Literal["cosine", "sqeuclidean"] = field(default="cosine", metadata={
+        "help": "Token cost: 'cosine' (1 - cos, the paper's) or 'sqeuclidean' (squared distance of raw token states)."})
+    marginals: Literal["content", "pooling"] = field(default="content", metadata={
+        "help": "OT token weights: 'content' (uniform over content tokens) or 'pooling' (the weights each side's "
+                "pooling averages with)."})
+    debias: bool = field(default=False, metadata={
+        "help": "Use the Sinkhorn divergence (Feydy et al. 2019) instead of <P, C>; with sqeuclidean cost and pooling "
+                "marginals it tends to the pooled-embedding MSE as reg grows."})
+    exclude_special_tokens: bool = field(default=True, metadata={
+        "help": "'content' marginals: give special tokens ([CLS], </s>, ...; not [UNK]) zero mass."})
+    exclude_prompt: bool = field(default=True, metadata={
+        "help": "'content' marginals: give prompt tokens (e.g. 'query: ') zero mass."})
+    ot_weight: float = field(default=1.0, metadata={"help": "Weight of the token-level OT term."})
+    sentence_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the sentence-level term between pooled embeddings (0 disables it)."})
+    sentence_loss: Literal["mse", "cosine"] = field(default="mse", metadata={
+        "help": "Sentence-level distance: 'mse' or 'cosine' (1 - cos)."})
+    contrastive_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the in-batch contrastive (InfoNCE) term: pooled student vs the batch's pooled teacher "
+                "embeddings (0 disables it)."})
+    contrastive_temperature: float = field(default=0.05, metadata={
+        "help": "Temperature dividing the cosine similarities of the contrastive term."})
 
     def __post_init__(self) -> None:
-        if self.reg <= 0:
-            raise ValueError(f"OT `reg` (epsilon) must be > 0, got {self.reg}")
-        if self.n_iters < 1:
-            raise ValueError(f"OT `n_iters` must be >= 1, got {self.n_iters}")
-        if self.sentence_loss not in ("mse", "cosine"):
-            raise ValueError(f"`sentence_loss` must be 'mse' or 'cosine', got {self.sentence_loss!r}")
-        if self.ot_weight < 0 or self.sentence_weight < 0 or self.ot_weight + self.sentence_weight == 0:
-            raise ValueError(
-                f"loss weights must be >= 0 and not both 0, got ot_weight={self.ot_weight}, "
-                f"sentence_weight={self.sentence_weight}"
-            )
+        for name, hint in get_type_hints(OTLossConfig).items():
+            value = getattr(self, name)
+            if getattr(hint, "__origin__", None) is Literal and value not in get_args(hint):
+                raise ValueError(f"OTLossConfig.{name} must be one of {get_args(hint)}, got {value!r}")
+            if hint is bool and not isinstance(value, bool):
+                raise ValueError(f"OTLossConfig.{name} must be a bool, got {value!r}")
+        _check_number("reg", self.reg, positive=True)
+        _check_number("contrastive_temperature", self.contrastive_temperature, positive=True)
+        if self.tol is not None:
+            _check_number("tol", self.tol, positive=True)
+        if isinstance(self.n_iters, bool) or not isinstance(self.n_iters, int) or self.n_iters < 1:
+            raise ValueError(f"OTLossConfig.n_iters must be an integer >= 1, got {self.n_iters!r}")
+        weights = {"ot_weight": self.ot_weight, "sentence_weight": self.sentence_weight,
+                   "contrastive_weight": self.contrastive_weight}
+        for name, value in weights.items():
+            _check_number(name, value, positive=False)
+        if not any(weights.values()):
+            raise ValueError(f"OTLossConfig: at least one loss weight must be > 0, got {weights}")
+
+
+def _check_number(name: str, value: Any, positive: bool) -> None:
+    """Raise unless ``value`` is a finite real number, ``> 0`` (``positive``) or ``>= 0``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise ValueError(f"OTLossConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's special token ids that carry no content: ``all_special_ids`` without the unknown token.
+
+    ``[UNK]`` / ``<unk>`` stands for a real word the vocabulary cannot spell (frequent in low-resource scripts), so it
+    keeps its OT mass.
+    """
+    return [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id]
 
 
 def content_mask(
@@ -106,7 +153,7 @@ def content_mask(
     Args:
         input_ids: ``(batch, n)`` token ids.
         attention_mask: ``(batch, n)`` 1 for real tokens, 0 for padding.
-        special_ids: ids to exclude (``tokenizer.all_special_ids``); empty to keep them.
+        special_ids: ids to exclude (:func:`special_token_ids`); empty to keep them.
         prompt_length: number of leading positions taken by the prompt (including a leading special token), as
             sentence-transformers reports it in ``features["prompt_length"]``; ``None`` or 0 for no prompt.
 
@@ -124,55 +171,148 @@ def content_mask(
     return torch.where(mask.any(dim=1, keepdim=True), mask, real)
 
 
+WEIGHTED_POOLING_MODES = ("mean", "mean_sqrt_len_tokens", "cls", "lasttoken", "weightedmean")
+"""Pooling modes that average tokens with fixed weights, i.e. that ``marginals="pooling"`` supports."""
+
+
+def pooling_weights(
+    attention_mask: Tensor,
+    pooling_mode: str = "mean",
+    prompt_length: int | Tensor | None = None,
+    include_prompt: bool = True,
+) -> Tensor:
+    """The weights a pooling layer averages token embeddings with, as OT marginals.
+
+    Mirrors sentence-transformers' ``Pooling`` (padded inputs, right or left padding): with ``include_prompt=False``
+    the ``prompt_length`` positions after the first real token are dropped, ``"mean"`` (and ``"mean_sqrt_len_tokens"``,
+    the same direction) weighs every remaining real token equally (special and prompt tokens included), ``"cls"`` takes
+    the first remaining token, ``"lasttoken"`` the last, ``"weightedmean"`` weighs position ``k`` (from the first real
+    token, counting from 1) by ``k``. ``(weights[:, :, None] * tokens).sum(1)`` is then the pooled embedding.
+
+    Args:
+        attention_mask: ``(batch, n)`` 1 for real tokens, 0 for padding.
+        pooling_mode: the ``Pooling`` module's ``pooling_mode`` (one mode; ``"max"`` has no weights).
+        prompt_length: leading prompt positions (``features["prompt_length"]``), an int or a tensor broadcastable to
+            ``(batch, 1)``; used only when ``include_prompt`` is False.
+        include_prompt: the ``Pooling`` module's ``include_prompt``.
+
+    Returns:
+        ``(batch, n)`` float32 weights, each row summing to 1 (all 0 for a row with no pooled token).
+    """
+    real = attention_mask.bool()
+    positions = torch.arange(real.shape[1], device=real.device).unsqueeze(0)
+    first = real.int().argmax(dim=1, keepdim=True)
+    pooled = real
+    if not include_prompt and prompt_length is not None:
+        prompt = torch.as_tensor(prompt_length, device=real.device).reshape(-1, 1)
+        pooled = real & (positions >= first + prompt)
+    if pooling_mode in ("mean", "mean_sqrt_len_tokens"):
+        weights = pooled.float()
+    elif pooling_mode == "cls":
+        weights = (positions == pooled.int().argmax(dim=1, keepdim=True)).float() * pooled
+    elif pooling_mode == "lasttoken":
+        last = real.shape[1] - 1 - pooled.int().flip(1).argmax(dim=1, keepdim=True)
+        weights = (positions == last).float() * pooled
+    elif pooling_mode == "weightedmean":
+        weights = (positions - first + 1).float() * pooled
+    else:
+        raise ValueError(f"marginals='pooling' supports the pooling modes {WEIGHTED_POOLING_MODES}, got {pooling_mode!r}")
+    return uniform_weights(pooled, weights)
+
+
+def _support(marginal: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A marginal argument as ``(mask, weights)``: a bool/int mask is uniform, float weights are their own support."""
+    if marginal.is_floating_point():
+        return marginal > 0, marginal
+    return marginal.bool(), None
+
+
+def _ot_term(
+    student_tokens: Tensor, student_marginal: Tensor, teacher_tokens: Tensor, teacher_marginal: Tensor,
+    config: OTLossConfig,
+) -> Tensor:
+    """``(batch,)`` token-level OT loss per pair: ``<P, C>``, or the Sinkhorn divergence with ``config.debias``."""
+    (s_mask, s_weights), (t_mask, t_weights) = _support(student_marginal), _support(teacher_marginal)
+    solver = dict(reg=config.reg, relative_reg=True, n_iters=config.n_iters, tol=config.tol, grad=config.grad)
+    if config.debias:
+        return sinkhorn_divergence(
+            student_tokens, s_mask, teacher_tokens, t_mask, cost=config.cost, x_weights=s_weights,
+            y_weights=t_weights, **solver,
+        )
+    cost = pairwise_cost(student_tokens, teacher_tokens, config.cost)
+    return sinkhorn(cost, s_mask, t_mask, source_weights=s_weights, target_weights=t_weights, **solver).cost
+
+
+def _contrastive_term(student_sentence: Tensor, teacher_sentence: Tensor, temperature: float) -> Tensor:
+    """InfoNCE of each pooled student embedding against the batch's fixed pooled teacher embeddings (target: own pair)."""
+    student = F.normalize(student_sentence.float(), dim=-1)
+    teacher = F.normalize(teacher_sentence.detach().float(), dim=-1)
+    logits = student @ teacher.T / temperature
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
 def distillation_losses(
     student_tokens: Tensor,
-    student_mask: Tensor,
+    student_marginal: Tensor,
     teacher_tokens: Tensor,
-    teacher_mask: Tensor,
+    teacher_marginal: Tensor,
     config: OTLossConfig,
     student_sentence: Tensor | None = None,
     teacher_sentence: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The OPTICAL objective on one batch of bitext pairs.
 
+    One rule for the marginals: ``(batch, n)`` non-negative token weights, renormalised per row; a bool (or 0/1
+    integer) mask means uniform weights over its True tokens. Front ends pass :func:`content_mask` for
+    ``marginals="content"`` and :func:`pooling_weights` for ``marginals="pooling"``.
+
     Args:
         student_tokens: ``(batch, n, dim)`` student token embeddings of the low-resource sentences.
-        student_mask: ``(batch, n)`` bool marginal support on the student side (see :func:`content_mask`).
+        student_marginal: ``(batch, n)`` student-side OT weights or mask.
         teacher_tokens: ``(batch, m, dim)`` teacher token embeddings of the English translations.
-        teacher_mask: ``(batch, m)`` bool marginal support on the teacher side.
+        teacher_marginal: ``(batch, m)`` teacher-side OT weights or mask.
         config: the loss hyper-parameters.
-        student_sentence: ``(batch, dim)`` pooled student embeddings, needed when ``config.sentence_weight > 0``.
-        teacher_sentence: ``(batch, dim)`` pooled teacher embeddings, likewise.
+        student_sentence: ``(batch, dim)`` pooled student embeddings, needed by the sentence and contrastive terms.
+        teacher_sentence: ``(batch, dim)`` pooled teacher embeddings, likewise (treated as constants).
 
     Returns:
-        ``{"ot": weighted mean <P, C>}`` plus ``{"sentence": weighted sentence term}`` when enabled; the training
-        loss is their sum.
+        The weighted terms that are enabled, among ``"ot"`` (batch mean), ``"sentence"`` and ``"contrastive"``; the
+        training loss is their sum.
     """
     if student_tokens.shape[-1] != teacher_tokens.shape[-1]:
         raise ValueError(
-            f"student and teacher token embeddings must have the same size for a cosine cost, got "
-            f"{student_tokens.shape[-1]} (student) and {teacher_tokens.shape[-1]} (teacher)"
+            f"student and teacher token embeddings must have the same size, got {student_tokens.shape[-1]} (student) "
+            f"and {teacher_tokens.shape[-1]} (teacher)"
         )
     losses: dict[str, Tensor] = {}
     if config.ot_weight > 0:
-        with torch.autocast(device_type=student_tokens.device.type, enabled=False):
-            s = F.normalize(student_tokens.float(), dim=-1)
-            t = F.normalize(teacher_tokens.float(), dim=-1)
-            cost = 1.0 - torch.bmm(s, t.transpose(1, 2))
-            result = sinkhorn(
-                cost, student_mask, teacher_mask, reg=config.reg, n_iters=config.n_iters, tol=config.tol,
-                grad=config.grad, backend=config.backend,
-            )
-        losses["ot"] = config.ot_weight * result.cost.mean()
+        term = _ot_term(student_tokens, student_marginal, teacher_tokens, teacher_marginal, config)
+        losses["ot"] = config.ot_weight * term.mean()
+    if (config.sentence_weight > 0 or config.contrastive_weight > 0) and (
+        student_sentence is None or teacher_sentence is None
+    ):
+        raise ValueError("sentence_weight > 0 or contrastive_weight > 0 needs pooled student and teacher embeddings")
     if config.sentence_weight > 0:
-        if student_sentence is None or teacher_sentence is None:
-            raise ValueError("sentence_weight > 0 needs pooled student and teacher embeddings")
         if config.sentence_loss == "mse":
             term = F.mse_loss(student_sentence.float(), teacher_sentence.float())
         else:
             term = (1.0 - F.cosine_similarity(student_sentence.float(), teacher_sentence.float(), dim=-1)).mean()
         losses["sentence"] = config.sentence_weight * term
+    if config.contrastive_weight > 0:
+        term = _contrastive_term(student_sentence, teacher_sentence, config.contrastive_temperature)
+        losses["contrastive"] = config.contrastive_weight * term
     return losses
+
+
+def _pooling_setup(model: SentenceTransformer, side: str) -> tuple[str, bool]:
+    """``(pooling_mode, include_prompt)`` of the model's one ``Pooling`` module (for ``marginals="pooling"``)."""
+    poolings = [module for module in model.modules() if isinstance(module, Pooling)]
+    if len(poolings) != 1:
+        raise ValueError(f"marginals='pooling' needs exactly one Pooling module in the {side}, found {len(poolings)}")
+    mode = poolings[0].pooling_mode
+    if mode not in WEIGHTED_POOLING_MODES:
+        raise ValueError(f"marginals='pooling' supports the pooling modes {WEIGHTED_POOLING_MODES}, got {mode!r} ({side})")
+    return mode, poolings[0].include_prompt
 
 
 def _same_tokenizer(student: SentenceTransformer, teacher: SentenceTransformer) -> bool:
@@ -185,21 +325,19 @@ class OTDistillationLoss(nn.Module):
         self,
         model: SentenceTransformer,
         teacher: SentenceTransformer,
-        reg: float = 0.05,
-        n_iters: int = 50,
-        sentence_weight: float = 0.0,
-        sentence_loss: Literal["mse", "cosine"] = "mse",
         **config_kwargs: Any,
     ) -> None:
         """OPTICAL optimal-transport distillation of a frozen ``teacher`` into the ``model`` (student).
 
         Each training row is ``(low-resource sentence, English translation)``. The student embeds the first column
         token by token, the teacher (frozen, under ``torch.no_grad()``, never seen by the optimizer) embeds the
-        second; the cost between tokens is ``1 - cosine``, the marginals are uniform over content tokens
+        second; by default the cost between tokens is ``1 - cosine``, the marginals are uniform over content tokens
         (padding, special and prompt tokens excluded, see the module docstring for why), the plan is entropic OT
-        solved by log-domain Sinkhorn in fp32, and the loss is the batch mean of ``<P, C>``. An optional
-        sentence-level term (MSE or ``1 - cosine`` between pooled embeddings) is added with ``sentence_weight``.
-        Returns ``{"ot": ..., "sentence": ...}`` so the trainer logs each component.
+        solved by log-domain Sinkhorn in fp32, and the loss is the batch mean of ``<P, C>``. With
+        ``marginals="pooling"`` each side's OT weights are those of its own ``Pooling`` module (its ``pooling_mode``
+        and ``include_prompt``). Optional sentence-level and contrastive terms between the pooled embeddings are
+        added with ``sentence_weight`` and ``contrastive_weight``. Returns ``{"ot": ..., "sentence": ...,
+        "contrastive": ...}`` (the enabled terms) so the trainer logs each component.
 
         The teacher may use another tokenizer than the student: then train with
         :class:`OTDistillationDataCollator`, which tokenizes the English column with the teacher's tokenizer.
@@ -210,12 +348,9 @@ class OTDistillationLoss(nn.Module):
         Args:
             model: the student SentenceTransformer.
             teacher: the frozen English SentenceTransformer, same embedding size as the student.
-            reg: Sinkhorn entropic regularisation ``epsilon``.
-            n_iters: Sinkhorn iterations.
-            sentence_weight: weight of the sentence-level term (0: token-level OT only).
-            sentence_loss: ``"mse"`` or ``"cosine"``.
-            **config_kwargs: other :class:`OTLossConfig` fields (``tol``, ``grad``, ``backend``,
-                ``exclude_special_tokens``, ``exclude_prompt``, ``ot_weight``).
+            **config_kwargs: :class:`OTLossConfig` fields (``reg``, ``n_iters``, ``cost``, ``marginals``, ``debias``,
+                ``sentence_weight``, ``contrastive_weight``, ...; ``OTDistillationLoss(s, t, **asdict(config))``
+                takes a whole config).
 
         References:
             - Huang, Yu & Allan, Improving Cross-lingual Information Retrieval on Low-Resource Languages via
@@ -238,7 +373,7 @@ class OTDistillationLoss(nn.Module):
             teacher = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
             student = SentenceTransformer("intfloat/multilingual-e5-small")
             train = load_bitext("train.sw", "train.en")  # columns "source" (Swahili), "target" (English)
-            loss = OTDistillationLoss(student, teacher, reg=0.05)
+            loss = OTDistillationLoss(student, teacher, reg=0.1)
             trainer = SentenceTransformerTrainer(
                 model=student, train_dataset=train, loss=loss,
                 data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess),
@@ -250,13 +385,14 @@ class OTDistillationLoss(nn.Module):
         self.teacher = teacher
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self.config = OTLossConfig(reg=reg, n_iters=n_iters, sentence_weight=sentence_weight,
-                                   sentence_loss=sentence_loss, **config_kwargs)
+        self.config = OTLossConfig(**config_kwargs)
         self.shared_tokenizer = _same_tokenizer(model, teacher)
         self._special = {
-            "student": model.tokenizer.all_special_ids if self.config.exclude_special_tokens else [],
-            "teacher": teacher.tokenizer.all_special_ids if self.config.exclude_special_tokens else [],
+            "student": special_token_ids(model.tokenizer) if self.config.exclude_special_tokens else [],
+            "teacher": special_token_ids(teacher.tokenizer) if self.config.exclude_special_tokens else [],
         }
+        if self.config.marginals == "pooling":
+            self._pooling = {"student": _pooling_setup(model, "student"), "teacher": _pooling_setup(teacher, "teacher")}
 
     def train(self, mode: bool = True) -> OTDistillationLoss:
         """Switch the student's mode; the teacher always stays in eval mode (no dropout)."""
@@ -264,7 +400,11 @@ class OTDistillationLoss(nn.Module):
         self.teacher.eval()
         return self
 
-    def _mask(self, features: dict[str, Any], side: str) -> Tensor:
+    def _marginal(self, features: dict[str, Any], side: str) -> Tensor:
+        """``(batch, n)`` OT weights of one side: its pooling weights or its content mask (``config.marginals``)."""
+        if self.config.marginals == "pooling":
+            mode, include_prompt = self._pooling[side]
+            return pooling_weights(features["attention_mask"], mode, features.get("prompt_length"), include_prompt)
         prompt_length = features.get("prompt_length") if self.config.exclude_prompt else None
         return content_mask(features["input_ids"], features["attention_mask"], self._special[side], prompt_length)
 
@@ -284,8 +424,8 @@ class OTDistillationLoss(nn.Module):
             with torch.no_grad():
                 teacher_out = self.teacher(target)
         return distillation_losses(
-            student_out["token_embeddings"], self._mask(source, "student"),
-            teacher_out["token_embeddings"], self._mask(target, "teacher"),
+            student_out["token_embeddings"], self._marginal(source, "student"),
+            teacher_out["token_embeddings"], self._marginal(target, "teacher"),
             self.config, student_out["sentence_embedding"], teacher_out.get("sentence_embedding"),
         )
 

@@ -1,36 +1,69 @@
-"""Batched, masked entropic optimal transport (log-domain Sinkhorn) for token alignment.
+"""Batched, masked entropic optimal transport (log-domain Sinkhorn) and the Sinkhorn divergence.
 
-For each pair ``b`` of a batch this solves
+For each pair ``b`` of a batch, :func:`sinkhorn` solves
 
 .. math::
 
-    P_b = \\arg\\min_{P \\ge 0,\\ P 1 = a_b,\\ P^T 1 = w_b} \\langle P, C_b \\rangle_F - \\varepsilon H(P),
-    \\qquad \\text{cost}_b = \\langle P_b, C_b \\rangle_F
+    P_b = \\arg\\min_{P \\ge 0,\\ P 1 = a_b,\\ P^T 1 = w_b} \\langle P, C_b \\rangle_F
+          + \\varepsilon_b \\mathrm{KL}(P \\,|\\, a_b \\otimes w_b),
+    \\qquad \\mathrm{OT}_{\\varepsilon_b} = \\langle P_b, C_b \\rangle_F + \\varepsilon_b \\mathrm{KL}(P_b \\,|\\, a_b \\otimes w_b)
 
-where ``a_b`` and ``w_b`` are probability weights over the *real* (unmasked) tokens of the two sides.
-OPTICAL (Huang, Yu & Allan, WSDM 2023, Sec. 3) uses the plan ``P`` as a soft token alignment between the
-student's tokens of a low-resource sentence and the teacher's tokens of its English translation and trains
-the student on ``<P, C>``.
+where ``a_b`` and ``w_b`` are probability weights over the *real* (unmasked) tokens of the two sides (the plan is the
+same as with the entropy ``-H(P)``: the two objectives differ by a constant). OPTICAL (Huang, Yu & Allan, WSDM 2023,
+Sec. 3) uses the plan ``P`` as a soft token alignment between the student's tokens of a low-resource sentence and the
+teacher's tokens of its English translation and trains the student on ``<P, C>``.
 
-Why this is written here rather than taken from POT: ``ot.solve_batch`` needs every problem of the batch to
-have the same size, so padding can only be expressed as zero weights (a pair with no real token on a side then
-comes out NaN); its ``grad="envelope"`` still records the graph of every iteration (memory like autodiff); its
-convergence check synchronises with the host every 10 iterations; and it has no autocast guard for fp16/bf16
-inputs. ``benchmarks/speed.py`` measures both side by side. POT remains available as ``backend="pot"`` and is the
-reference the tests compare against.
+:func:`sinkhorn_divergence` is the debiased loss of Feydy et al. (AISTATS 2019, arXiv 1810.08278),
+``S_eps(a, b) = OT_eps(a, b) - OT_eps(a, a) / 2 - OT_eps(b, b) / 2``: non-negative, 0 for identical inputs, exact OT
+as ``eps -> 0`` and, with the squared Euclidean cost, ``||mean_a - mean_b||^2`` (the sentence-level MSE of pooled
+embeddings, up to the factor ``dim``) as ``eps -> inf``.
+
+``reg`` may be absolute (in cost units) or relative (``relative_reg=True``): then each pair's
+``eps_b = reg * <a_b (x) w_b, C_b>``, the detached cost of the independent coupling (the marginal-weighted mean cost,
+which is also the ``eps -> inf`` value of ``<P, C>``), so one ``reg`` means the same for any cost and embedding scale.
+
+Host synchronisation: each call reads back one small tensor once, after solving (whether an unmasked cost entry was
+NaN/inf, and the final marginal errors, for the convergence warning); ``tol`` adds one read per convergence check.
+
+Why this is written here rather than taken from POT: ``ot.solve_batch`` needs every problem of the batch to have the
+same size, so padding can only be expressed as zero weights (a pair with no real token on a side then comes out NaN);
+its ``grad="envelope"`` still records the graph of every iteration (memory like autodiff); its convergence check
+synchronises with the host every 10 iterations; and it has no autocast guard for fp16/bf16 inputs.
+``benchmarks/speed.py`` measures both side by side. POT remains available as ``sinkhorn(backend="pot")``, a reference
+solver for the tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["OTResult", "sinkhorn", "uniform_weights"]
+__all__ = [
+    "UNCONVERGED_L1",
+    "DivergenceResult",
+    "OTResult",
+    "pairwise_cost",
+    "sinkhorn",
+    "sinkhorn_divergence",
+    "uniform_weights",
+]
+
+logger = logging.getLogger(__name__)
 
 GradMode = Literal["envelope", "autodiff"]
 Backend = Literal["torch", "pot"]
+Cost = Literal["cosine", "sqeuclidean"]
+
+UNCONVERGED_L1 = 1e-2
+"""L1 row-marginal error above which a solve counts as unconverged (warned once per process)."""
+
+_warned_unconverged = False
+
 
 @dataclass
 class OTResult:
@@ -39,11 +72,38 @@ class OTResult:
     Attributes:
         plan: ``(batch, n, m)`` transport plans, exactly 0 on masked rows/columns. Detached from the graph in
             ``grad="envelope"`` mode.
-        cost: ``(batch,)`` transport costs ``<P_b, C_b>``. Differentiable w.r.t. the cost matrix in both modes.
+        cost: ``(batch,)`` linear transport costs ``<P_b, C_b>``. Differentiable w.r.t. the cost matrix.
+        value: ``(batch,)`` regularised values ``<P_b, C_b> + eps_b KL(P_b | a_b (x) w_b)``; in envelope mode the KL
+            part is a constant, so ``d value / d C = P`` (the envelope theorem, exact once the plan has converged).
+        reg: ``(batch,)`` absolute ``eps_b`` used for each pair.
+        n_iters: Sinkhorn iterations run (fewer than asked when ``tol`` stopped early).
+        marginal_error: ``(batch,)`` L1 error of the row marginals after the last iteration (the column marginals are
+            exact after the last column update); 0 for a pair with no real token on a side.
     """
 
     plan: torch.Tensor
     cost: torch.Tensor
+    value: torch.Tensor
+    reg: torch.Tensor
+    n_iters: int
+    marginal_error: torch.Tensor
+
+
+@dataclass
+class DivergenceResult:
+    """Sinkhorn divergences of a batch of pairs, with their convergence diagnostics.
+
+    Attributes:
+        divergence: ``(batch,)`` ``S_eps`` per pair (0 for a pair with no real token on a side).
+        reg: ``(batch,)`` absolute ``eps_b`` shared by the three OT problems of each pair.
+        n_iters: the largest number of Sinkhorn iterations run by the three problems.
+        marginal_error: ``(batch,)`` the largest final L1 row-marginal error of the three problems.
+    """
+
+    divergence: torch.Tensor
+    reg: torch.Tensor
+    n_iters: int
+    marginal_error: torch.Tensor
 
 
 def uniform_weights(
@@ -63,42 +123,190 @@ def uniform_weights(
     return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
 
 
-def _scaled_potentials(
-    log_kernel: torch.Tensor,
-    source_mask: torch.Tensor,
-    target_mask: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    n_iters: int,
-    tol: float | None,
-    check_every: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-domain Sinkhorn on ``K = -C / reg``: ``u = log a - LSE_j(K + v)``, ``v = log b - LSE_i(K + u)``.
+def pairwise_cost(x: torch.Tensor, y: torch.Tensor, cost: Cost = "cosine") -> torch.Tensor:
+    """Token-to-token cost matrices, in fp32 (fp64 stays fp64) with autocast disabled.
 
-    Each update masks only the dimension it reduces over, with ``-inf``: every row (column) keeps at least one finite
-    entry, so no ``-inf - (-inf)`` appears in values or gradients, and ``exp(-inf)`` is the cheapest exp there is. The
-    column update reads a contiguous transposed copy of ``K`` so that both reductions run over the last dimension.
-    Both masks must have at least one True per pair. Without ``tol`` the loop runs exactly ``n_iters`` times and never
-    synchronises with the host; with ``tol`` the largest L1 error of the row marginals is read back every
-    ``check_every`` iterations (one sync per check).
+    Args:
+        x: ``(batch, n, dim)`` token embeddings.
+        y: ``(batch, m, dim)`` token embeddings.
+        cost: ``"cosine"``: ``1 - cos(x_i, y_j)`` in ``[0, 2]`` (OPTICAL's cost); ``"sqeuclidean"``:
+            ``||x_i - y_j||^2`` on the raw embeddings, computed as ``|x|^2 + |y|^2 - 2 x.y`` clamped at 0.
 
     Returns:
-        ``(u, v)``: ``(batch, n)`` and ``(batch, m)`` scaled potentials (``f / reg``, ``g / reg``).
+        ``(batch, n, m)`` costs.
     """
-    tiny = torch.finfo(a.dtype).tiny
-    log_a, log_b = a.clamp_min(tiny).log(), b.clamp_min(tiny).log()
-    row_kernel = log_kernel.masked_fill(~target_mask.unsqueeze(1), float("-inf"))  # (batch, n, m), reduce over m
-    col_kernel = log_kernel.masked_fill(~source_mask.unsqueeze(2), float("-inf")).transpose(1, 2).contiguous()
-    v = torch.zeros_like(b)
-    for it in range(n_iters):
-        u = log_a - torch.logsumexp(row_kernel + v.unsqueeze(1), dim=2)
-        v = log_b - torch.logsumexp(col_kernel + u.unsqueeze(1), dim=2)
-        if tol is not None and (it + 1) % check_every == 0:
-            with torch.no_grad():
-                rows = torch.exp(row_kernel + u.unsqueeze(2) + v.unsqueeze(1)).sum(dim=2)
-                if ((rows - a) * source_mask).abs().sum(dim=1).max().item() < tol:
-                    break
-    return u, v
+    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise ValueError(
+            f"`x` and `y` must have shapes (batch, n, dim) and (batch, m, dim), got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+        x, y = x.to(dtype), y.to(dtype)
+        if cost == "cosine":
+            return 1.0 - torch.bmm(F.normalize(x, dim=-1), F.normalize(y, dim=-1).transpose(1, 2))
+        if cost == "sqeuclidean":
+            squares = x.pow(2).sum(-1).unsqueeze(2) + y.pow(2).sum(-1).unsqueeze(1)
+            return (squares - 2.0 * torch.bmm(x, y.transpose(1, 2))).clamp_min(0.0)
+    raise ValueError(f"`cost` must be 'cosine' or 'sqeuclidean', got {cost!r}")
+
+
+def _check_options(reg: float, n_iters: int, grad: str, check_every: int, tol: float | None) -> None:
+    if not (isinstance(reg, (int, float)) and math.isfinite(reg) and reg > 0):
+        raise ValueError(f"`reg` must be a finite number > 0, got {reg}")
+    if not (isinstance(n_iters, int) and n_iters >= 1):
+        raise ValueError(f"`n_iters` must be an integer >= 1, got {n_iters}")
+    if grad not in ("envelope", "autodiff"):
+        raise ValueError(f"`grad` must be 'envelope' or 'autodiff', got {grad!r}")
+    if not (isinstance(check_every, int) and check_every >= 1):
+        raise ValueError(f"`check_every` must be an integer >= 1, got {check_every}")
+    if tol is not None and not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"`tol` must be a finite number >= 0 or None, got {tol}")
+
+
+def _full_masks(
+    batch: int, n: int, m: int, source_mask: torch.Tensor | None, target_mask: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if source_mask is None:
+        source_mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+    if target_mask is None:
+        target_mask = torch.ones(batch, m, dtype=torch.bool, device=device)
+    if source_mask.shape != (batch, n) or target_mask.shape != (batch, m):
+        raise ValueError(
+            f"masks must have shapes {(batch, n)} and {(batch, m)} for cost {(batch, n, m)}, "
+            f"got {tuple(source_mask.shape)} and {tuple(target_mask.shape)}"
+        )
+    return source_mask.bool(), target_mask.bool()
+
+
+@dataclass
+class _Problem:
+    """A batch of OT problems ready for the solver (masked costs, normalised weights, work dtype)."""
+
+    cost: torch.Tensor  # (batch, n, m), 0 outside real pairs
+    source_mask: torch.Tensor  # (batch, n) bool, padding of an empty pair filled in (solved as unmasked, zeroed after)
+    target_mask: torch.Tensor  # (batch, m) bool, likewise
+    pair_mask: torch.Tensor  # (batch, n, m) bool, the real pairs
+    a: torch.Tensor  # (batch, n) row weights
+    b: torch.Tensor  # (batch, m) column weights
+    nonfinite: torch.Tensor  # (batch,) bool: an unmasked cost entry was NaN/inf
+
+    @property
+    def solvable(self) -> torch.Tensor:
+        """``(batch,)`` bool: the pair has at least one real token on each side."""
+        return self.pair_mask.flatten(1).any(dim=1)
+
+    def independent_cost(self) -> torch.Tensor:
+        """``(batch,)`` detached ``<a (x) b, C>``: the cost scale that relative ``reg`` multiplies."""
+        with torch.no_grad():
+            return torch.einsum("bn,bnm,bm->b", self.a, self.cost, self.b)
+
+
+def _problem(
+    cost: torch.Tensor,
+    source_mask: torch.Tensor | None,
+    target_mask: torch.Tensor | None,
+    source_weights: torch.Tensor | None,
+    target_weights: torch.Tensor | None,
+) -> _Problem:
+    if cost.dim() != 3:
+        raise ValueError(f"`cost` must have shape (batch, n, m), got {tuple(cost.shape)}")
+    batch, n, m = cost.shape
+    source_mask, target_mask = _full_masks(batch, n, m, source_mask, target_mask, cost.device)
+    work_dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
+    pair_mask = source_mask.unsqueeze(2) & target_mask.unsqueeze(1)
+    nonfinite = (~torch.isfinite(cost.detach()) & pair_mask).flatten(1).any(dim=1)
+    cost = cost.to(work_dtype).masked_fill(~pair_mask, 0.0)
+    # A pair with no real token on a side is solved as if unmasked (well defined, no sync) and zeroed afterwards.
+    solvable = (source_mask.any(dim=1) & target_mask.any(dim=1)).unsqueeze(1)
+    source_mask, target_mask = source_mask | ~solvable, target_mask | ~solvable
+    a = uniform_weights(source_mask, source_weights, work_dtype)
+    b = uniform_weights(target_mask, target_weights, work_dtype)
+    return _Problem(cost, source_mask, target_mask, pair_mask, a, b, nonfinite)
+
+
+def _absolute_reg(problem: _Problem, reg: float, relative_reg: bool) -> torch.Tensor:
+    """``(batch,)`` absolute ``eps_b``: ``reg`` itself, or ``reg * <a (x) b, C>`` floored at the dtype's machine epsilon.
+
+    A pair with no real token on a side gets ``eps = 1`` (its problems are solved for shape only, then zeroed).
+    """
+    if not relative_reg:
+        return torch.full(problem.a.shape[:1], float(reg), dtype=problem.a.dtype, device=problem.a.device)
+    eps = (reg * problem.independent_cost()).clamp_min(torch.finfo(problem.a.dtype).eps)
+    return torch.where(problem.solvable, eps, 1.0)
+
+
+def _log_kernels(problem: _Problem, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``K = -C / eps`` masked for the row update ``(batch, n, m)`` and, transposed, for the column update.
+
+    Each update masks only the dimension it reduces over, with ``-inf``: every row (column) keeps at least one finite
+    entry, so no ``-inf - (-inf)`` appears in values or gradients. The column kernel is a contiguous transposed copy so
+    that both reductions run over the last dimension.
+    """
+    log_kernel = -problem.cost / eps.view(-1, 1, 1)
+    rows = log_kernel.masked_fill(~problem.target_mask.unsqueeze(1), float("-inf"))
+    cols = log_kernel.masked_fill(~problem.source_mask.unsqueeze(2), float("-inf")).transpose(1, 2).contiguous()
+    return rows, cols
+
+
+def _solve(
+    problem: _Problem, eps: torch.Tensor, n_iters: int, tol: float | None, check_every: int, grad: str,
+    symmetric: bool = False,
+) -> OTResult:
+    """Log-domain Sinkhorn, ``u = log a - LSE_j(K + v)``, ``v = log b - LSE_i(K + u)``; no host sync except ``tol``.
+
+    ``symmetric=True`` (a problem ``OT(a, a)`` with a symmetric cost) uses the averaged update of Feydy et al. (2019),
+    ``u <- (u + log a - LSE_j(K + u)) / 2``, ``v = u``: the plain alternating updates oscillate on these problems and
+    converge far more slowly.
+    """
+    tiny = torch.finfo(problem.a.dtype).tiny
+    log_a, log_b = problem.a.clamp_min(tiny).log(), problem.b.clamp_min(tiny).log()
+    with torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled()):
+        rows, cols = _log_kernels(problem, eps)
+        v = torch.zeros_like(problem.b)
+        iterations = n_iters
+        for it in range(n_iters):
+            if symmetric:
+                v = u = 0.5 * (v + log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2))
+            else:
+                u = log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2)
+                v = log_b - torch.logsumexp(cols + u.unsqueeze(1), dim=2)
+            if tol is not None and (it + 1) % check_every == 0:
+                with torch.no_grad():
+                    row_sums = torch.exp(rows + u.unsqueeze(2) + v.unsqueeze(1)).sum(dim=2)
+                    if ((row_sums - problem.a) * problem.source_mask).abs().sum(dim=1).max().item() < tol:
+                        iterations = it + 1
+                        break
+        log_plan = (rows + u.unsqueeze(2) + v.unsqueeze(1)).masked_fill(~problem.pair_mask, float("-inf"))
+        plan = log_plan.exp()
+        # KL(P | a (x) b) = sum P log(P / (a_i b_j)) - sum P + 1, over the real pairs (0 log 0 = 0).
+        log_ratio = (log_plan - log_a.unsqueeze(2) - log_b.unsqueeze(1)).masked_fill(~problem.pair_mask, 0.0)
+        kl = (plan * log_ratio).sum(dim=(1, 2)) - plan.sum(dim=(1, 2)) + problem.solvable.to(plan.dtype)
+    with torch.no_grad():
+        row_error = ((plan.sum(dim=2) - problem.a) * problem.source_mask).abs().sum(dim=1) * problem.solvable
+    linear = (plan * problem.cost).sum(dim=(1, 2))
+    return OTResult(
+        plan=plan, cost=linear, value=linear + eps * kl, reg=eps, n_iters=iterations, marginal_error=row_error
+    )
+
+
+def _report(nonfinite: torch.Tensor, marginal_error: torch.Tensor, eps: torch.Tensor, n_iters: int, reg: float,
+            relative_reg: bool) -> None:
+    """The call's one host sync: raise on NaN/inf costs, warn (once per process) on an unconverged solve."""
+    global _warned_unconverged
+    flags, errors, epsilons = torch.stack([nonfinite.to(eps.dtype), marginal_error.to(eps.dtype), eps]).tolist()
+    bad = [k for k, flag in enumerate(flags) if flag]
+    if bad:
+        raise ValueError(f"the cost matrix has NaN or inf entries between real tokens in pair(s) {bad} of the batch")
+    worst = max(range(len(errors)), key=errors.__getitem__, default=None)
+    if worst is None or errors[worst] <= UNCONVERGED_L1 or _warned_unconverged:
+        return
+    _warned_unconverged = True
+    kind = f"relative reg={reg:g}, i.e. eps={epsilons[worst]:.3g}" if relative_reg else f"reg=eps={reg:g}"
+    logger.warning(
+        "Sinkhorn did not converge: L1 marginal error %.3g (> %g) after %d iterations at %s. Raise n_iters (or reg: "
+        "a larger reg converges in fewer iterations). This warning is shown once per process.",
+        errors[worst], UNCONVERGED_L1, n_iters, kind,
+    )
 
 
 def sinkhorn(
@@ -107,6 +315,7 @@ def sinkhorn(
     target_mask: torch.Tensor | None = None,
     *,
     reg: float = 0.05,
+    relative_reg: bool = False,
     source_weights: torch.Tensor | None = None,
     target_weights: torch.Tensor | None = None,
     n_iters: int = 50,
@@ -118,89 +327,138 @@ def sinkhorn(
     """Entropic OT between the real tokens of each pair of a batch, in fp32 whatever the input dtype.
 
     Args:
-        cost: ``(batch, n, m)`` cost matrices (e.g. ``1 - cosine``). Any float dtype; solved in fp32 (fp64 stays
-            fp64) with autocast disabled, so fp16/bf16 activations are safe.
+        cost: ``(batch, n, m)`` cost matrices (e.g. :func:`pairwise_cost`). Any float dtype; solved in fp32 (fp64 stays
+            fp64) with autocast disabled, so fp16/bf16 activations are safe. NaN/inf between real tokens raises
+            ``ValueError``; padded entries may hold anything.
         source_mask: ``(batch, n)`` bool, True for real source tokens. Default: all real.
         target_mask: ``(batch, m)`` bool, True for real target tokens. Default: all real.
-        reg: entropic regularisation ``epsilon``, in the units of ``cost``. Smaller is sharper and closer to exact OT
-            (``ot.emd``) but needs more iterations; the log domain keeps it stable down to ``1e-3`` on cosine costs.
+        reg: entropic regularisation ``epsilon`` (finite, > 0): in the units of ``cost``, or, with
+            ``relative_reg=True``, a multiple of each pair's detached ``<a (x) b, C>``. Smaller is sharper and closer
+            to exact OT (``ot.emd``) but needs more iterations.
+        relative_reg: interpret ``reg`` relative to the cost scale (see the module docstring).
         source_weights: optional ``(batch, n)`` marginal weights, renormalised over real tokens. Default uniform.
         target_weights: optional ``(batch, m)`` marginal weights, likewise.
-        n_iters: Sinkhorn iterations (the maximum when ``tol`` is set).
-        tol: stop when the row marginals are within ``tol`` (L1). ``None`` (default) runs ``n_iters`` iterations
-            with no host synchronisation at all; a value costs one sync every ``check_every`` iterations.
+        n_iters: Sinkhorn iterations, >= 1 (the maximum when ``tol`` is set).
+        tol: stop when the row marginals are within ``tol`` (L1); costs one host sync every ``check_every``
+            iterations. ``None`` (default) runs ``n_iters`` iterations.
         check_every: iterations between two convergence checks when ``tol`` is set.
-        grad: ``"envelope"`` (default) solves without building a graph and returns ``<P*, C>`` with ``P*`` detached:
-            by the envelope theorem ``d OT_eps / d C = P*``, so the gradient is exact for the regularised objective
-            at no extra memory. ``"autodiff"`` back-propagates through every iteration (memory grows with
-            ``n_iters``; also differentiates the plan).
-        backend: ``"torch"`` (this solver) or ``"pot"`` (``ot.solve_batch`` with ``method="log_sinkhorn"``, padding
-            expressed as zero weights, empty pairs zeroed; ``grad="envelope"`` only: it is offered as a reference
-            solver, not as a second training path).
+        grad: ``"envelope"`` (default) solves without building a graph; the plan ``P*`` is detached, so the gradient
+            of ``cost`` and ``value`` w.r.t. ``C`` is ``P*``: by the envelope theorem that is the gradient of the
+            regularised value ``OT_eps``, exact once the plan has converged (see ``marginal_error``), at no extra
+            memory. ``"autodiff"`` back-propagates through every iteration (memory grows with ``n_iters``).
+        backend: ``"torch"`` (this solver) or ``"pot"`` (``ot.solve_batch`` with ``method="log_sinkhorn"``, padding as
+            zero weights, empty pairs zeroed, absolute ``reg``, ``grad="envelope"`` only): a reference solver for the
+            tests and benchmarks, not a training path.
 
     Returns:
-        :class:`OTResult` with ``plan`` ``(batch, n, m)`` and ``cost`` ``(batch,)``. A pair with no real token on
-        one side gets a zero plan and zero cost.
+        :class:`OTResult` (``plan`` ``(batch, n, m)``, ``cost`` and ``value`` ``(batch,)``, ``reg``, ``n_iters``,
+        ``marginal_error``). A pair with no real token on one side gets a zero plan, cost and value. A final L1
+        marginal error above :data:`UNCONVERGED_L1` logs a warning once per process. One host sync per call, plus
+        one per check with ``tol``.
 
     Example::
 
-        >>> C = 1 - torch.nn.functional.cosine_similarity(x[:, :, None], y[:, None], dim=-1)  # (B, n, m)
-        >>> res = sinkhorn(C, x_mask, y_mask, reg=0.05)
+        >>> C = pairwise_cost(x, y, "cosine")  # (B, n, m)
+        >>> res = sinkhorn(C, x_mask, y_mask, reg=0.05, relative_reg=True)
         >>> loss = res.cost.mean()
     """
-    if cost.dim() != 3:
-        raise ValueError(f"`cost` must have shape (batch, n, m), got {tuple(cost.shape)}")
-    if reg <= 0:
-        raise ValueError(f"`reg` must be > 0, got {reg}")
-    if grad not in ("envelope", "autodiff"):
-        raise ValueError(f"`grad` must be 'envelope' or 'autodiff', got {grad!r}")
-    batch, n, m = cost.shape
-    if source_mask is None:
-        source_mask = torch.ones(batch, n, dtype=torch.bool, device=cost.device)
-    if target_mask is None:
-        target_mask = torch.ones(batch, m, dtype=torch.bool, device=cost.device)
-    if source_mask.shape != (batch, n) or target_mask.shape != (batch, m):
-        raise ValueError(
-            f"masks must have shapes {(batch, n)} and {(batch, m)} for cost {tuple(cost.shape)}, "
-            f"got {tuple(source_mask.shape)} and {tuple(target_mask.shape)}"
-        )
-    source_mask, target_mask = source_mask.bool(), target_mask.bool()
-
+    _check_options(reg, n_iters, grad, check_every, tol)
+    if backend not in ("torch", "pot"):
+        raise ValueError(f"`backend` must be 'torch' or 'pot', got {backend!r}")
     with torch.autocast(device_type=cost.device.type, enabled=False):
-        work_dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
-        pair_mask = source_mask.unsqueeze(2) & target_mask.unsqueeze(1)
-        cost = cost.to(work_dtype).masked_fill(~pair_mask, 0.0)
+        problem = _problem(cost, source_mask, target_mask, source_weights, target_weights)
         if backend == "pot":
-            a = uniform_weights(source_mask, source_weights, work_dtype)
-            b = uniform_weights(target_mask, target_weights, work_dtype)
-            return _pot_sinkhorn(cost, a, b, reg=reg, n_iters=n_iters, tol=tol, grad=grad)
-        if backend != "torch":
-            raise ValueError(f"`backend` must be 'torch' or 'pot', got {backend!r}")
-
-        # A pair with no real token on a side is solved as if unmasked (well defined, no sync) and zeroed below.
-        solvable = (source_mask.any(dim=1) & target_mask.any(dim=1)).unsqueeze(1)
-        solved_source, solved_target = source_mask | ~solvable, target_mask | ~solvable
-        a = uniform_weights(solved_source, source_weights, work_dtype)
-        b = uniform_weights(solved_target, target_weights, work_dtype)
-        with torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled()):
-            log_kernel = -cost / reg
-            u, v = _scaled_potentials(log_kernel, solved_source, solved_target, a, b, n_iters, tol, check_every)
-            log_plan = (log_kernel + u.unsqueeze(2) + v.unsqueeze(1)).masked_fill(~pair_mask, float("-inf"))
-            plan = log_plan.exp()
-        return OTResult(plan=plan, cost=(plan * cost).sum(dim=(1, 2)))
+            return _pot_sinkhorn(problem, reg=reg, n_iters=n_iters, tol=tol, grad=grad)
+        eps = _absolute_reg(problem, reg, relative_reg)
+        result = _solve(problem, eps, n_iters, tol, check_every, grad)
+    _report(problem.nonfinite, result.marginal_error, eps, result.n_iters, reg, relative_reg)
+    return result
 
 
-def _pot_sinkhorn(
-    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, reg: float, n_iters: int, tol: float | None, grad: str
-) -> OTResult:
-    """Solve with POT's batched log-Sinkhorn (``ot.solve_batch``) on the same inputs."""
+def sinkhorn_divergence(
+    x: torch.Tensor,
+    x_mask: torch.Tensor | None,
+    y: torch.Tensor,
+    y_mask: torch.Tensor | None,
+    *,
+    reg: float,
+    cost: Cost = "sqeuclidean",
+    x_weights: torch.Tensor | None = None,
+    y_weights: torch.Tensor | None = None,
+    n_iters: int = 100,
+    relative_reg: bool = True,
+    tol: float | None = None,
+    check_every: int = 10,
+    grad: GradMode = "envelope",
+    return_result: bool = False,
+) -> torch.Tensor | DivergenceResult:
+    """Debiased Sinkhorn divergence between the token clouds of each pair (Feydy et al., AISTATS 2019, Eq. 5).
+
+    .. math::
+
+        S_\\varepsilon(\\alpha, \\beta) = \\mathrm{OT}_\\varepsilon(\\alpha, \\beta)
+            - \\tfrac12 \\mathrm{OT}_\\varepsilon(\\alpha, \\alpha) - \\tfrac12 \\mathrm{OT}_\\varepsilon(\\beta, \\beta),
+        \\qquad \\mathrm{OT}_\\varepsilon = \\langle P, C \\rangle + \\varepsilon \\mathrm{KL}(P \\,|\\, a \\otimes b)
+
+    with ``alpha = sum_i a_i delta_{x_i}``, ``beta = sum_j b_j delta_{y_j}``. For a positive-definite kernel cost such
+    as ``sqeuclidean``, ``S_eps >= 0`` with equality iff ``alpha = beta``; ``S_eps -> OT_0`` as ``eps -> 0`` and,
+    for ``sqeuclidean``, ``S_eps -> ||sum_i a_i x_i - sum_j b_j y_j||^2`` as ``eps -> inf``. The three problems share
+    the same ``eps_b`` (relative: ``reg * <a (x) b, C_xy>``), so ``S_eps(alpha, alpha) = 0`` exactly.
+
+    Args:
+        x: ``(batch, n, dim)`` embeddings of the first clouds.
+        x_mask: ``(batch, n)`` bool, True for real tokens (``None``: all real).
+        y: ``(batch, m, dim)`` embeddings of the second clouds.
+        y_mask: ``(batch, m)`` bool (``None``: all real).
+        reg: ``epsilon`` (relative to the cross cost scale by default), finite and > 0.
+        cost: ``"sqeuclidean"`` (default) or ``"cosine"``, see :func:`pairwise_cost`.
+        x_weights / y_weights: optional ``(batch, n)`` / ``(batch, m)`` weights, renormalised over real tokens.
+        n_iters, tol, check_every, grad: as in :func:`sinkhorn`, for each of the three problems.
+        relative_reg: ``reg`` relative to the cross cost scale (default) or absolute.
+        return_result: return a :class:`DivergenceResult` with diagnostics instead of the tensor.
+
+    Returns:
+        ``(batch,)`` divergences (0 for a pair with no real token on a side), or a :class:`DivergenceResult`. One host
+        sync per call (plus ``tol`` checks); an unconverged solve warns once per process as in :func:`sinkhorn`.
+    """
+    _check_options(reg, n_iters, grad, check_every, tol)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        cross = _problem(pairwise_cost(x, y, cost), x_mask, y_mask, x_weights, y_weights)
+        eps = _absolute_reg(cross, reg, relative_reg)
+        problems = [
+            cross,
+            _problem(pairwise_cost(x, x, cost), x_mask, x_mask, x_weights, x_weights),
+            _problem(pairwise_cost(y, y, cost), y_mask, y_mask, y_weights, y_weights),
+        ]
+        xy, xx, yy = (
+            _solve(p, eps, n_iters, tol, check_every, grad, symmetric=p is not cross) for p in problems
+        )
+        divergence = torch.where(cross.solvable, xy.value - 0.5 * (xx.value + yy.value), 0.0)
+    nonfinite = torch.stack([p.nonfinite for p in problems]).any(dim=0)
+    marginal_error = torch.stack([r.marginal_error for r in (xy, xx, yy)]).amax(dim=0)
+    n_run = max(r.n_iters for r in (xy, xx, yy))
+    _report(nonfinite, marginal_error, eps, n_run, reg, relative_reg)
+    if return_result:
+        return DivergenceResult(divergence=divergence, reg=eps, n_iters=n_run, marginal_error=marginal_error)
+    return divergence
+
+
+def _pot_sinkhorn(problem: _Problem, *, reg: float, n_iters: int, tol: float | None, grad: str) -> OTResult:
+    """Solve with POT's batched log-Sinkhorn (``ot.solve_batch``) on the same inputs (absolute ``reg``)."""
     if grad != "envelope":
         raise ValueError("backend='pot' supports grad='envelope' only (it is a reference solver, not a training path)")
     from ot import solve_batch
 
+    a = problem.a * problem.pair_mask.any(dim=2)
+    b = problem.b * problem.pair_mask.any(dim=1)
     res = solve_batch(
-        M=cost, reg=reg, a=a, b=b, max_iter=n_iters, tol=0.0 if tol is None else tol, method="log_sinkhorn",
+        M=problem.cost, reg=reg, a=a, b=b, max_iter=n_iters, tol=0.0 if tol is None else tol, method="log_sinkhorn",
         grad="envelope",
     )
-    plan = res.plan.detach().masked_fill((a.unsqueeze(2) == 0) | (b.unsqueeze(1) == 0), 0.0)
-    return OTResult(plan=plan, cost=(plan * cost).sum(dim=(1, 2)))
+    plan = res.plan.detach().masked_fill(~problem.pair_mask, 0.0)
+    linear = (plan * problem.cost).sum(dim=(1, 2))
+    eps = torch.full_like(linear, reg)
+    error = (plan.sum(dim=2) - a).abs().sum(dim=1) * problem.solvable
+    value = torch.where(problem.solvable, res.value.detach(), 0.0)
+    return OTResult(plan=plan, cost=linear, value=value, reg=eps, n_iters=int(res.log["n_iter"]) + 1,
+                    marginal_error=error)

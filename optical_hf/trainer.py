@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from .callbacks import NonFiniteLossCallback
 from .export import has_adapters, merged_copy, save_student, sentence_transformer_from
-from .losses import OTLossConfig, content_mask, distillation_losses
+from .losses import OTLossConfig, content_mask, distillation_losses, pooling_weights, special_token_ids
 from .teacher_cache import TeacherCache, distinct_texts, load_or_encode, teacher_fingerprint
 
 __all__ = ["BitextCollator", "OTDistillationTrainer", "mean_pool"]
@@ -51,7 +51,7 @@ class BitextCollator:
         teacher_tokenizer: tokenizer of the teacher (English side, column ``target_column``).
         max_length: truncation length for both sides.
         source_prompt / target_prompt: optional prefixes (e.g. e5's ``"query: "``); excluded from the OT marginals.
-        exclude_special_tokens: give special tokens zero OT mass.
+        exclude_special_tokens: give special tokens (not ``[UNK]``) zero OT mass.
         teacher_cache: cached teacher outputs of the English texts (:class:`OTDistillationTrainer` builds it).
 
     Returns (``__call__``): ``{side}_input_ids``, ``{side}_attention_mask`` (and ``{side}_token_type_ids`` when the
@@ -102,7 +102,7 @@ class BitextCollator:
             if column not in rows[0]:
                 raise KeyError(f"bitext rows have no column {column!r} (columns: {sorted(rows[0])})")
             encoded = self._encode(side, [row[column] for row in rows])
-            special = tokenizer.all_special_ids if self.exclude_special_tokens else []
+            special = special_token_ids(tokenizer) if self.exclude_special_tokens else []
             encoded["content_mask"] = content_mask(
                 encoded["input_ids"], encoded["attention_mask"], special, _prompt_length(tokenizer, prompt)
             )
@@ -131,8 +131,8 @@ class OTDistillationTrainer(Trainer):
         loss_config: :class:`OTLossConfig` (epsilon, iterations, sentence-level term, ...).
         peft_config: optional peft config (e.g. ``LoraConfig``) to train adapters only.
         max_length, source_prompt, target_prompt, source_column, target_column: see :class:`BitextCollator`.
-        pooling: pooling of the saved SentenceTransformer folder (and of the sentence-level term): ``"mean"`` or
-            ``"cls"``.
+        pooling: pooling of the saved SentenceTransformer folder, of the sentence-level terms and, with
+            ``loss_config.marginals="pooling"``, of the OT weights of both sides: ``"mean"`` or ``"cls"``.
         cache_teacher: run the teacher once over the English side of ``train_dataset`` and ``eval_dataset`` before
             training and read its token states from that cache at each step (fp16 on disk, see
             :mod:`optical_hf.teacher_cache`); False runs the teacher at every step (for teachers too large to
@@ -153,7 +153,7 @@ class OTDistillationTrainer(Trainer):
             teacher="sentence-transformers/all-mpnet-base-v2",
             args=TrainingArguments("optical-xlmr-sw", max_steps=1000),
             train_dataset=load_bitext("train.sw", "train.en"),
-            loss_config=OTLossConfig(reg=0.05),
+            loss_config=OTLossConfig(reg=0.1),
         )
         trainer.train()
         trainer.save_model()  # loads with AutoModel.from_pretrained and SentenceTransformer
@@ -251,6 +251,12 @@ class OTDistillationTrainer(Trainer):
     def _pool(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
         return tokens[:, 0] if self.pooling == "cls" else mean_pool(tokens, attention_mask)
 
+    def _marginal(self, inputs: dict[str, Tensor], side: str) -> Tensor:
+        """``(batch, n)`` OT weights of one side: the pooling weights or the collator's content mask."""
+        if self.loss_config.marginals == "pooling":
+            return pooling_weights(inputs[f"{side}_attention_mask"], self.pooling)
+        return inputs[f"{side}_content_mask"]
+
     def _teacher_forward(self, features: dict[str, Tensor]) -> Tensor:
         with torch.no_grad():
             if isinstance(self.accelerator.unwrap_model(self.teacher), SentenceTransformer):
@@ -269,7 +275,7 @@ class OTDistillationTrainer(Trainer):
         student_tokens = model(**_model_inputs(inputs, "source")).last_hidden_state
         teacher_tokens = self._teacher_tokens(inputs)
         losses = distillation_losses(
-            student_tokens, inputs["source_content_mask"], teacher_tokens, inputs["target_content_mask"],
+            student_tokens, self._marginal(inputs, "source"), teacher_tokens, self._marginal(inputs, "target"),
             self.loss_config,
             self._pool(student_tokens, inputs["source_attention_mask"]),
             self._pool(teacher_tokens, inputs["target_attention_mask"]),
@@ -290,7 +296,7 @@ class OTDistillationTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean of each loss component since the last log (``ot``, ``sentence``; rank-local)."""
+        """Add the mean of each loss component since the last log (``ot``, ``sentence``, ``contrastive``; rank-local)."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         for name, values in self._components[mode].items():

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import sentence_transformer
 from peft import LoraConfig
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from transformers import AutoModel, AutoTokenizer
+from sentence_transformers.base.modules.transformer import Transformer
+from sentence_transformers.sentence_transformer.modules import Pooling
+from transformers import AutoModel, AutoTokenizer, HfArgumentParser
 
-from optical_hf import CITATION, OTDistillationDataCollator, OTDistillationLoss, add_lora, save_student
+from optical_hf import CITATION, OTDistillationDataCollator, OTDistillationLoss, OTLossConfig, add_lora, save_student
 from optical_hf.export import has_adapters
-from optical_hf.losses import content_mask
+from optical_hf.losses import content_mask, distillation_losses, pooling_weights, special_token_ids
 
 
 def _train(student, teacher, dataset, tmp_path, steps=30, **loss_kwargs):
@@ -152,6 +156,122 @@ def test_config_and_citation(model_dirs):
     assert loss.citation == CITATION and "2023" in CITATION
     with pytest.raises(ValueError, match="reg"):
         OTDistillationLoss(student, student, reg=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(reg=float("nan")), r"OTLossConfig.reg must be a finite number > 0, got nan"),
+        (dict(reg=float("inf")), r"OTLossConfig.reg must be a finite number > 0, got inf"),
+        (dict(reg=-1.0), r"OTLossConfig.reg must be a finite number > 0"),
+        (dict(n_iters=0), r"OTLossConfig.n_iters must be an integer >= 1, got 0"),
+        (dict(n_iters=2.5), r"OTLossConfig.n_iters must be an integer >= 1, got 2.5"),
+        (dict(tol=0.0), r"OTLossConfig.tol must be a finite number > 0, got 0.0"),
+        (dict(tol=float("nan")), r"OTLossConfig.tol must be a finite number > 0, got nan"),
+        (dict(grad="bogus"), r"OTLossConfig.grad must be one of \('envelope', 'autodiff'\), got 'bogus'"),
+        (dict(cost="l1"), r"OTLossConfig.cost must be one of"),
+        (dict(marginals="all"), r"OTLossConfig.marginals must be one of"),
+        (dict(sentence_loss="l2"), r"OTLossConfig.sentence_loss must be one of"),
+        (dict(debias="yes"), r"OTLossConfig.debias must be a bool, got 'yes'"),
+        (dict(sentence_weight=float("inf")), r"OTLossConfig.sentence_weight must be a finite number >= 0, got inf"),
+        (dict(contrastive_weight=-0.1), r"OTLossConfig.contrastive_weight must be a finite number >= 0"),
+        (dict(contrastive_temperature=0.0), r"OTLossConfig.contrastive_temperature must be a finite number > 0"),
+        (dict(ot_weight=0.0), r"at least one loss weight must be > 0"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OTLossConfig(**kwargs)
+
+
+def test_config_is_a_command_line():
+    (config,) = HfArgumentParser(OTLossConfig).parse_args_into_dataclasses(
+        ["--cost", "sqeuclidean", "--marginals", "pooling", "--debias", "--reg", "0.5", "--contrastive_weight", "0.1"]
+    )
+    assert config == OTLossConfig(cost="sqeuclidean", marginals="pooling", debias=True, reg=0.5, contrastive_weight=0.1)
+    with pytest.raises(SystemExit):
+        HfArgumentParser(OTLossConfig).parse_args_into_dataclasses(["--cost", "l1"])
+
+
+def test_unknown_token_keeps_its_marginal_mass(model_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["teacher"])
+    enc = tokenizer(["the \u1200\u1208 cat"], return_tensors="pt")  # Ge'ez script: not in the toy vocabulary
+    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    assert "[UNK]" in tokens and tokenizer.unk_token_id in tokenizer.all_special_ids
+    mask = content_mask(enc["input_ids"], enc["attention_mask"], special_token_ids(tokenizer))
+    assert [t for t, m in zip(tokens, mask[0]) if m] == ["the", "[UNK]", "cat"]
+
+
+def _student_with_pooling(folder, mode, include_prompt):
+    transformer = Transformer(str(folder))
+    pooling = Pooling(transformer.get_embedding_dimension(), mode, include_prompt=include_prompt)
+    return SentenceTransformer(modules=[transformer, pooling], device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls", "weightedmean", "lasttoken"])
+@pytest.mark.parametrize("include_prompt", [True, False])
+def test_pooling_marginals_are_the_pooling_weights(model_dirs, bitext, mode, include_prompt):
+    student = _student_with_pooling(model_dirs["student_no_dropout"], mode, include_prompt)
+    loss = OTDistillationLoss(student, sentence_transformer(model_dirs["teacher"]), marginals="pooling")
+    features = student.preprocess(bitext["source"][:5], prompt="query: ")
+    assert int(torch.as_tensor(features["prompt_length"]).reshape(-1)[0]) > 1
+    weights = loss._marginal(features, "student")
+    with torch.no_grad():
+        out = student(dict(features))
+    assert weights.dtype == torch.float32 and torch.allclose(weights.sum(dim=1), torch.ones(5))
+    pooled = torch.einsum("bn,bnd->bd", weights, out["token_embeddings"])
+    torch.testing.assert_close(pooled, out["sentence_embedding"], atol=1e-5, rtol=1e-5)
+    prompt_mass = weights[:, 1:int(torch.as_tensor(features["prompt_length"]).reshape(-1)[0])].sum()
+    assert (prompt_mass > 0) == (include_prompt and mode != "cls" and mode != "lasttoken")
+
+
+def test_pooling_weights_with_left_padding_and_bad_modes():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    weights = pooling_weights(mask, "mean", prompt_length=1, include_prompt=False)
+    torch.testing.assert_close(weights, torch.tensor([[0, 0, 0, 0.5, 0.5], [0, 0.25, 0.25, 0.25, 0.25]]))
+    torch.testing.assert_close(pooling_weights(mask, "cls"), torch.tensor([[0, 0, 1.0, 0, 0], [1.0, 0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="supports the pooling modes .* got 'max'"):
+        pooling_weights(mask, "max")
+
+
+def test_contrastive_term_is_finite_and_lower_when_the_student_matches():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(8, 16, generator=g)
+    tokens, mask = torch.randn(8, 5, 16, generator=g), torch.ones(8, 5, dtype=torch.bool)
+    config = OTLossConfig(ot_weight=0.0, contrastive_weight=2.0, contrastive_temperature=0.05)
+    student = torch.randn(8, 16, generator=g, requires_grad=True)
+    far = distillation_losses(tokens, mask, tokens, mask, config, student, teacher)
+    assert set(far) == {"contrastive"} and torch.isfinite(far["contrastive"]) and far["contrastive"] > 2 * math.log(8)
+    near = distillation_losses(tokens, mask, tokens, mask, config, teacher.clone(), teacher)
+    assert near["contrastive"] < 1e-3 < far["contrastive"]
+    (grad,) = torch.autograd.grad(far["contrastive"], student)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_debiased_sqeuclidean_pooling_ot_tends_to_the_pooled_mse():
+    """The dial: with pooling marginals, debias and sqeuclidean cost, a large reg gives dim * MSE(pooled embeddings)."""
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(4, 6, 8, generator=g, dtype=torch.float64), torch.randn(4, 9, 8, generator=g,
+                                                                                            dtype=torch.float64)
+    s_mask, t_mask = torch.ones(4, 6, dtype=torch.long), torch.ones(4, 9, dtype=torch.long)
+    s_mask[1, 4:] = 0
+    t_mask[2, 3:] = 0
+    s_weights, t_weights = pooling_weights(s_mask, "mean").double(), pooling_weights(t_mask, "mean").double()
+    pooled_s, pooled_t = (torch.einsum("bn,bnd->bd", w, x) for w, x in ((s_weights, student), (t_weights, teacher)))
+    config = OTLossConfig(cost="sqeuclidean", marginals="pooling", debias=True, reg=1e5, n_iters=20, sentence_weight=1)
+    losses = distillation_losses(student, s_weights, teacher, t_weights, config, pooled_s, pooled_t)
+    assert losses["ot"].item() == pytest.approx(8 * losses["sentence"].item(), rel=1e-3)
+    config = OTLossConfig(cost="sqeuclidean", marginals="pooling", reg=1e-2, sentence_weight=1)  # not debiased: Jensen
+    losses = distillation_losses(student, s_weights, teacher, t_weights, config, pooled_s, pooled_t)
+    assert losses["ot"].item() > 8 * losses["sentence"].item()
+
+
+def test_trains_with_debiased_sqeuclidean_pooling_ot(model_dirs, bitext, tmp_path):
+    student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+    _, logs = _train(student, teacher, bitext, tmp_path, steps=10, cost="sqeuclidean", marginals="pooling",
+                     debias=True, contrastive_weight=0.1)
+    assert {"ot", "contrastive"} <= set(logs[0])
+    assert all(math.isfinite(log["loss"]) for log in logs) and logs[-1]["loss"] < logs[0]["loss"]
 
 
 def test_bf16_mixed_precision_training(model_dirs, bitext, tmp_path):

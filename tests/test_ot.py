@@ -1,15 +1,20 @@
-"""Tests for optical_hf.ot.sinkhorn: agreement with POT (per-pair log-Sinkhorn, batched ``ot.solve_batch``, exact
+"""Tests for optical_hf.ot: sinkhorn's agreement with POT (per-pair log-Sinkhorn, batched ``ot.solve_batch``, exact
 ``ot.emd2`` as reg -> 0), weights and marginals, gradients (gradcheck, envelope theorem), numerical stability (small reg,
-extreme padding, empty pairs, fp16/bf16, autocast, NaN padding), early stopping, input validation and batch invariance."""
+extreme padding, empty pairs, fp16/bf16, autocast, NaN padding), early stopping, convergence diagnostics, input
+validation and batch invariance; the Sinkhorn divergence's limits (sentence-level MSE as reg -> inf, exact OT as
+reg -> 0), positivity, padding invariance; pairwise costs."""
 
 from __future__ import annotations
+
+import logging
 
 import ot
 import pytest
 import torch
 from torch.nn.functional import cosine_similarity
 
-from optical_hf.ot import OTResult, sinkhorn, uniform_weights
+import optical_hf.ot as ot_module
+from optical_hf.ot import OTResult, pairwise_cost, sinkhorn, sinkhorn_divergence, uniform_weights
 
 # Tolerances. In float64 both solvers run the same log-domain fixed-point iteration, so once converged (marginal error
 # far below 1e-10) plans agree to rounding: 1e-8 absolute on plan entries of size ~1/(n*m) ~ 1e-2 leaves a wide margin.
@@ -439,15 +444,21 @@ def test_check_every_does_not_change_a_full_run():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(reg=0.0), r"`reg` must be > 0, got 0.0"),
-        (dict(reg=-0.1), r"`reg` must be > 0, got -0.1"),
+        (dict(reg=0.0), r"`reg` must be a finite number > 0, got 0.0"),
+        (dict(reg=-0.1), r"`reg` must be a finite number > 0, got -0.1"),
+        (dict(reg=float("nan")), r"`reg` must be a finite number > 0, got nan"),
+        (dict(reg=float("inf")), r"`reg` must be a finite number > 0, got inf"),
+        (dict(n_iters=0), r"`n_iters` must be an integer >= 1, got 0"),
+        (dict(check_every=0), r"`check_every` must be an integer >= 1, got 0"),
+        (dict(tol=float("nan")), r"`tol` must be a finite number >= 0 or None, got nan"),
         (dict(source_mask=torch.ones(2, 4, dtype=torch.bool)), r"masks must have shapes \(2, 3\) and \(2, 5\)"),
         (dict(target_mask=torch.ones(2, 3, dtype=torch.bool)), r"got \(2, 3\) and \(2, 3\)"),
         (dict(grad="implicit"), r"`grad` must be 'envelope' or 'autodiff', got 'implicit'"),
         (dict(backend="jax"), r"`backend` must be 'torch' or 'pot', got 'jax'"),
         (dict(backend="pot", grad="autodiff"), r"backend='pot' supports grad='envelope' only"),
     ],
-    ids=["reg-zero", "reg-negative", "source-mask-shape", "target-mask-shape", "grad", "backend", "pot-autodiff"],
+    ids=["reg-zero", "reg-negative", "reg-nan", "reg-inf", "n_iters-zero", "check_every-zero", "tol-nan",
+         "source-mask-shape", "target-mask-shape", "grad", "backend", "pot-autodiff"],
 )
 def test_invalid_arguments_raise(kwargs, match):
     cost = torch.rand(2, 3, 5)
@@ -474,3 +485,179 @@ def test_padded_batch_equals_each_pair_alone(dtype, atol, grad_mode):
         alone = sinkhorn(c, reg=0.05, n_iters=20, grad=grad_mode)
         torch.testing.assert_close(block(res.plan, k, source_mask, target_mask), alone.plan[0], atol=atol, rtol=0)
         torch.testing.assert_close(res.cost[k], alone.cost[0], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_cost_between_real_tokens_raises(bad):
+    cost, source_mask, target_mask = padded_instance("uniform")
+    k = 2
+    i, j = source_mask[k].nonzero()[0].item(), target_mask[k].nonzero()[0].item()
+    cost[k, i, j] = bad
+    with pytest.raises(ValueError, match=r"NaN or inf entries between real tokens in pair\(s\) \[2\]"):
+        sinkhorn(cost, source_mask, target_mask)
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    x[1, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"pair\(s\) \[1\]"):
+        sinkhorn_divergence(x, None, torch.randn(2, 5, 4, dtype=torch.float64), None, reg=0.1)
+
+
+# 9. Convergence diagnostics.
+
+
+def test_result_reports_iterations_and_marginal_error(monkeypatch):
+    cost, source_mask, target_mask = padded_instance("cosine")
+    a = uniform_weights(source_mask, dtype=torch.float64)
+    few = sinkhorn(cost, source_mask, target_mask, reg=0.01, n_iters=3)
+    assert few.n_iters == 3
+    torch.testing.assert_close(few.marginal_error, (few.plan.sum(dim=2) - a).abs().sum(dim=1), atol=1e-12, rtol=0)
+    assert few.marginal_error.max() > ot_module.UNCONVERGED_L1, "3 iterations at reg 0.01 must not converge"
+    calls = count_iterations(monkeypatch)
+    early = sinkhorn(cost, source_mask, target_mask, reg=0.1, n_iters=5000, tol=1e-10, check_every=10)
+    assert early.n_iters == calls[0] // 2 < 5000 and early.n_iters % 10 == 0
+    assert early.marginal_error.max() < 1e-10
+    assert few.reg.shape == (BATCH,) and torch.all(few.reg == 0.01)
+
+
+def test_unconverged_warning_fires_once_per_process(monkeypatch, caplog):
+    monkeypatch.setattr(ot_module, "_warned_unconverged", False)
+    cost, source_mask, target_mask = padded_instance("cosine")
+    with caplog.at_level(logging.WARNING, logger="optical_hf.ot"):
+        sinkhorn(cost, source_mask, target_mask, reg=1.0, n_iters=500)  # converged: no warning
+        assert not caplog.records
+        for _ in range(2):
+            sinkhorn(cost, source_mask, target_mask, reg=0.01, n_iters=3)
+        sinkhorn_divergence(torch.randn(2, 9, 4), None, torch.randn(2, 7, 4), None, reg=1e-3, n_iters=2)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "after 3 iterations at reg=eps=0.01" in message and "Raise n_iters" in message
+
+
+# 10. Relative reg and the regularised value.
+
+
+def test_relative_reg_scales_with_the_cost():
+    cost, source_mask, target_mask = padded_instance("cosine")
+    a = uniform_weights(source_mask, dtype=torch.float64)
+    b = uniform_weights(target_mask, dtype=torch.float64)
+    res = sinkhorn(cost, source_mask, target_mask, reg=0.1, relative_reg=True, n_iters=500)
+    masked = cost.masked_fill(~(source_mask[:, :, None] & target_mask[:, None, :]), 0)
+    torch.testing.assert_close(res.reg, 0.1 * torch.einsum("bn,bnm,bm->b", a, masked, b))
+    scaled = sinkhorn(1000 * cost, source_mask, target_mask, reg=0.1, relative_reg=True, n_iters=500)
+    torch.testing.assert_close(scaled.plan, res.plan, atol=1e-10, rtol=0)
+
+
+def test_value_is_the_regularised_objective_with_the_plan_as_gradient():
+    cost, source_mask, target_mask = padded_instance("cosine")
+    reg = 0.1
+    cost.requires_grad_(True)
+    res = sinkhorn(cost, source_mask, target_mask, reg=reg, n_iters=1000)
+    # KL(P | a (x) b) = sum P log P + H(a) + H(b) for a plan with marginals a, b; uniform a, b: H = log(length).
+    entropies = source_mask.sum(1).double().log() + target_mask.sum(1).double().log()
+    expected = regularised_objective(res.plan, cost.detach(), reg) + reg * entropies
+    torch.testing.assert_close(res.value.detach(), expected, atol=1e-10, rtol=0)
+    (grad,) = torch.autograd.grad(res.value.sum(), cost)
+    assert torch.equal(grad, res.plan)
+
+
+# 11. Pairwise costs.
+
+
+def test_pairwise_cost():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(pairwise_cost(x, y, "sqeuclidean"), torch.cdist(x, y) ** 2)
+    torch.testing.assert_close(pairwise_cost(x, y, "cosine"), 1 - cosine_similarity(x[:, :, None], y[:, None], dim=-1))
+    assert pairwise_cost(x.half(), y.half()).dtype == torch.float32
+    with pytest.raises(ValueError, match="`cost` must be 'cosine' or 'sqeuclidean', got 'l1'"):
+        pairwise_cost(x, y, "l1")
+
+
+# 12. The Sinkhorn divergence.
+
+
+def token_clouds(seed=0, dtype=torch.float64, dim=6):
+    """Random ``(BATCH, N, dim)`` / ``(BATCH, M, dim)`` clouds with padding and random positive weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, N, dim, generator=g, dtype=dtype)
+    y = torch.randn(BATCH, M, dim, generator=g, dtype=dtype) + 0.5
+    x_mask, y_mask = random_masks(LENGTHS, N, M, g)
+    x_weights = torch.rand(BATCH, N, generator=g, dtype=dtype) + 0.1
+    y_weights = torch.rand(BATCH, M, generator=g, dtype=dtype) + 0.1
+    return x, x_mask, x_weights, y, y_mask, y_weights
+
+
+def weighted_means(x, mask, weights):
+    return torch.einsum("bn,bnd->bd", uniform_weights(mask, weights, x.dtype), x)
+
+
+def test_divergence_large_reg_is_the_squared_distance_of_the_means():
+    x, x_mask, x_w, y, y_mask, y_w = token_clouds()
+    divergence = sinkhorn_divergence(x, x_mask, y, y_mask, reg=1e5, x_weights=x_w, y_weights=y_w, n_iters=20)
+    expected = (weighted_means(x, x_mask, x_w) - weighted_means(y, y_mask, y_w)).pow(2).sum(dim=1)
+    torch.testing.assert_close(divergence, expected, rtol=1e-3, atol=0)
+
+
+def test_small_reg_matches_exact_sqeuclidean_ot():
+    x, x_mask, _, y, y_mask, _ = token_clouds(seed=1)
+    cost = pairwise_cost(x, y, "sqeuclidean")
+    res = sinkhorn(cost, x_mask, y_mask, reg=1e-3, relative_reg=True, n_iters=5000, tol=1e-9, check_every=50)
+    for k, (ns, nt) in enumerate(LENGTHS):
+        a, b = torch.full((ns,), 1 / ns, dtype=torch.float64), torch.full((nt,), 1 / nt, dtype=torch.float64)
+        exact = ot.emd2(a, b, ot.dist(x[k][x_mask[k]], y[k][y_mask[k]]))
+        assert res.cost[k].item() == pytest.approx(exact.item(), rel=EMD_RTOL)
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
+@pytest.mark.parametrize("reg", [0.01, 0.1, 1.0])
+def test_divergence_is_nonnegative_and_zero_on_identical_inputs(cost, reg):
+    x, x_mask, x_w, y, y_mask, y_w = token_clouds(seed=2)
+    kwargs = dict(reg=reg, cost=cost, n_iters=3000, tol=1e-12)
+    result = sinkhorn_divergence(x, x_mask, y, y_mask, x_weights=x_w, y_weights=y_w, return_result=True, **kwargs)
+    assert torch.all(result.divergence > 0)
+    assert result.marginal_error.max() < 1e-12 and 0 < result.n_iters < 3000
+    same = sinkhorn_divergence(x, x_mask, x, x_mask, x_weights=x_w, y_weights=x_w, return_result=True, **kwargs)
+    # OT(a, a) solved as a cross problem (alternating updates) converges slowly to 1e-12 (it oscillates; 2e-5 left
+    # after 3000 iterations here, far below the 1e-2 warning threshold): S(a, a) is 0 up to that.
+    assert same.marginal_error.max() < 1e-4
+    torch.testing.assert_close(same.divergence, torch.zeros(BATCH, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_sqeuclidean_ot_with_weights_bounds_the_squared_distance_of_the_means():
+    """Jensen: sum P_ij |x_i - y_j|^2 >= |sum P_ij (x_i - y_j)|^2 = |mean_a x - mean_b y|^2 for any coupling."""
+    for seed in range(3):
+        x, x_mask, x_w, y, y_mask, y_w = token_clouds(seed=seed)
+        expected = (weighted_means(x, x_mask, x_w) - weighted_means(y, y_mask, y_w)).pow(2).sum(dim=1)
+        for reg in (0.05, 1.0, 1e3):
+            res = sinkhorn(pairwise_cost(x, y, "sqeuclidean"), x_mask, y_mask, reg=reg, relative_reg=True,
+                           source_weights=x_w, target_weights=y_w, n_iters=2000)
+            assert res.marginal_error.max() < 1e-9
+            assert torch.all(res.cost >= expected)
+
+
+@pytest.mark.parametrize("grad_mode", ["envelope", "autodiff"])
+def test_divergence_padded_batch_equals_each_pair_alone(grad_mode):
+    x, x_mask, x_w, y, y_mask, y_w = token_clouds(seed=3)
+    x_nan = x.masked_fill(~x_mask[..., None], float("nan"))  # padding may hold anything
+    kwargs = dict(reg=0.05, n_iters=20, grad=grad_mode)
+    padded = sinkhorn_divergence(x_nan, x_mask, y, y_mask, x_weights=x_w, y_weights=y_w, **kwargs)
+    assert torch.isfinite(padded).all()
+    for k in range(BATCH):
+        alone = sinkhorn_divergence(
+            x[k][x_mask[k]][None], None, y[k][y_mask[k]][None], None, x_weights=x_w[k][x_mask[k]][None],
+            y_weights=y_w[k][y_mask[k]][None], **kwargs,
+        )
+        torch.testing.assert_close(padded[k], alone[0], atol=1e-12, rtol=0)
+
+
+def test_divergence_gradient_and_empty_pairs():
+    x, x_mask, _, y, y_mask, _ = token_clouds(seed=4)
+    x_mask[1] = False
+    x.requires_grad_(True)
+    divergence = sinkhorn_divergence(x, x_mask, y, y_mask, reg=0.1, n_iters=300)
+    assert divergence[1].item() == 0.0
+    (grad,) = torch.autograd.grad(divergence.sum(), x)
+    assert torch.isfinite(grad).all() and torch.all(grad[1] == 0) and grad[0].abs().sum() > 0
+    # moving x towards y along the gradient lowers the divergence
+    with torch.no_grad():
+        lower = sinkhorn_divergence(x - 0.01 * grad, x_mask, y, y_mask, reg=0.1, n_iters=300)
+    assert torch.all(lower[[0, 2, 3]] < divergence.detach()[[0, 2, 3]])

@@ -111,3 +111,20 @@ def test_collator_masks(model_dirs):
     assert batch["source_content_mask"].sum() > 0 and not batch["source_content_mask"][:, 0].any()
     with pytest.raises(KeyError, match="english"):
         BitextCollator(student_tok, teacher_tok, target_column="english")([{"source": "x", "target": "y"}])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_trains_with_debiased_sqeuclidean_pooling_ot(model_dirs, bitext, tmp_path, pooling):
+    config = OTLossConfig(cost="sqeuclidean", marginals="pooling", debias=True, contrastive_weight=0.1)
+    trainer = _trainer(model_dirs, bitext, tmp_path, loss_config=config, pooling=pooling, args={"max_steps": 10})
+    batch = trainer.data_collator([bitext[i] for i in range(4)])
+    weights = trainer._marginal(batch, "source")
+    with torch.no_grad():
+        tokens = trainer.model(**{k[len("source_"):]: v for k, v in batch.items()
+                                  if k.startswith("source_") and k != "source_content_mask"}).last_hidden_state
+    pooled = torch.einsum("bn,bnd->bd", weights, tokens)
+    torch.testing.assert_close(pooled, trainer._pool(tokens, batch["source_attention_mask"]), atol=1e-5, rtol=1e-5)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert {"ot", "contrastive"} <= set(logs[0])
+    assert logs[-1]["loss"] < logs[0]["loss"]
