@@ -81,6 +81,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
 from optical_hf import (  # noqa: E402
     OTDistillationDataCollator,
     OTDistillationLoss,
+    OTLossConfig,
     bitext_from_pairs,
     build_teacher_cache,
     load_bitext,
@@ -372,6 +373,15 @@ def parse_override(value: str) -> tuple[str, Any]:
         return key, raw
 
 
+def ot_config(overrides: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """Every ``OTLossConfig`` field with ``overrides`` applied: stored whole, so a later change of the library's
+    defaults never matches (and skips) a run made with the old ones."""
+    try:
+        return tuple(asdict(OTLossConfig(**dict(overrides))).items())
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"quality.py: --loss {' '.join(f'{k}={v}' for k, v in overrides)}: {error}") from None
+
+
 def record_key(**fields: Any) -> str:
     """Stable id of a run: a hash of everything that defines its result."""
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -439,7 +449,7 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                 config = TrainConfig(
                     epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                     warmup=args.warmup, seed=seed, max_seq_length=args.max_seq_length,
-                    freeze_embeddings=args.freeze_embeddings, loss=tuple(args.loss) if method == "ot" else (),
+                    freeze_embeddings=args.freeze_embeddings, loss=ot_config(args.loss) if method == "ot" else (),
                 )
                 key = record_key(**base, method=method, pairs=sample_size, config=asdict(config),
                                  doc_max_length=args.doc_max_length)
