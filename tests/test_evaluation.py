@@ -13,8 +13,11 @@ import pytest
 import torch
 import transformers
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+from sentence_transformers.sentence_transformer.modules import Pooling, StaticEmbedding, Transformer
+from tokenizers import Tokenizer, models, pre_tokenizers
 
+import optical_hf.evaluation
 from optical_hf.corpora import RetrievalData
 from optical_hf.evaluation import (
     BitextRetrievalEvaluator,
@@ -52,6 +55,20 @@ def build_tiny_model(folder: Path, seed: int) -> SentenceTransformer:
     transformers.BertModel(config).save_pretrained(folder)
     transformer = Transformer(str(folder), max_seq_length=64)
     return SentenceTransformer(modules=[transformer, Pooling(32, "mean")], device="cpu")
+
+
+def static_model(vectors: dict[str, list[float]]) -> SentenceTransformer:
+    """A SentenceTransformer embedding each whitespace-separated word as ``vectors[word]`` (mean over words)."""
+    vocab = {"[UNK]": 0, **{word: index for index, word in enumerate(vectors, start=1)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    weights = torch.tensor([[0.0] * len(next(iter(vectors.values()))), *vectors.values()])
+    return SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_weights=weights)], device="cpu")
+
+
+def encoded_texts(call: mock._Call) -> list[str]:
+    """The texts of one ``SentenceTransformer.encode`` call (``inputs``, by keyword or position)."""
+    return list(call.kwargs["inputs"] if "inputs" in call.kwargs else call.args[0])
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +190,9 @@ def test_evaluate_clir_uses_each_model_and_prompt(teacher, student):
         metrics = evaluate_clir(
             student, teacher, data, query_prompt="query: ", doc_prompt="passage: ", show_progress_bar=False
         )
-    assert student_encode.call_args.args[0] == list(QUERIES.values())
+    assert encoded_texts(student_encode.call_args) == list(QUERIES.values())
     assert student_encode.call_args.kwargs["prompt"] == "query: "
-    assert teacher_encode.call_args.args[0] == list(DOCS.values())
+    assert encoded_texts(teacher_encode.call_args) == list(DOCS.values())
     assert teacher_encode.call_args.kwargs["prompt"] == "passage: "
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     assert metrics["recall@100"] == pytest.approx(1.0)  # every document is retrieved from a corpus of 5
@@ -198,9 +215,11 @@ def test_clir_evaluator_caches_documents_and_prefixes_metrics(teacher, student, 
     with mock.patch.object(teacher, "encode", wraps=teacher.encode) as teacher_encode:
         perfect = evaluator(teacher, output_path=str(tmp_path), epoch=1, steps=10)
         other = evaluator(student, output_path=str(tmp_path), epoch=2, steps=20)
-    # one call for the corpus, one for the queries of the first evaluation; none for the corpus again
+    # one call for the queries of the first evaluation, one for the corpus; none for the corpus again
     assert teacher_encode.call_count == 2
-    assert [call.args[0] for call in teacher_encode.call_args_list] == [list(DOCS.values()), [DOCS["d1"], DOCS["d3"]]]
+    assert [encoded_texts(call) for call in teacher_encode.call_args_list] == [
+        [DOCS["d1"], DOCS["d3"]], list(DOCS.values())
+    ]
     assert evaluator.primary_metric == "toy_mrr@10"
     assert set(perfect) == {f"toy_{key}" for key in ("mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100")}
     assert perfect["toy_mrr@10"] == pytest.approx(1.0)
@@ -214,6 +233,50 @@ def test_clir_evaluator_caches_documents_and_prefixes_metrics(teacher, student, 
 def test_clir_evaluator_rejects_empty_corpus(teacher):
     with pytest.raises(ValueError, match="0 documents"):
         CLIREvaluator(RetrievalData(queries={"q": "x"}, corpus={}, qrels={"q": {"d": 1}}), teacher)
+    with pytest.raises(ValueError, match="none of the 1 queries has a relevant document"):
+        CLIREvaluator(RetrievalData(queries={"q": "x"}, corpus={"d": "y"}, qrels={"q": {"d": 0}}), teacher)
+
+
+def test_clir_evaluator_ranks_with_semantic_search_teacher_corpus_once(monkeypatch):
+    # Hand-checkable: 2-d word vectors; the teacher embeds the English documents, the student the queries.
+    teacher = static_model({"east": [1.0, 0.0], "north": [0.0, 1.0], "northeast": [1.0, 1.0]})
+    student = static_model({"kaskazini": [0.0, 1.0], "mashariki": [1.0, 0.2], "magharibi": [-1.0, 0.0]})
+    data = RetrievalData(
+        queries={"q1": "kaskazini", "q2": "mashariki", "q3": "magharibi", "q4": "kaskazini"},
+        corpus={"east": "east", "north": "north", "ne": "northeast"},
+        qrels={"q1": {"ne": 1}, "q2": {"east": 1}, "q3": {"east": 1}, "q4": {"north": 0}},  # q4: no relevant doc
+    )
+    rankings = []
+
+    def spy(*args, **kwargs):
+        rankings.append(optical_hf.evaluation.semantic_search.__wrapped__(*args, **kwargs))
+        return rankings[-1]
+
+    spy.__wrapped__ = optical_hf.evaluation.semantic_search
+    monkeypatch.setattr(optical_hf.evaluation, "semantic_search", spy)
+    evaluator = CLIREvaluator(data, teacher, name="compass")
+    assert isinstance(evaluator, InformationRetrievalEvaluator)
+    with (
+        mock.patch.object(teacher, "encode", wraps=teacher.encode) as teacher_encode,
+        mock.patch.object(student, "encode", wraps=student.encode) as student_encode,
+    ):
+        first = evaluator(student)
+        second = evaluator(student)
+    assert teacher_encode.call_count == 1 and encoded_texts(teacher_encode.call_args) == ["east", "north", "northeast"]
+    assert student_encode.call_count == 2 and encoded_texts(student_encode.call_args) == [
+        "kaskazini", "mashariki", "magharibi"
+    ]
+    # cosines: q1 (0, 1): north 1 > ne .71 > east 0; q2 (1, .2): east .98 > ne .83 > north .20;
+    # q3 (-1, 0): north 0 > ne -.71 > east -1
+    corpus_ids = ["east", "north", "ne"]
+    assert [[corpus_ids[hit["corpus_id"]] for hit in hits] for hits in rankings[0]] == [
+        ["north", "ne", "east"], ["east", "ne", "north"], ["north", "ne", "east"]
+    ]
+    assert len(rankings) == 2 and first == second
+    assert first["compass_mrr@10"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 3)
+    assert first["compass_recall@1"] == pytest.approx(1 / 3)
+    assert first["compass_ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 + 1 / math.log2(4)) / 3)
+    assert evaluator.primary_metric == "compass_mrr@10"
 
 
 # ---- bitext -------------------------------------------------------------------------------------------------------
