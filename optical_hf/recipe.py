@@ -21,6 +21,7 @@ import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.evaluation import SequentialEvaluator
+from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
@@ -262,8 +263,12 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
     logger.info("Training on %d pairs, evaluating on %d held-out pairs", len(train), len(evaluation))
 
     prompts = {"source_prompt": args.query_prompt, "target_prompt": args.query_prompt}
+    prompt = args.query_prompt or ""
     evaluators = [BitextRetrievalEvaluator(evaluation["source"], evaluation["target"], teacher, name="heldout",
-                                           show_progress_bar=True, **prompts)]
+                                           show_progress_bar=True, **prompts),
+                  # make_multilingual's metric: the student's sources vs the teacher's English targets
+                  MSEEvaluator([prompt + text for text in evaluation["target"]],
+                               [prompt + text for text in evaluation["source"]], teacher, name="heldout-mse")]
     if args.eval_beir:
         evaluators.append(CLIREvaluator(load_beir(args.eval_beir, args.eval_beir_split), teacher, name="clir",
                                         query_prompt=args.query_prompt, doc_prompt=args.document_prompt,

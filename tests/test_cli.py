@@ -392,7 +392,9 @@ def test_distill_end_to_end(front_end, extra, model_dirs, data, tmp_path, capsys
     info = json.loads((out / "optical_hf.json").read_text(encoding="utf-8"))
     assert (out / "README.md").is_file()
     card_metrics = {row["metric_type"]: row["value"] for row in info["metrics"]}
-    assert card_metrics == {key.removeprefix("heldout_"): value for key, value in result["after"].items()}
+    retrieval_after = {key: value for key, value in result["after"].items() if key.startswith("heldout_")}
+    assert card_metrics == {key.removeprefix("heldout_"): value for key, value in retrieval_after.items()}
+    assert set(result["after"]) == {*retrieval_after, "heldout-mse_negative_mse"}
     assert info["training"]["before_heldout_p@1"] == round(result["before"]["heldout_p@1"], 4)
     assert info["training"]["front_end"] == front_end and info["training"]["steps"] == 4
     assert info["training"]["lora"] is bool(extra)
@@ -405,7 +407,11 @@ def test_distill_end_to_end(front_end, extra, model_dirs, data, tmp_path, capsys
     reloaded = SentenceTransformer(str(out), device="cpu")
     teacher = recipe.load_sentence_transformer(str(model_dirs["teacher"]), "--teacher")
     scores = bitext_retrieval(reloaded, teacher, heldout["source"], heldout["target"])
-    assert {f"heldout_{key}": value for key, value in scores.items()} == pytest.approx(result["after"])
+    assert {f"heldout_{key}": value for key, value in scores.items()} == pytest.approx(retrieval_after)
+    # make_multilingual's MSE (x100) of the student's sources against the teacher's English targets, negated
+    mse = 100 * ((reloaded.encode(heldout["source"]) - teacher.encode(heldout["target"])) ** 2).mean()
+    assert result["after"]["heldout-mse_negative_mse"] == pytest.approx(-mse, rel=1e-4)
+    assert result["before"]["heldout-mse_negative_mse"] != pytest.approx(-mse, rel=1e-4)
 
 
 def test_distill_push_to_hub(model_dirs, data, tmp_path, monkeypatch, capsys, hub):
