@@ -7,6 +7,7 @@ Distillation", WSDM 2023 (arXiv 2301.12566).
 from .callbacks import NonFiniteLossCallback
 from .data import BitextError, bitext_from_pairs, load_bitext
 from .errors import NonFiniteLossError, OpticalInputError
+from .evaluation import BitextRetrievalEvaluator, CLIREvaluator
 from .export import add_lora, save_student
 from .losses import (
     CITATION,
@@ -26,6 +27,8 @@ __all__ = [
     "CITATION",
     "BitextCollator",
     "BitextError",
+    "BitextRetrievalEvaluator",
+    "CLIREvaluator",
     "DivergenceResult",
     "NonFiniteLossCallback",
     "NonFiniteLossError",

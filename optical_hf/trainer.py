@@ -17,8 +17,10 @@ import torch
 from datasets import Dataset
 from peft import PeftConfig, get_peft_model
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.evaluation import BaseEvaluator, SequentialEvaluator
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers.trainer_utils import EvalLoopOutput
 
 from .callbacks import NonFiniteLossCallback
 from .export import has_adapters, merged_copy, save_student, sentence_transformer_from
@@ -139,6 +141,11 @@ class OTDistillationTrainer(Trainer):
             cache). Needs ``datasets.Dataset`` train/eval sets and the default collator, else the teacher runs
             online.
         teacher_cache_dir: folder of the cache files (default ``~/.cache/optical_hf/teacher``).
+        evaluator: sentence-transformers evaluator(s) (e.g. :class:`optical_hf.evaluation.CLIREvaluator`,
+            ``MSEEvaluator``; a list runs them in sequence) run at each evaluation, after ``eval_loss``, on the student
+            as a SentenceTransformer (:meth:`student_as_sentence_transformer`); their metrics join the evaluation
+            metrics with the ``eval_`` prefix (usable as ``metric_for_best_model``). Evaluation needs an
+            ``eval_dataset``.
 
     Training stops with :class:`optical_hf.NonFiniteLossError` at the first step whose loss or gradients are NaN or
     infinite (:class:`optical_hf.callbacks.NonFiniteLossCallback`, installed by default), before the optimizer step.
@@ -182,6 +189,7 @@ class OTDistillationTrainer(Trainer):
         data_collator: Any = None,
         cache_teacher: bool = True,
         teacher_cache_dir: str | Path | None = None,
+        evaluator: BaseEvaluator | list[BaseEvaluator] | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(model, str):
@@ -215,6 +223,7 @@ class OTDistillationTrainer(Trainer):
             processing_class=processing_class, data_collator=data_collator, **kwargs,
         )
         self.add_callback(NonFiniteLossCallback)
+        self.evaluator = SequentialEvaluator(evaluator) if isinstance(evaluator, list) else evaluator
         teacher.requires_grad_(False)
         teacher.eval()
         self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
@@ -285,6 +294,24 @@ class OTDistillationTrainer(Trainer):
             self._components[mode][name].append(value.detach())
         loss = torch.stack(list(losses.values())).sum()
         return (loss, {}) if return_outputs else loss
+
+    def evaluation_loop(
+        self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """The distillation loss loop, then ``evaluator`` (if any) on the student, its metrics prefixed like the loss."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.evaluator is None:
+            return output
+        output_path = str(Path(self.args.output_dir) / "eval") if self.is_world_process_zero() else None
+        metrics = self.evaluator(
+            self.student_as_sentence_transformer(), output_path=output_path, epoch=self.state.epoch,
+            steps=self.state.global_step,
+        )
+        if not isinstance(metrics, dict):
+            metrics = {"evaluator": metrics}
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
+        return output
 
     def prediction_step(
         self, model: nn.Module, inputs: dict[str, Tensor], prediction_loss_only: bool, ignore_keys: list[str] | None = None

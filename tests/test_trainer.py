@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig
+from conftest import sentence_transformer
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
 from transformers import AutoModel, AutoTokenizer, TrainingArguments
 
 from optical_hf import BitextCollator, OTDistillationTrainer, OTLossConfig
+from optical_hf.evaluation import BitextRetrievalEvaluator, bitext_retrieval
 
 
 def _trainer(model_dirs, dataset, tmp_path, student="student", eval_dataset=None, **kwargs):
@@ -128,3 +131,26 @@ def test_trains_with_debiased_sqeuclidean_pooling_ot(model_dirs, bitext, tmp_pat
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert {"ot", "contrastive"} <= set(logs[0])
     assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def test_evaluator_metrics_join_the_eval_metrics(model_dirs, bitext, tmp_path):
+    heldout = bitext.select(range(16))
+    teacher = sentence_transformer(model_dirs["teacher"])
+    evaluators = [
+        BitextRetrievalEvaluator(heldout["source"], heldout["target"], teacher, name="heldout"),
+        MSEEvaluator(heldout["target"], heldout["source"], teacher, name="mse"),
+    ]
+    trainer = _trainer(model_dirs, bitext, tmp_path, eval_dataset=heldout, evaluator=evaluators,
+                       args={"max_steps": 4, "eval_strategy": "steps", "eval_steps": 2})
+    trainer.train()
+    evals = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert [log["step"] for log in evals] == [2, 4]
+    assert {"eval_heldout_p@1", "eval_heldout_p@1_src2tgt", "eval_mse_negative_mse"} <= set(evals[0])
+    student = trainer.student_as_sentence_transformer()
+    expected_p1 = bitext_retrieval(student, teacher, heldout["source"], heldout["target"])["p@1"]
+    expected_mse = 100 * ((student.encode(heldout["source"]) - teacher.encode(heldout["target"])) ** 2).mean()
+    assert evals[-1]["eval_heldout_p@1"] == pytest.approx(expected_p1)
+    assert evals[-1]["eval_mse_negative_mse"] == pytest.approx(-expected_mse, rel=1e-4)
+    assert evals[0]["eval_mse_negative_mse"] != evals[-1]["eval_mse_negative_mse"]  # the student being trained
+    with open(tmp_path / "run" / "eval" / "bitext_retrieval_evaluation_heldout_results.csv") as handle:
+        assert len(handle.read().splitlines()) == 3  # header + one row per evaluation
