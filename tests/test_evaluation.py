@@ -246,13 +246,12 @@ def test_clir_evaluator_ranks_with_semantic_search_teacher_corpus_once(monkeypat
         corpus={"east": "east", "north": "north", "ne": "northeast"},
         qrels={"q1": {"ne": 1}, "q2": {"east": 1}, "q3": {"east": 1}, "q4": {"north": 0}},  # q4: no relevant doc
     )
-    rankings = []
+    rankings, semantic_search = [], optical_hf.evaluation.semantic_search
 
     def spy(*args, **kwargs):
-        rankings.append(optical_hf.evaluation.semantic_search.__wrapped__(*args, **kwargs))
+        rankings.append(semantic_search(*args, **kwargs))
         return rankings[-1]
 
-    spy.__wrapped__ = optical_hf.evaluation.semantic_search
     monkeypatch.setattr(optical_hf.evaluation, "semantic_search", spy)
     evaluator = CLIREvaluator(data, teacher, name="compass")
     assert isinstance(evaluator, InformationRetrievalEvaluator)
