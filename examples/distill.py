@@ -8,10 +8,12 @@ prints the held-out bitext-retrieval accuracy before and after, and writes ./opt
     accelerate launch examples/distill.py --teacher sentence-transformers/all-MiniLM-L6-v2 \
         --student intfloat/multilingual-e5-small --bitext train.sw --bitext_target train.en --language sw \
         --bf16 --max_steps 2000 --push_to_hub --hub_model_id my-org/optical-e5-sw
+    accelerate launch --multi_gpu --num_processes 2 examples/distill.py ...   # 2 CPU processes (or torchrun)
 
 This is ``optical-hf distill`` (the recipe in optical_hf/recipe.py: ``build_parser`` and ``run``), with its one-line
-error messages and exit statuses (OPTICAL_HF_DEBUG=1 shows tracebacks). Every flag: python examples/distill.py --help
-(OT options, LoRA, front end, and all Trainer arguments).
+error messages and exit statuses (OPTICAL_HF_DEBUG=1 shows tracebacks) and its logging (INFO on the main process;
+--log_level / --log_level_replica as in the Hugging Face example scripts). Every flag: python examples/distill.py
+--help (OT options, LoRA, front end, and all Trainer arguments).
 """
 
 import sys

@@ -2,51 +2,58 @@
 
 Huang, Yu & Allan, "Improving Cross-lingual Information Retrieval on Low-Resource Languages via Optimal Transport
 Distillation", WSDM 2023 (arXiv 2301.12566).
+
+The public names below are imported from their submodules on first use (PEP 562), so that ``import optical_hf`` and
+``optical-hf --help`` do not load torch and transformers.
 """
 
-from .callbacks import NonFiniteLossCallback
-from .data import BitextError, bitext_from_pairs, load_bitext
-from .errors import NonFiniteLossError, OpticalInputError
-from .evaluation import BitextRetrievalEvaluator, CLIREvaluator
-from .export import add_lora, save_student
-from .losses import (
-    CITATION,
-    OTDistillationDataCollator,
-    OTDistillationLoss,
-    OTLossConfig,
-    distillation_losses,
-    pooling_weights,
-)
-from .ot import DivergenceResult, OTResult, pairwise_cost, sinkhorn, sinkhorn_divergence
-from .teacher_cache import TeacherCache, build_teacher_cache
-from .trainer import BitextCollator, OTDistillationTrainer
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CITATION",
-    "BitextCollator",
-    "BitextError",
-    "BitextRetrievalEvaluator",
-    "CLIREvaluator",
-    "DivergenceResult",
-    "NonFiniteLossCallback",
-    "NonFiniteLossError",
-    "OTDistillationDataCollator",
-    "OTDistillationLoss",
-    "OTDistillationTrainer",
-    "OTLossConfig",
-    "OTResult",
-    "OpticalInputError",
-    "TeacherCache",
-    "add_lora",
-    "bitext_from_pairs",
-    "build_teacher_cache",
-    "distillation_losses",
-    "load_bitext",
-    "pairwise_cost",
-    "pooling_weights",
-    "save_student",
-    "sinkhorn",
-    "sinkhorn_divergence",
-]
+#: Public name -> submodule that defines it.
+_EXPORTS = {
+    "CITATION": "losses",
+    "BitextCollator": "trainer",
+    "BitextError": "data",
+    "BitextRetrievalEvaluator": "evaluation",
+    "CLIREvaluator": "evaluation",
+    "DivergenceResult": "ot",
+    "NonFiniteLossCallback": "callbacks",
+    "NonFiniteLossError": "errors",
+    "OTDistillationDataCollator": "losses",
+    "OTDistillationLoss": "losses",
+    "OTDistillationTrainer": "trainer",
+    "OTLossConfig": "losses",
+    "OTResult": "ot",
+    "OpticalInputError": "errors",
+    "TeacherCache": "teacher_cache",
+    "add_lora": "export",
+    "bitext_from_pairs": "data",
+    "build_teacher_cache": "teacher_cache",
+    "distillation_losses": "losses",
+    "load_bitext": "data",
+    "pairwise_cost": "ot",
+    "pooling_weights": "losses",
+    "save_student": "export",
+    "sinkhorn": "ot",
+    "sinkhorn_divergence": "ot",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule defining the public ``name`` on first access and cache the value in this module."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

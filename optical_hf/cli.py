@@ -14,30 +14,19 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
-from .corpora import flores_pairs, load_afriqa_gold, load_beir
-from .data import load_bitext
 from .errors import NonFiniteLossError, OpticalInputError
-from .evaluation import bitext_retrieval, evaluate_clir, format_metrics_table
-from .hub import HubPushError, push_student
-from .model_card import CARD_INFO_NAME, StudentCardInfo
-from .recipe import (
-    PACKAGED_TEACHER_ID,
-    build_parser,
-    load_sentence_transformer,
-    packaged_teacher_path,
-    run,
-    use_cpu_processes_if_no_gpu,
-)
+
+# torch, transformers and the rest are imported inside the commands, so that --help and --version answer at once.
 
 PROG = "optical-hf"
 EXIT_PUSH_FAILED = 1
@@ -52,8 +41,17 @@ INPUT_ERRORS = (
 TASKS = ("bitext", "beir", "afriqa", "flores")
 
 
+def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`optical_hf.recipe.run`, imported on first use."""
+    from .recipe import run
+
+    return run(*args, **kwargs)
+
+
 def _distill(argv: list[str]) -> None:
     """Parse ``argv`` with the recipe's HfArgumentParser (the flags of examples/distill.py) and run it."""
+    from .recipe import build_parser, use_cpu_processes_if_no_gpu
+
     parser = build_parser()
     parser.prog = f"{PROG} distill"
     use_cpu_processes_if_no_gpu()
@@ -67,6 +65,8 @@ def _distill(argv: list[str]) -> None:
 
 def _card_defaults(model: str) -> StudentCardInfo | None:
     """The ``optical_hf.json`` of a local student folder ``--model``, or None when it has none."""
+    from .model_card import CARD_INFO_NAME, StudentCardInfo
+
     if not (Path(model) / CARD_INFO_NAME).is_file():
         return None
     try:
@@ -78,6 +78,8 @@ def _card_defaults(model: str) -> StudentCardInfo | None:
 def _card_teacher(card: StudentCardInfo) -> str:
     """The teacher named by a student card; the packaged copy of all-MiniLM-L6-v2 when the card names it and it is
     installed (so that evaluation works offline)."""
+    from .recipe import PACKAGED_TEACHER_ID, packaged_teacher_path
+
     if card.teacher == PACKAGED_TEACHER_ID:
         with contextlib.suppress(OpticalInputError):
             return packaged_teacher_path()
@@ -90,6 +92,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     The teacher and the prompts default to those of ``--model``'s ``optical_hf.json`` (a student folder written by
     ``optical-hf distill``); flags override them.
     """
+    from .corpora import flores_pairs, load_afriqa_gold, load_beir
+    from .data import load_bitext
+    from .evaluation import bitext_retrieval, evaluate_clir, format_metrics_table
+    from .recipe import load_sentence_transformer, packaged_teacher_path
+
     if args.oracle and not args.afriqa:
         raise OpticalInputError("--oracle needs --afriqa (the English query translations come from AfriQA)")
     if args.bitext_target and not args.bitext:
@@ -132,6 +139,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _push(args: argparse.Namespace) -> None:
     """Upload a student folder with :func:`optical_hf.hub.push_student`; print the commit URL."""
+    from .hub import push_student
+
     try:
         url = push_student(
             args.folder, args.repo_id, adapter_only=args.adapter_only, base_model=args.base_model,
@@ -206,20 +215,13 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
     return parser, {"distill": distill, "evaluate": _evaluate_parser(commands), "push": _push_parser(commands)}
 
 
-@contextlib.contextmanager
-def _info_logging() -> Iterator[None]:
-    """Show optical_hf's INFO messages (data, evaluation and push progress) on stderr while a command runs."""
-    package_logger = logging.getLogger("optical_hf")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(levelname)s|%(name)s] %(message)s"))
-    level = package_logger.level
-    package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        package_logger.removeHandler(handler)
-        package_logger.setLevel(level)
+def _exit_status(err: Exception) -> int | None:
+    """The exit status of an expected error (a failed upload, bad input), None for a bug."""
+    if isinstance(err, INPUT_ERRORS):
+        return EXIT_BAD_INPUT
+    from .hub import HubPushError  # imported already when `push` raised it
+
+    return EXIT_PUSH_FAILED if isinstance(err, HubPushError) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,22 +231,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "distill" and rest:
         subparsers[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     debug = args.debug or os.environ.get("OPTICAL_HF_DEBUG", "").lower() in ("1", "true", "yes")
-    with _info_logging():
-        try:
-            if args.command == "distill":
-                _distill(rest)
-            elif args.command == "evaluate":
+    try:
+        if args.command == "distill":
+            _distill(rest)  # logging from the training args (--log_level, --log_level_replica), as in run()
+        else:
+            from .recipe import setup_logging
+
+            setup_logging(logging.INFO)
+            if args.command == "evaluate":
                 _evaluate(args)
             else:
                 _push(args)
-        except HubPushError as err:
-            if debug:
-                raise
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-            return EXIT_PUSH_FAILED
-        except INPUT_ERRORS as err:
-            if debug:
-                raise
-            print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, even for wrapped errors
-            return EXIT_BAD_INPUT
+    except Exception as err:
+        status = _exit_status(err)
+        if status is None or debug:
+            raise
+        message = str(err) if status == EXIT_PUSH_FAILED else " ".join(str(err).split())  # input errors: one line
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return status
     return 0

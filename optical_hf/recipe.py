@@ -13,11 +13,14 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.evaluation import SequentialEvaluator
@@ -235,6 +238,16 @@ def last_complete_checkpoint(output_dir: Path) -> str:
     raise OpticalInputError(f"--resume_from_checkpoint: no complete checkpoint-* folder in {output_dir}")
 
 
+def setup_logging(log_level: int) -> None:
+    """Log optical_hf, transformers and datasets at ``log_level`` on stderr, as the Hugging Face example scripts do."""
+    logging.basicConfig(format="[%(levelname)s|%(name)s] %(message)s", handlers=[logging.StreamHandler(sys.stderr)])
+    logging.getLogger("optical_hf").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
 def run(args: DistillArguments, training_args: SentenceTransformerTrainingArguments) -> dict[str, Any]:
     """Distill, evaluate before/after, save the student folder (with card) and push it if asked.
 
@@ -245,6 +258,9 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
         OpticalInputError: a bad flag, file or model path (before any training).
         NonFiniteLossError: the loss or gradients became NaN/infinite; nothing is saved or pushed.
     """
+    if training_args.should_log:  # --log_level passive (the default) then means INFO on the main process
+        transformers.utils.logging.set_verbosity_info()
+    setup_logging(training_args.get_process_log_level())  # --log_level, --log_level_replica (WARNING by default)
     set_seed(training_args.seed)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the final folder ourselves
     if push and not training_args.hub_model_id:
@@ -325,8 +341,8 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
             model_id=training_args.hub_model_id if push else None,
         )
         save_student(final, output_dir, adapter_model=adapter_model, card=card)
-    print(format_metrics_table({"untrained student": before, "distilled student": after}))
-    print(f"Student saved to {output_dir}")
+        print(format_metrics_table({"untrained student": before, "distilled student": after}))
+        print(f"Student saved to {output_dir}")
     commit_url = None
     if push and trainer.is_world_process_zero():
         commit_url = push_student(
@@ -342,7 +358,20 @@ def use_cpu_processes_if_no_gpu() -> None:
     """Under ``torchrun``/``accelerate launch`` on a machine without GPU, make transformers see the CPU processes.
 
     transformers only detects a multi-process CPU run when ``ACCELERATE_USE_CPU`` is set (``accelerate launch --cpu``
-    sets it; ``torchrun`` does not).
+    sets it; ``torchrun`` does not). Without ``--multi_gpu``, ``accelerate launch --num_processes N`` starts a single
+    process on such a machine (it sets ``MASTER_ADDR`` but no ``WORLD_SIZE``): a warning then gives the flags to use.
     """
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torch.cuda.is_available():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    elif "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ and not _mpi_world():
+        logger.warning(
+            "accelerate launch started a single process: without GPU, `--num_processes N` needs `--multi_gpu` "
+            "(`accelerate launch --multi_gpu --num_processes N ...`, or `torchrun --nproc_per_node N ...`)"
+        )
+
+
+def _mpi_world() -> bool:
+    """Whether an MPI launcher (``accelerate launch --mpirun_hostfile``) started this process."""
+    return any(name in os.environ for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))

@@ -1,13 +1,15 @@
 """``OTDistillationTrainer``: OPTICAL distillation for plain ``AutoModel`` students with ``transformers.Trainer``.
 
-Modelled on TRL's distillation trainers: the teacher lives beside the student (prepared by the Accelerator for
-device placement and mixed precision, never wrapped in DDP, never given to the optimizer) and only
+Modelled on TRL's distillation trainers: the teacher lives beside the student (prepared as TRL prepares its
+teacher/reference models: by the Accelerator for device placement and mixed precision, as a DeepSpeed engine under
+DeepSpeed, an unsharded copy on each rank under FSDP; never wrapped in DDP, never given to the optimizer) and only
 ``compute_loss`` changes. The objective is :func:`optical_hf.losses.distillation_losses`, shared with the
 sentence-transformers front end (:class:`optical_hf.losses.OTDistillationLoss`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from peft import PeftConfig, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation import BaseEvaluator, SequentialEvaluator
 from torch import Tensor, nn
@@ -224,12 +226,37 @@ class OTDistillationTrainer(Trainer):
         )
         self.add_callback(NonFiniteLossCallback)
         self.evaluator = SequentialEvaluator(evaluator) if isinstance(evaluator, list) else evaluator
+        self.teacher = self._prepare_teacher(teacher)
+        self._components: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if cache_teacher and self._zero3:
+            logger.info("Teacher outputs not cached under DeepSpeed ZeRO-3 (its forward gathers partitioned weights on "
+                        "every rank at once): the teacher runs at every step")
+        elif cache_teacher:
+            self._cache_teacher_outputs(teacher_cache_dir)
+
+    @property
+    def _zero3(self) -> bool:
+        """Whether DeepSpeed ZeRO-3 partitions the parameters across ranks."""
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """The frozen teacher ready for the forward passes, as TRL prepares its teacher and reference models.
+
+        DeepSpeed: an inference engine with the training's config (ZeRO-3 partitions it like the student; other
+        stages keep a full copy per rank). FSDP: an unsharded copy on each rank's device (``prepare_model`` moves no
+        model under FSDP; the teacher only runs forward, mostly once to fill the cache). Otherwise the Accelerator's
+        device placement and mixed precision, without DDP.
+
+        Not run by the tests: deepspeed is not a dependency, and accelerate's FSDP plugin refuses machines without
+        GPU (``FullyShardedDataParallelPlugin``: "no available devices found"), so FSDP cannot run on 2 CPU processes.
+        """
         teacher.requires_grad_(False)
         teacher.eval()
-        self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        self._components: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        if cache_teacher:
-            self._cache_teacher_outputs(teacher_cache_dir)
+        if self.is_deepspeed_enabled:
+            return _deepspeed_inference_engine(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            teacher.to(self.accelerator.device)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def _cache_teacher_outputs(self, cache_dir: str | Path | None) -> None:
         """Encode the English side of the train and eval sets once (main process first) for the collator to look up."""
@@ -332,9 +359,27 @@ class OTDistillationTrainer(Trainer):
         self._components[mode].clear()
         super().log(logs, start_time)
 
-    def student_as_sentence_transformer(self) -> SentenceTransformer:
-        """The current student (adapters merged) as a SentenceTransformer with this trainer's pooling."""
+    def _full_student(self) -> nn.Module:
+        """The unwrapped student with all its weights, on every rank.
+
+        Under FSDP or DeepSpeed ZeRO-3 the parameters are sharded: the shards are gathered (``get_state_dict``, a
+        collective that every rank must call) into a new copy of the student, sent from the main process to the others.
+        """
         model = self.accelerator.unwrap_model(self.model)
+        if not (self.is_fsdp_enabled or self._zero3):
+            return model
+        state_dict = [self.accelerator.get_state_dict(self.model)]  # full on the main process only
+        torch.distributed.broadcast_object_list(state_dict, src=0)
+        return _unsharded_copy(model, state_dict[0]).to(self.accelerator.device)
+
+    def student_as_sentence_transformer(self) -> SentenceTransformer:
+        """The current student (adapters merged) as a SentenceTransformer with this trainer's pooling.
+
+        Under FSDP or DeepSpeed ZeRO-3 every rank must call it (the sharded weights are gathered).
+        """
+        return self._as_sentence_transformer(self._full_student())
+
+    def _as_sentence_transformer(self, model: nn.Module) -> SentenceTransformer:
         base = merged_copy(model) if has_adapters(model) else model
         return sentence_transformer_from(base, self.processing_class, self.pooling, self.max_length)
 
@@ -343,13 +388,48 @@ class OTDistillationTrainer(Trainer):
 
         The final folder loads with ``AutoModel.from_pretrained`` and ``SentenceTransformer``; LoRA adapters are
         merged into it and kept unmerged under ``adapter/``. It is written atomically (see
-        :func:`optical_hf.export.save_student`).
+        :func:`optical_hf.export.save_student`). Under FSDP or DeepSpeed ZeRO-3 the sharded weights are gathered
+        first (every rank calls ``save_model``, as with ``Trainer.save_model``).
         """
         if _internal_call:
             return super().save_model(output_dir, _internal_call=True)
         output_dir = Path(output_dir or self.args.output_dir)
+        student = self._full_student()
         if self.args.should_save:
-            save_student(
-                self.student_as_sentence_transformer(), output_dir, adapter_model=self.accelerator.unwrap_model(self.model)
-            )
+            save_student(self._as_sentence_transformer(student), output_dir, adapter_model=student)
         self.accelerator.wait_for_everyone()
+
+
+def _unsharded_copy(model: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
+    """A new instance of ``model``'s architecture (a ``PreTrainedModel`` or a ``PeftModel`` around one) holding the
+    full ``state_dict`` (keys as in ``model.state_dict()``)."""
+    if isinstance(model, PeftModel):
+        base = model.get_base_model()
+        unsharded = get_peft_model(type(base)(base.config), model.peft_config[model.active_adapter])
+    else:
+        unsharded = type(model)(model.config)
+    unsharded.load_state_dict(state_dict)
+    return unsharded
+
+
+def _deepspeed_inference_engine(model: nn.Module, accelerator: Any) -> nn.Module:
+    """``model`` wrapped by ``deepspeed.initialize`` with the training's DeepSpeed config, for inference only.
+
+    As TRL's ``prepare_deepspeed``: ZeRO-3 keeps stage 3 (the model is partitioned) with bucket sizes from the
+    model's hidden size (the Trainer fills the config's ``"auto"`` values from the student only); other stages
+    become stage 0 (no partitioning).
+    """
+    import deepspeed  # only reached with DeepSpeed enabled, which requires it
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        hidden = (model.get_sentence_embedding_dimension() if isinstance(model, SentenceTransformer)
+                  else model.config.hidden_size)
+        zero.update(reduce_bucket_size=hidden * hidden, stage3_param_persistence_threshold=10 * hidden,
+                    stage3_prefetch_bucket_size=int(0.9 * hidden * hidden))
+    else:
+        zero["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import runpy
 import shlex
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import huggingface_hub.constants
 import pytest
 import torch
@@ -534,3 +536,24 @@ def test_push_of_a_folder_without_card_info(model_dirs, tmp_path, capsys):
     sentence_transformer(model_dirs["student"]).save(str(folder))
     assert cli("push", folder, "--repo_id", REPO_ID) == EXIT_BAD_INPUT
     assert f"{folder / 'optical_hf.json'} not found" in error_line(capsys.readouterr().err)
+
+
+# ---- logging (as the Hugging Face example scripts: from --log_level / --log_level_replica) -------------------------
+
+@pytest.fixture
+def restore_log_levels():
+    """Give transformers, datasets and optical_hf their log levels back after a distill run set them."""
+    levels = (transformers.utils.logging.get_verbosity(), datasets.utils.logging.get_verbosity(),
+              logging.getLogger("optical_hf").level)
+    yield
+    transformers.utils.logging.set_verbosity(levels[0])
+    datasets.utils.logging.set_verbosity(levels[1])
+    logging.getLogger("optical_hf").setLevel(levels[2])
+
+
+@pytest.mark.parametrize("extra, shown", [([], True), (["--log_level", "warning"], False)], ids=["default", "warning"])
+def test_distill_info_logging_follows_log_level(extra, shown, model_dirs, data, tmp_path, caplog, restore_log_levels):
+    assert cli(*_distill_argv(model_dirs, data["tsv"], tmp_path / "out", *extra)) == 0
+    info = [record.getMessage() for record in caplog.records
+            if record.name.startswith("optical_hf") and record.levelname == "INFO"]
+    assert any(message.startswith("Training on ") for message in info) is shown
