@@ -5,7 +5,7 @@ Distillation", WSDM 2023 (arXiv 2301.12566).
 """
 
 from .callbacks import NonFiniteLossCallback
-from .data import BitextError, bitext_from_pairs, load_bitext
+from .data import BitextError, bitext_from_pairs, load_bitext, load_bitexts
 from .errors import NonFiniteLossError, OpticalInputError
 from .export import add_lora, save_student
 from .losses import (
@@ -41,6 +41,7 @@ __all__ = [
     "build_teacher_cache",
     "distillation_losses",
     "load_bitext",
+    "load_bitexts",
     "pairwise_cost",
     "pooling_weights",
     "save_student",
