@@ -128,7 +128,8 @@ def _missing_columns(where: str, present: Sequence[str], wanted: Sequence[str]) 
     if missing:
         raise BitextError(
             f"{where}: missing column(s) {missing}; columns present: {list(present)}. Pass source_column=/"
-            f"target_column= to name the columns to read (source_lang=/target_lang= for a {TRANSLATION_COLUMN!r} column)."
+            "target_column= to name the columns to read "
+            f"(source_lang=/target_lang= for a {TRANSLATION_COLUMN!r} column)."
         )
 
 
@@ -158,7 +159,9 @@ def _read_text_pair(source: Path, target: Path) -> tuple[list[str], list[str]]:
             "the two files must be line-aligned"
         )
     paths = (source, target)
-    return _check_pairs(source_lines, target_lines, ("source", "target"), lambda row, side: f"{paths[side]}, line {row + 1}")
+    return _check_pairs(
+        source_lines, target_lines, ("source", "target"), lambda row, side: f"{paths[side]}, line {row + 1}"
+    )
 
 
 def _scan_table(path: Path) -> tuple[list[str], list[int]]:

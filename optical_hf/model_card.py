@@ -91,8 +91,8 @@ class StudentCardInfo:
     def __post_init__(self) -> None:
         if not self.languages or not all(_LANGUAGE_CODE.match(code) for code in self.languages):
             raise ValueError(
-                f"StudentCardInfo.language={self.language!r} is not an ISO 639-1/639-3 code or a non-empty list of them "
-                "(2 or 3 lowercase letters, e.g. 'sw' or ['sw', 'ha'])."
+                f"StudentCardInfo.language={self.language!r} is not an ISO 639-1/639-3 code or a non-empty list "
+                "of them (2 or 3 lowercase letters, e.g. 'sw' or ['sw', 'ha'])."
             )
         if self.base_model is not None and not is_hub_repo_id(self.base_model):
             raise ValueError(

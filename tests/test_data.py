@@ -161,7 +161,8 @@ def test_translation_layout_in_json_lines(tmp_path):
     path = write(tmp_path / "lafand.jsonl", "\n".join(lines) + "\n")
     assert rows(load_bitext(path, source_lang="sw", target_lang="en")) == PAIRS
     broken = write(tmp_path / "broken.jsonl", lines[0] + "\n" + json.dumps({"translation": {"en": "Hi"}}) + "\n")
-    with pytest.raises(BitextError, match=r"broken\.jsonl, line 2: missing column\(s\) \['translation\.sw'\]; columns present: \['translation', 'translation\.en'\]"):
+    expected = r"2: missing column\(s\) \['translation\.sw'\]; columns present: \['translation', 'translation\.en'\]"
+    with pytest.raises(BitextError, match=expected):
         load_bitext(broken, source_lang="sw", target_lang="en")
 
 
@@ -177,7 +178,7 @@ def test_hub_dataset_config_is_passed_to_load_dataset(tmp_path, monkeypatch):
     bitext = load_bitext("masakhane/lafand-mt", name="en-sw", source_lang="sw", target_lang="en")
     assert calls == [("masakhane/lafand-mt", "en-sw")]
     assert rows(bitext) == PAIRS
-    with pytest.raises(BitextError, match=r"Hub dataset masakhane/lafand-mt \(config 'en-sw'\): column 'id' holds int64"):
+    with pytest.raises(BitextError, match=r"masakhane/lafand-mt \(config 'en-sw'\): column 'id' holds int64"):
         load_bitext("masakhane/lafand-mt", name="en-sw", source_column="id", target_column="translation.en")
 
 
