@@ -161,7 +161,8 @@ def test_translation_layout_in_json_lines(tmp_path):
     path = write(tmp_path / "lafand.jsonl", "\n".join(lines) + "\n")
     assert rows(load_bitext(path, source_lang="sw", target_lang="en")) == PAIRS
     broken = write(tmp_path / "broken.jsonl", lines[0] + "\n" + json.dumps({"translation": {"en": "Hi"}}) + "\n")
-    expected = r"2: missing column\(s\) \['translation\.sw'\]; columns present: \['translation', 'translation\.en'\]"
+    expected = (r"broken\.jsonl, line 2: missing column\(s\) \['translation\.sw'\]; "
+                r"columns present: \['translation', 'translation\.en'\]")
     with pytest.raises(BitextError, match=expected):
         load_bitext(broken, source_lang="sw", target_lang="en")
 
