@@ -36,6 +36,7 @@ _EXPORTS = {
     "build_teacher_cache": "teacher_cache",
     "distillation_losses": "losses",
     "load_bitext": "data",
+    "load_bitexts": "data",
     "pairwise_cost": "ot",
     "pooling_weights": "losses",
     "save_student": "export",

@@ -74,7 +74,7 @@ class StudentCardInfo:
     "metric_type": "mrr@10", "metric_name": "MRR@10", "value": 0.51, "split": "dev"}``.
     """
 
-    language: str
+    language: str | list[str]
     teacher: str
     base_model: str | None = None
     license: str = "apache-2.0"
@@ -89,10 +89,10 @@ class StudentCardInfo:
     model_id: str | None = None
 
     def __post_init__(self) -> None:
-        if not _LANGUAGE_CODE.match(self.language):
+        if not self.languages or not all(_LANGUAGE_CODE.match(code) for code in self.languages):
             raise ValueError(
-                f"StudentCardInfo.language={self.language!r} is not an ISO 639-1/639-3 code (2 or 3 lowercase letters, "
-                "e.g. 'sw')."
+                f"StudentCardInfo.language={self.language!r} is not an ISO 639-1/639-3 code or a non-empty list "
+                "of them (2 or 3 lowercase letters, e.g. 'sw' or ['sw', 'ha'])."
             )
         if self.base_model is not None and not is_hub_repo_id(self.base_model):
             raise ValueError(
@@ -103,6 +103,11 @@ class StudentCardInfo:
             raise ValueError(f"StudentCardInfo.model_id={self.model_id!r} is not a Hub repo id like 'org/name'.")
         for index, metric in enumerate(self.metrics):
             _metric_to_eval_result(metric, index)
+
+    @property
+    def languages(self) -> list[str]:
+        """The student's language codes: ``[language]``, or ``language`` when the student learned several."""
+        return [self.language] if isinstance(self.language, str) else list(self.language)
 
     def to_json(self) -> str:
         """The info as the JSON text stored in ``optical_hf.json``."""
@@ -149,7 +154,7 @@ def render_model_card(info: StudentCardInfo, *, adapter_only: bool = False) -> M
             info.teacher,
         )
     model_id = info.model_id or PLACEHOLDER_MODEL_ID
-    model_name = model_id.rsplit("/", 1)[-1] if info.model_id else f"optical-student-{info.language}"
+    model_name = model_id.rsplit("/", 1)[-1] if info.model_id else f"optical-student-{'-'.join(info.languages)}"
     eval_results = [_metric_to_eval_result(metric, index) for index, metric in enumerate(info.metrics)]
     extra_metadata: dict[str, Any] = {}
     if info.base_model is not None:
@@ -157,7 +162,7 @@ def render_model_card(info: StudentCardInfo, *, adapter_only: bool = False) -> M
     card_data = ModelCardData(
         base_model=info.base_model,
         datasets=[dataset for dataset in info.datasets if is_hub_repo_id(dataset)] or None,
-        language=list(dict.fromkeys([info.language, "en"])),
+        language=list(dict.fromkeys([*info.languages, "en"])),
         license=info.license,
         library_name=LIBRARY_NAME,
         pipeline_tag=PIPELINE_TAG,
@@ -171,7 +176,7 @@ def render_model_card(info: StudentCardInfo, *, adapter_only: bool = False) -> M
         template_str=TEMPLATE_PATH.read_text(encoding="utf-8"),
         model_id=model_id,
         model_name=model_name,
-        language=info.language,
+        language=", ".join(info.languages),
         teacher=info.teacher,
         teacher_url=f"https://huggingface.co/{info.teacher}" if is_hub_repo_id(info.teacher) else None,
         base_model=info.base_model,

@@ -78,8 +78,16 @@ class DistillArguments:
         "help": "Bitext: a TSV/CSV/JSONL file, a saved `datasets` folder, a Hub dataset id, or the low-resource side of "
                 "two line-aligned text files (with --bitext_target). Default: the packaged English-Swahili demo bitext."})
     bitext_target: str | None = field(default=None, metadata={"help": "English side when --bitext is a text file."})
-    source_column: str = field(default="source", metadata={"help": "Column of the low-resource sentences."})
+    dataset_config: str | None = field(default=None, metadata={
+        "help": "Config name of a Hub dataset --bitext, e.g. en-swa (masakhane/lafand-mt) or en-sw (opus-100)."})
+    source_column: str = field(default="source", metadata={
+        "help": "Column of the low-resource sentences (a dotted name reads a nested field: translation.sw)."})
     target_column: str = field(default="target", metadata={"help": "Column of the English sentences."})
+    source_lang: str | None = field(default=None, metadata={
+        "help": "Language key of the low-resource side in a `translation` column of {language: sentence} dicts "
+                "(the Hub translation layout), e.g. swa: reads translation.swa instead of --source_column."})
+    target_lang: str | None = field(default=None, metadata={
+        "help": "Language key of the English side in a `translation` column, e.g. en (instead of --target_column)."})
     max_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
     max_length_ratio: float | None = field(default=3.0, metadata={"help": "Drop pairs whose length ratio exceeds this."})
     eval_bitext: str | None = field(default=None, metadata={
@@ -184,8 +192,10 @@ def _hub_id(explicit: str | None, name: str, packaged: str | None) -> str | None
 def load_splits(args: DistillArguments, seed: int) -> tuple[Dataset, Dataset]:
     """Training pairs and held-out evaluation pairs, both with columns ``source`` / ``target``."""
     bitext = args.bitext or str(DEMO_BITEXT)
-    columns = {"source_column": args.source_column, "target_column": args.target_column}
-    data = load_bitext(bitext, args.bitext_target, deduplicate=True, max_length_ratio=args.max_length_ratio, **columns)
+    columns = {"source_column": args.source_column, "target_column": args.target_column,
+               "source_lang": args.source_lang, "target_lang": args.target_lang}
+    data = load_bitext(bitext, args.bitext_target, name=args.dataset_config, deduplicate=True,
+                       max_length_ratio=args.max_length_ratio, **columns)
     if args.eval_bitext:
         evaluation = load_bitext(args.eval_bitext, args.eval_bitext_target, **columns)
     else:

@@ -176,6 +176,33 @@ def test_distill_bitext_with_different_line_counts(model_dirs, tmp_path, capsys)
     assert f"{source} has 3 lines but {target} has 2 lines" in line
 
 
+def test_distill_dataset_config_with_a_local_bitext(model_dirs, data, tmp_path, capsys):
+    argv = _distill_argv(model_dirs, data["tsv"], tmp_path / "out", "--dataset_config", "en-swa")
+    assert cli(*argv) == EXIT_BAD_INPUT
+    assert f"{data['tsv']}: name='en-swa' picks a Hub dataset config" in error_line(capsys.readouterr().err)
+
+
+def test_distill_flags_read_a_hub_translation_dataset_config(monkeypatch):
+    import datasets
+
+    pairs = toy_bitext(40, seed=3)
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        rows = [{"translation": {"en": target, "swa": source}} for source, target in pairs]
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    args, _ = recipe.build_parser().parse_args_into_dataclasses(args=[
+        "--bitext", "masakhane/lafand-mt", "--dataset_config", "en-swa", "--source_lang", "swa", "--target_lang", "en",
+        "--eval_size", "8", "--max_length_ratio", "100"], look_for_args_file=False)
+    train, heldout = recipe.load_splits(args, seed=42)
+    assert calls == [("masakhane/lafand-mt", "en-swa")]
+    assert list(zip(heldout["source"], heldout["target"])) == pairs[-8:]
+    assert sorted(zip(train["source"], train["target"])) == sorted(dict.fromkeys(pairs[:-8]))
+
+
 def test_evaluate_bitext_with_an_empty_field_names_file_and_line(model_dirs, tmp_path, capsys):
     bad = tmp_path / "bad.tsv"
     bad.write_text("source\ttarget\nkitacwa\tcat\nkigodwa\t \n", encoding="utf-8")

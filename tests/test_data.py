@@ -11,7 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets
 import pytest
 
-from optical_hf.data import BitextError, bitext_from_pairs, load_bitext
+from optical_hf.data import BitextError, bitext_from_pairs, load_bitext, load_bitexts
 from optical_hf.errors import OpticalInputError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -122,6 +122,73 @@ def test_bitext_from_pairs():
     assert rows(bitext) == [("Karibu", "Welcome")]
     with pytest.raises(BitextError, match=r"pairs\[1\].*'target' is empty"):
         bitext_from_pairs([("Karibu", "Welcome"), ("Asante", "  ")])
+
+
+def test_csv_values_that_pandas_would_turn_into_missing_or_numbers_stay_text(tmp_path):
+    path = write(tmp_path / "na.tsv", " source \ttarget\nNA\tnull\n007\tNaN\n")
+    assert rows(load_bitext(path)) == [("NA", "null"), ("007", "NaN")]
+
+
+def test_line_numbers_skip_blank_lines_in_tables(tmp_path):
+    path = write(tmp_path / "gaps.csv", "source,target\n\na,b\n   \n\nc, \n")
+    with pytest.raises(BitextError, match=r"gaps\.csv, line 6: 'target' is empty"):
+        load_bitext(path)
+
+
+# ---- the Hub translation layout: {"translation": {"en": ..., "sw": ...}} ----------------------------------------
+
+
+def translation_rows(pairs=PAIRS) -> list[dict]:
+    return [{"translation": {"en": t, "sw": s}, "id": i} for i, (s, t) in enumerate(pairs)]
+
+
+def test_translation_layout_in_a_saved_dataset_dict(tmp_path):
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list(translation_rows()),
+        "validation": datasets.Dataset.from_list(translation_rows(PAIRS[:1])),
+    }).save_to_disk(str(tmp_path / "opus"))
+    assert rows(load_bitext(tmp_path / "opus", source_lang="sw", target_lang="en")) == PAIRS
+    dotted = load_bitext(tmp_path / "opus", source_column="translation.sw", target_column="translation.en",
+                         split="validation")
+    assert rows(dotted) == PAIRS[:1]
+    expected = r"opus: missing column\(s\) \['translation.ha'\]; columns present: \['translation.en', 'translation.sw'"
+    with pytest.raises(BitextError, match=expected):
+        load_bitext(tmp_path / "opus", source_lang="ha", target_lang="en")
+
+
+def test_translation_layout_in_json_lines(tmp_path):
+    lines = [json.dumps(row) for row in translation_rows()]
+    path = write(tmp_path / "lafand.jsonl", "\n".join(lines) + "\n")
+    assert rows(load_bitext(path, source_lang="sw", target_lang="en")) == PAIRS
+    broken = write(tmp_path / "broken.jsonl", lines[0] + "\n" + json.dumps({"translation": {"en": "Hi"}}) + "\n")
+    expected = (r"broken\.jsonl, line 2: missing column\(s\) \['translation\.sw'\]; "
+                r"columns present: \['translation', 'translation\.en'\]")
+    with pytest.raises(BitextError, match=expected):
+        load_bitext(broken, source_lang="sw", target_lang="en")
+
+
+def test_hub_dataset_config_is_passed_to_load_dataset(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(translation_rows())})
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    bitext = load_bitext("masakhane/lafand-mt", name="en-sw", source_lang="sw", target_lang="en")
+    assert calls == [("masakhane/lafand-mt", "en-sw")]
+    assert rows(bitext) == PAIRS
+    with pytest.raises(BitextError, match=r"masakhane/lafand-mt \(config 'en-sw'\): column 'id' holds int64"):
+        load_bitext("masakhane/lafand-mt", name="en-sw", source_column="id", target_column="translation.en")
+
+
+def test_language_and_column_options_conflict_and_config_needs_a_hub_id(tmp_path):
+    path = write(tmp_path / "pairs.tsv", "swa\ten\nHabari\tHello\n")
+    with pytest.raises(BitextError, match=r"give source_lang= or source_column=, not both"):
+        load_bitext(path, source_column="swa", source_lang="sw")
+    with pytest.raises(BitextError, match=r"pairs\.tsv: name='en-sw' picks a Hub dataset config"):
+        load_bitext(path, source_column="swa", target_column="en", name="en-sw")
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
@@ -310,6 +377,59 @@ def test_filters_apply_before_cap(tmp_path):
     source, target = write_text_pair(tmp_path, ["a", "a", "b", "c", "abcdefgh"], ["x", "x", "y", "z", "x"])
     bitext = load_bitext(source, target, deduplicate=True, max_length_ratio=2.0, max_pairs=3)
     assert rows(bitext) == [("a", "x"), ("b", "y"), ("c", "z")]
+
+
+# ---- several languages: one DatasetDict, one student --------------------------------------------------------------
+
+
+def test_load_bitexts_one_split_per_language(tmp_path):
+    source, target = write_text_pair(tmp_path, ["Habari", "Habari", "Karibu"], ["Hello", "Hello", "Welcome"])
+    table = write(tmp_path / "ha.tsv", "hau\teng\nSannu\tHello\nNa gode\tThank you\n")
+    datasets.Dataset.from_list(translation_rows()).save_to_disk(str(tmp_path / "yo"))
+    bitexts = load_bitexts({
+        "sw": (source, target),
+        "ha": {"source": table, "source_column": "hau", "target_column": "eng", "deduplicate": False},
+        "yo": {"source": tmp_path / "yo", "source_lang": "sw", "target_lang": "en"},
+    }, deduplicate=True)
+    assert isinstance(bitexts, datasets.DatasetDict) and list(bitexts) == ["sw", "ha", "yo"]
+    assert rows(bitexts["sw"]) == [("Habari", "Hello"), ("Karibu", "Welcome")]
+    assert rows(bitexts["ha"]) == [("Sannu", "Hello"), ("Na gode", "Thank you")]
+    assert rows(bitexts["yo"]) == PAIRS
+    assert all(bitext.column_names == ["source", "target"] for bitext in bitexts.values())
+    with pytest.raises(BitextError, match="no languages given"):
+        load_bitexts({})
+
+
+def test_one_student_trains_on_every_language_of_a_dataset_dict(model_dirs, toy_pairs, tmp_path):
+    from conftest import sentence_transformer
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    from optical_hf import OTDistillationDataCollator, OTDistillationLoss
+    from optical_hf.model_card import StudentCardInfo, render_model_card
+
+    student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+    train = datasets.DatasetDict({"sw": bitext_from_pairs(toy_pairs[:48]), "ha": bitext_from_pairs(toy_pairs[48:])})
+    batches = []
+
+    class Recording(OTDistillationDataCollator):
+        def __call__(self, features):
+            batches.append({language for language, bitext in train.items() for row in features
+                            if row["source"] in bitext["source"]})
+            return super().__call__(features)
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=8, report_to=[],
+        save_strategy="no", seed=0, disable_tqdm=True, multi_dataset_batch_sampler="round_robin",
+    )
+    trainer = SentenceTransformerTrainer(
+        model=student, args=args, train_dataset=train, loss=OTDistillationLoss(student, teacher),
+        data_collator=Recording(student.preprocess, teacher_preprocess_fn=teacher.preprocess),
+    )
+    trainer.train()
+    assert batches[:6] == [{"sw"}, {"ha"}] * 3  # each batch from one language, in turn (the loader may prefetch)
+    card = render_model_card(StudentCardInfo(language=list(train), teacher="org/teacher", train_pairs=96))
+    assert card.data.language == ["sw", "ha", "en"]
+    assert "`sw, ha`" in card.text
 
 
 # ---- real data -------------------------------------------------------------------------------------------------
