@@ -8,6 +8,7 @@ from .callbacks import NonFiniteLossCallback
 from .data import BitextError, bitext_from_pairs, load_bitext
 from .errors import NonFiniteLossError, OpticalInputError
 from .export import add_lora, save_student
+from .hub import HubPushError, push_student
 from .losses import (
     CITATION,
     OTDistillationDataCollator,
@@ -16,6 +17,7 @@ from .losses import (
     distillation_losses,
     pooling_weights,
 )
+from .model_card import StudentCardInfo
 from .ot import DivergenceResult, OTResult, pairwise_cost, sinkhorn, sinkhorn_divergence
 from .teacher_cache import TeacherCache, build_teacher_cache
 from .trainer import BitextCollator, OTDistillationTrainer
@@ -27,6 +29,7 @@ __all__ = [
     "BitextCollator",
     "BitextError",
     "DivergenceResult",
+    "HubPushError",
     "NonFiniteLossCallback",
     "NonFiniteLossError",
     "OTDistillationDataCollator",
@@ -35,6 +38,7 @@ __all__ = [
     "OTLossConfig",
     "OTResult",
     "OpticalInputError",
+    "StudentCardInfo",
     "TeacherCache",
     "add_lora",
     "bitext_from_pairs",
@@ -43,6 +47,7 @@ __all__ = [
     "load_bitext",
     "pairwise_cost",
     "pooling_weights",
+    "push_student",
     "save_student",
     "sinkhorn",
     "sinkhorn_divergence",

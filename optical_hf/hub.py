@@ -146,8 +146,11 @@ def push_student(
     api = HfApi(endpoint=endpoint, token=token, library_name="optical-hf")
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
-        info = dataclasses.replace(info, model_id=repo_id, base_model=hub_base_model)
-        operations = _operations(folder, info, adapter_only=adapter_only)
+    except (*_HUB_ERRORS, ValueError) as err:
+        raise _push_error(err, folder, repo_id, api.endpoint, retry_command) from err
+    info = dataclasses.replace(info, model_id=repo_id, base_model=hub_base_model)
+    operations = _operations(folder, info, adapter_only=adapter_only)  # the card needs the repo id the Hub gave
+    try:
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         operations.extend(_stale_file_deletions(api, repo_id, revision, operations))
@@ -163,14 +166,7 @@ def push_student(
             revision=revision,
         )
     except (*_HUB_ERRORS, ValueError) as err:
-        raise HubPushError(
-            f"Pushing {folder} to the Hub repo {repo_id} ({api.endpoint}) failed: {type(err).__name__}: {err}\n"
-            f"{_hint(err, folder, repo_id)}"
-            f"The local folder {folder} is intact (the push never modifies it). Retry with:\n  {retry_command}",
-            folder=folder,
-            repo_id=repo_id,
-            retry_command=retry_command,
-        ) from err
+        raise _push_error(err, folder, repo_id, api.endpoint, retry_command) from err
     logger.info("Pushed %s: %s", repo_id, commit.commit_url)
     return commit.commit_url
 
@@ -188,6 +184,18 @@ def _operations(folder: Path, info: StudentCardInfo, *, adapter_only: bool) -> l
     if adapter_only:
         operations.extend(_adapter_operations(folder, info.base_model))
     return operations
+
+
+def _push_error(err: Exception, folder: Path, repo_id: str, endpoint: str, retry_command: str) -> HubPushError:
+    """The :class:`HubPushError` of a failed Hub call, with a hint and the command that retries the push."""
+    return HubPushError(
+        f"Pushing {folder} to the Hub repo {repo_id} ({endpoint}) failed: {type(err).__name__}: {err}\n"
+        f"{_hint(err, folder, repo_id)}"
+        f"The local folder {folder} is intact (the push never modifies it). Retry with:\n  {retry_command}",
+        folder=folder,
+        repo_id=repo_id,
+        retry_command=retry_command,
+    )
 
 
 def _commit_message(info: StudentCardInfo, adapter_only: bool) -> str:
