@@ -133,13 +133,16 @@ def save_student(
     output_dir: str | os.PathLike,
     adapter_model: nn.Module | None = None,
     card: StudentCardInfo | None = None,
+    teacher: str | None = None,
 ) -> Path:
     """Write ``model`` (a SentenceTransformer student, possibly with adapters) to ``output_dir`` atomically.
 
     Adapters are merged into the saved weights and also saved unmerged under ``output_dir/adapter`` (taken from
-    ``adapter_model`` when the adapters live outside ``model``, e.g. a Trainer's peft-wrapped student). With ``card``,
-    the OPTICAL model card (README.md) and its ``optical_hf.json`` are written into the folder too. Every student
-    folder holds the empty marker file ``.optical_hf_student``.
+    ``adapter_model`` when the adapters live outside ``model``, e.g. a Trainer's peft-wrapped student). The OPTICAL
+    model card (README.md, see :mod:`optical_hf.model_card`) and its ``optical_hf.json`` are always written, so the
+    folder can be pushed with :func:`optical_hf.hub.push_student`: from ``card``, or without it from what is known
+    (the base model sentence-transformers recorded when it loaded ``model`` from the Hub, and ``teacher``, the Hub id
+    of the English teacher, when given). Every student folder holds the empty marker file ``.optical_hf_student``.
 
     ``output_dir`` may be missing, empty, a previous student folder (replaced as a whole) or a folder holding only a
     Trainer's outputs (``checkpoint-*``, ``runs/``, ``eval/``); those outputs are carried over untouched into the new
@@ -157,11 +160,10 @@ def save_student(
     staging.mkdir()  # unlike tempfile.mkdtemp (0700), mkdir applies the umask
     try:
         adapter_model = adapter_model if adapter_model is not None else model
-        (merged_copy(model) if has_adapters(model) else model).save(str(staging))
+        (merged_copy(model) if has_adapters(model) else model).save(str(staging), create_model_card=False)
         if has_adapters(adapter_model):
             _save_adapter(adapter_model, staging / ADAPTER_DIR)
-        if card is not None:
-            write_model_card(staging, card)
+        write_model_card(staging, card or StudentCardInfo(teacher=teacher, base_model=model.model_card_data.base_model))
         (staging / STUDENT_MARKER).touch()
         _swap_in(staging, output_dir)
     finally:

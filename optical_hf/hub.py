@@ -4,8 +4,9 @@ The full push uploads the sentence-transformers folder as is (LoRA, if any, is a
 ``model.safetensors``), without ``adapter/``, training checkpoints and other training leftovers. The adapter-only push
 uploads the peft adapter (``adapter/adapter_config.json`` + ``adapter/adapter_model.safetensors``, moved to the repo
 root, with ``base_model_name_or_path`` set to a Hub id) and the sentence-transformers module files, but not the
-transformer weights. Both rewrite the README with the repo id in its usage snippet. Rewritten files are sent from
-memory: the local folder is never modified, so a failed upload can simply be retried.
+transformer weights. Both re-render the README with the repo id in its usage snippet and delete the files an earlier
+push left in the repo that this one does not upload. Rewritten files are sent from memory: the local folder is never
+modified, so a failed upload can simply be retried.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 
@@ -25,6 +26,8 @@ try:  # huggingface_hub >= 2 talks HTTP through httpx2, 1.x through httpx; trans
     from httpx2 import HTTPError as _HttpClientError
 except ImportError:
     from httpx import HTTPError as _HttpClientError
+
+from sentence_transformers import SentenceTransformer
 
 from .export import ADAPTER_DIR, STUDENT_MARKER
 from .model_card import (
@@ -97,7 +100,8 @@ def push_student(
 
     Args:
         folder: student folder written by training (sentence-transformers files + ``optical_hf.json``).
-        repo_id: ``namespace/name`` of the Hub model repo.
+        repo_id: ``namespace/name`` of the Hub model repo; a bare ``name`` goes to the token's user namespace (as
+            ``HfApi.create_repo`` does).
         adapter_only: upload the LoRA adapter from ``folder/adapter`` instead of the merged weights.
         base_model: Hub id the student was initialised from; overrides ``optical_hf.json``'s ``base_model``.
             Required (here or in ``optical_hf.json``) with ``adapter_only``; never a local path.
@@ -105,7 +109,10 @@ def push_student(
         token: Hub token; defaults to the locally saved one.
         endpoint: Hub URL; defaults to ``HF_ENDPOINT`` / https://huggingface.co.
         commit_message: defaults to "Upload OPTICAL <language> student".
-        revision: branch to commit to (created if missing); defaults to ``main``.
+        revision: branch to commit to (created from ``main`` if missing); defaults to ``main``.
+
+    Files of an earlier push that this push does not upload are deleted from the revision in the same commit (the
+    repo mirrors the student folder; ``.gitattributes`` is kept).
 
     Raises:
         ValueError: bad ``repo_id``/``base_model``, or ``folder`` is not a student folder.
@@ -116,8 +123,6 @@ def push_student(
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise ValueError(f"repo_id={repo_id!r} is not a Hub repo id of the form 'namespace/name': {err}") from err
-    if "/" not in repo_id:
-        raise ValueError(f"repo_id={repo_id!r} has no namespace: use 'namespace/name' (your user name or an org).")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist: nothing to push (train a student first).")
     if not (folder / "modules.json").is_file():
@@ -134,9 +139,42 @@ def push_student(
             f"An adapter-only push needs base_model, the Hub id the adapter in {folder / ADAPTER_DIR} applies to; "
             f"{folder / CARD_INFO_NAME} has none."
         )
+    retry_command = _retry_command(
+        folder, repo_id, adapter_only=adapter_only, base_model=base_model, private=private, revision=revision,
+        endpoint=endpoint,
+    )
+    api = HfApi(endpoint=endpoint, token=token, library_name="optical-hf")
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    except (*_HUB_ERRORS, ValueError) as err:
+        raise _push_error(err, folder, repo_id, api.endpoint, retry_command) from err
     info = dataclasses.replace(info, model_id=repo_id, base_model=hub_base_model)
+    operations = _operations(folder, info, adapter_only=adapter_only)  # the card needs the repo id the Hub gave
+    try:
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        operations.extend(_stale_file_deletions(api, repo_id, revision, operations))
+        logger.info(
+            "Pushing %s to %s/%s%s: %s", folder, api.endpoint, repo_id, " (adapter only)" if adapter_only else "",
+            ", ".join(f"{type(op).__name__[len('CommitOperation'):].lower()} {op.path_in_repo}" for op in operations),
+        )
+        commit = api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message or _commit_message(info, adapter_only),
+            repo_type="model",
+            revision=revision,
+        )
+    except (*_HUB_ERRORS, ValueError) as err:
+        raise _push_error(err, folder, repo_id, api.endpoint, retry_command) from err
+    logger.info("Pushed %s: %s", repo_id, commit.commit_url)
+    return commit.commit_url
 
-    card = render_model_card(info, adapter_only=adapter_only)
+
+def _operations(folder: Path, info: StudentCardInfo, *, adapter_only: bool) -> list[CommitOperationAdd]:
+    """The files of the push: the folder's files, the card re-rendered for ``info.model_id`` and the card info."""
+    model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    card = render_model_card(info, model, adapter_only=adapter_only)
     operations = [
         CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path))
         for path in _files_to_upload(folder, adapter_only=adapter_only)
@@ -144,46 +182,40 @@ def push_student(
     operations.append(CommitOperationAdd(path_in_repo=MODEL_CARD_NAME, path_or_fileobj=str(card).encode("utf-8")))
     operations.append(CommitOperationAdd(path_in_repo=CARD_INFO_NAME, path_or_fileobj=info.to_json().encode("utf-8")))
     if adapter_only:
-        operations.extend(_adapter_operations(folder, hub_base_model))
+        operations.extend(_adapter_operations(folder, info.base_model))
+    return operations
 
-    retry_command = _retry_command(
-        folder, repo_id, adapter_only=adapter_only, base_model=base_model, private=private, revision=revision,
-        endpoint=endpoint,
+
+def _push_error(err: Exception, folder: Path, repo_id: str, endpoint: str, retry_command: str) -> HubPushError:
+    """The :class:`HubPushError` of a failed Hub call, with a hint and the command that retries the push."""
+    return HubPushError(
+        f"Pushing {folder} to the Hub repo {repo_id} ({endpoint}) failed: {type(err).__name__}: {err}\n"
+        f"{_hint(err, folder, repo_id)}"
+        f"The local folder {folder} is intact (the push never modifies it). Retry with:\n  {retry_command}",
+        folder=folder,
+        repo_id=repo_id,
+        retry_command=retry_command,
     )
-    api = HfApi(endpoint=endpoint, token=token, library_name="optical-hf")
-    size_mb = sum(op.upload_info.size for op in operations) / 2**20
-    logger.info(
-        "Pushing %d files (%.1f MiB) from %s to %s/%s%s",
-        len(operations),
-        size_mb,
-        folder,
-        api.endpoint,
-        repo_id,
-        " (adapter only)" if adapter_only else "",
-    )
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        commit = api.create_commit(
-            repo_id,
-            operations=operations,
-            commit_message=commit_message
-            or f"Upload OPTICAL {info.language} student{' (LoRA adapter)' if adapter_only else ''}",
-            repo_type="model",
-            revision=revision,
-        )
-    except (*_HUB_ERRORS, ValueError) as err:
-        raise HubPushError(
-            f"Pushing {folder} to the Hub repo {repo_id} ({api.endpoint}) failed: {type(err).__name__}: {err}\n"
-            f"{_hint(err, folder, repo_id)}"
-            f"The local folder {folder} is intact (the push never modifies it). Retry with:\n  {retry_command}",
-            folder=folder,
-            repo_id=repo_id,
-            retry_command=retry_command,
-        ) from err
-    logger.info("Pushed %s: %s", repo_id, commit.commit_url)
-    return commit.commit_url
+
+
+def _commit_message(info: StudentCardInfo, adapter_only: bool) -> str:
+    language = f" {', '.join(info.languages)}" if info.languages else ""
+    return f"Upload OPTICAL{language} student{' (LoRA adapter)' if adapter_only else ''}"
+
+
+def _stale_file_deletions(
+    api: HfApi, repo_id: str, revision: str | None, uploads: list[CommitOperationAdd]
+) -> list[CommitOperationDelete]:
+    """Deletions of the files an earlier push left in the repo that this push does not upload (as
+    ``upload_folder(delete_patterns="*")`` does; ``.gitattributes`` is kept): the repo mirrors the student, so e.g. an
+    adapter-only push after a full one leaves no merged weights beside the adapter."""
+    uploaded = {op.path_in_repo for op in uploads}
+    remote = api.list_repo_files(repo_id, revision=revision, repo_type="model")
+    return [
+        CommitOperationDelete(path_in_repo=path)
+        for path in remote
+        if path not in uploaded and path != ".gitattributes"
+    ]
 
 
 def _files_to_upload(folder: Path, *, adapter_only: bool) -> list[str]:

@@ -36,7 +36,7 @@ from .evaluation import BitextRetrievalEvaluator, CLIREvaluator, format_metrics_
 from .export import add_lora, prepare_output_dir, save_student
 from .hub import push_student
 from .losses import OTDistillationDataCollator, OTDistillationLoss, OTLossConfig
-from .model_card import StudentCardInfo, is_hub_repo_id
+from .model_card import StudentCardInfo, base_model_license, is_hub_repo_id
 from .trainer import OTDistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 2,
     "report_to": "none",
     "seed": 42,
+    "hub_strategy": "end",  # the only one supported: the final student folder is pushed once, after training
 }
 
 
@@ -99,7 +100,9 @@ class DistillArguments:
         "help": "Optional cross-lingual retrieval set in BEIR layout (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)."})
     eval_beir_split: str = field(default="test", metadata={"help": "qrels split of --eval_beir."})
     language: str = field(default="sw", metadata={"help": "ISO 639 code of the low-resource language (model card)."})
-    license: str = field(default="apache-2.0", metadata={"help": "License of the trained student (model card)."})
+    license: str | None = field(default=None, metadata={
+        "help": "License of the trained student (model card). Default: the license in the card of the model the "
+                "student starts from (its local README.md or its Hub card), else none."})
     front_end: str = field(default="sentence-transformers", metadata={
         "help": "sentence-transformers (OTDistillationLoss + SentenceTransformerTrainer) or trainer "
                 "(OTDistillationTrainer on a plain AutoModel).", "choices": FRONT_ENDS})
@@ -189,6 +192,14 @@ def _hub_id(explicit: str | None, name: str, packaged: str | None) -> str | None
     return name if is_hub_repo_id(name) and not Path(name).exists() else None
 
 
+def _hub_dataset_id(bitext: str | None, bitext_target: str | None) -> str | None:
+    """``bitext`` when :func:`load_bitext` read it from the Hub (one name, no local file or folder of that name);
+    call it where the bitext was loaded, so relative paths resolve as they did for the load."""
+    if bitext is None or bitext_target is not None or Path(bitext).expanduser().exists():
+        return None
+    return bitext
+
+
 def load_splits(args: DistillArguments, seed: int) -> tuple[Dataset, Dataset]:
     """Training pairs and held-out evaluation pairs, both with columns ``source`` / ``target``."""
     bitext = args.bitext or str(DEMO_BITEXT)
@@ -273,8 +284,11 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
     setup_logging(training_args.get_process_log_level())  # --log_level, --log_level_replica (WARNING by default)
     set_seed(training_args.seed)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the final folder ourselves
-    if push and not training_args.hub_model_id:
-        raise OpticalInputError("--push_to_hub needs --hub_model_id (e.g. my-org/optical-minilm-sw)")
+    if push and training_args.hub_strategy != "end":
+        raise OpticalInputError(
+            f"--hub_strategy {training_args.hub_strategy.value}: only 'end' is supported (the final student folder, "
+            "with its card, is pushed once after training; checkpoints are never uploaded)"
+        )
     token, training_args.hub_token = training_args.hub_token, None  # checkpoints pickle training_args: keep it out
     with training_args.main_process_first(desc="checking --output_dir"):
         prepare_output_dir(training_args.output_dir)
@@ -285,6 +299,7 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
     student = load_sentence_transformer(student_name, "--student")
     teacher.max_seq_length = student.max_seq_length = args.max_length
     train, evaluation = load_splits(args, training_args.seed)
+    hub_dataset = _hub_dataset_id(args.bitext, args.bitext_target)
     eval_name = Path(args.eval_bitext or args.bitext or DEMO_BITEXT).name
     logger.info("Training on %d pairs, evaluating on %d held-out pairs", len(train), len(evaluation))
 
@@ -335,10 +350,11 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
             language=args.language,
             teacher=_hub_id(args.teacher_hub_id, teacher_name, packaged) or teacher_name,
             base_model=_hub_id(args.student_hub_id, student_name, packaged),
-            license=args.license,
-            datasets=[args.bitext or "optical_hf demo bitext (en-sw, CC0-1.0)"],
+            license=args.license or base_model_license(student_name),
+            datasets=[hub_dataset] if hub_dataset else [],
             train_pairs=len(train),
-            training_data=f"{len(train):,} {args.language}-en pairs from {args.bitext or DEMO_BITEXT.name}",
+            training_data=f"{args.language}-en pairs from "
+                          f"{args.bitext or 'the optical_hf demo bitext (' + DEMO_BITEXT.name + ', CC0-1.0)'}",
             ot=dataclasses.asdict(loss_config),
             training={"front_end": args.front_end, "steps": trainer.state.global_step,
                       "epochs": round(trainer.state.epoch or 0, 2), "batch_size": training_args.per_device_train_batch_size,
@@ -356,9 +372,9 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
     commit_url = None
     if push and trainer.is_world_process_zero():
         commit_url = push_student(
-            output_dir, training_args.hub_model_id, adapter_only=args.push_adapter_only,
+            output_dir, training_args.hub_model_id or output_dir.absolute().name, adapter_only=args.push_adapter_only,
             base_model=_hub_id(args.student_hub_id, student_name, packaged), private=training_args.hub_private_repo,
-            token=token,
+            token=token, revision=training_args.hub_revision,
         )
         print(f"Pushed to {commit_url}")
     return {"before": before, "after": after, "output_dir": output_dir, "commit_url": commit_url}

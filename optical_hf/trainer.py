@@ -10,6 +10,7 @@ sentence-transformers front end (:class:`optical_hf.losses.OTDistillationLoss`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -26,7 +27,9 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from .callbacks import NonFiniteLossCallback
 from .export import has_adapters, merged_copy, save_student, sentence_transformer_from
+from .hub import push_student
 from .losses import OTLossConfig, content_mask, distillation_losses, pooling_weights, special_token_ids
+from .model_card import StudentCardInfo, is_hub_repo_id
 from .teacher_cache import TeacherCache, distinct_texts, load_or_encode, teacher_fingerprint
 
 __all__ = ["BitextCollator", "OTDistillationTrainer", "mean_pool"]
@@ -383,11 +386,16 @@ class OTDistillationTrainer(Trainer):
         base = merged_copy(model) if has_adapters(model) else model
         return sentence_transformer_from(base, self.processing_class, self.pooling, self.max_length)
 
+    card_info: StudentCardInfo | None = None
+    """Model card of the final save (language, teacher, data, metrics ...); without it the card says what the
+    trainer knows: the base model and teacher (when loaded from the Hub), the OT configuration and the prompts."""
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints keep the Trainer's format (resumable); a final save writes a complete student folder.
 
         The final folder loads with ``AutoModel.from_pretrained`` and ``SentenceTransformer``; LoRA adapters are
-        merged into it and kept unmerged under ``adapter/``. It is written atomically (see
+        merged into it and kept unmerged under ``adapter/``. It holds the OPTICAL model card and ``optical_hf.json``
+        (from :attr:`card_info`), so ``optical-hf push`` can publish it, and is written atomically (see
         :func:`optical_hf.export.save_student`). Under FSDP or DeepSpeed ZeRO-3 the sharded weights are gathered
         first (every rank calls ``save_model``, as with ``Trainer.save_model``).
         """
@@ -396,8 +404,66 @@ class OTDistillationTrainer(Trainer):
         output_dir = Path(output_dir or self.args.output_dir)
         student = self._full_student()
         if self.args.should_save:
-            save_student(self._as_sentence_transformer(student), output_dir, adapter_model=student)
+            save_student(
+                self._as_sentence_transformer(student), output_dir, adapter_model=student,
+                card=self.card_info or self._known_card_info(),
+            )
         self.accelerator.wait_for_everyone()
+
+    def push_to_hub(
+        self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
+        revision: str | None = None, private: bool | None = None, **kwargs: Any,
+    ) -> str | None:
+        """Save the final student folder into ``args.output_dir`` and publish that folder with
+        :func:`optical_hf.hub.push_student` (never the Trainer's checkpoint layout or its generic card).
+
+        The repo is ``args.hub_model_id``, or, as in ``Trainer``, the name of ``output_dir`` in the token's namespace;
+        ``revision`` (default ``args.hub_revision``) is the branch, ``private`` (default ``args.hub_private_repo``) the
+        visibility of a new repo. ``blocking`` must be True; other keyword arguments are refused.
+
+        Returns:
+            The commit URL (None on processes other than the main one).
+        """
+        if not blocking or kwargs:
+            raise ValueError(
+                f"OTDistillationTrainer.push_to_hub pushes the final student folder synchronously: blocking=False and "
+                f"{sorted(kwargs)} are not supported"
+            )
+        self.save_model()
+        if not self.is_world_process_zero():
+            return None
+        return push_student(
+            self.args.output_dir, self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+            private=private if private is not None else self.args.hub_private_repo,
+            token=token if token is not None else self.args.hub_token,
+            revision=revision if revision is not None else self.args.hub_revision,
+            commit_message=commit_message,
+        )
+
+    def _known_card_info(self) -> StudentCardInfo:
+        """Card info from what the trainer knows: Hub ids of the student's base model and the teacher, OT options."""
+        collator = self.data_collator if isinstance(self.data_collator, BitextCollator) else None
+        teacher = self.accelerator.unwrap_model(self.teacher)
+        return StudentCardInfo(
+            teacher=_hub_model_id(teacher),
+            base_model=_hub_model_id(self.accelerator.unwrap_model(self.model)),
+            ot=dataclasses.asdict(self.loss_config),
+            training={"front_end": "trainer", "steps": self.state.global_step, "pooling": self.pooling,
+                      "max_length": self.max_length},
+            query_prompt=(collator.sides["source"][2] or None) if collator else None,
+        )
+
+
+def _hub_model_id(model: nn.Module) -> str | None:
+    """The Hub id ``model`` was loaded from: sentence-transformers records it; for a transformers model, its
+    ``name_or_path`` when that is spelled like a Hub id and is no local folder."""
+    if isinstance(model, SentenceTransformer):
+        return model.model_card_data.base_model
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    name = getattr(model, "name_or_path", "") or ""
+    return name if is_hub_repo_id(name) and not Path(name).expanduser().exists() else None
+
 
 
 def _unsharded_copy(model: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:

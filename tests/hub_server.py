@@ -3,14 +3,17 @@
 It implements exactly the endpoints that ``huggingface_hub``'s ``HfApi.create_repo``, ``create_branch`` and
 ``create_commit`` call (see ``hf_api.py`` / ``_commit_api.py``):
 
-- ``POST /api/repos/create``                          create a repo (409 when it exists)
+- ``POST /api/repos/create``                          create a repo (409 when it exists); without an organization it
+                                                      goes to the token's user, ``FAKE_USER``
+- ``GET  /api/models/{ns}/{name}/tree/{rev}``         recursive listing of the files of a branch (one page)
 - ``POST /api/validate-yaml``                         README metadata check, done with ``huggingface_hub.ModelCard``
                                                       parsing (the real Hub runs its own schema validation)
 - ``POST /api/models/{ns}/{name}/branch/{branch}``    create a branch (409 when it exists)
 - ``POST /api/models/{ns}/{name}/preupload/{rev}``    answers ``uploadMode: "regular"`` for every file, so the client
                                                       sends contents inline (no LFS / Xet transfer)
-- ``POST /api/models/{ns}/{name}/commit/{rev}``       NDJSON commit with base64 file contents; ``lfsFile`` and deletion
-                                                      lines are rejected (400) since this fake never asks for them
+- ``POST /api/models/{ns}/{name}/commit/{rev}``       NDJSON commit with base64 file contents and
+                                                      ``deletedFile`` lines; ``lfsFile`` and ``deletedFolder`` lines
+                                                      are rejected (400) since this fake never asks for them
 
 Committed files land under ``store / repo_id / path`` (branch ``main``) or ``store / f"{repo_id}@{branch}" / path``.
 Every request is recorded in ``requests``; any other endpoint answers 404 and is also recorded in ``unknown_requests``.
@@ -26,6 +29,7 @@ import base64
 import hashlib
 import json
 import re
+import shutil
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +40,10 @@ from huggingface_hub import ModelCard
 
 
 _REPO = r"(?P<repo>[\w.\-]+/[\w.\-]+)"
+FAKE_USER = "fake-user"
+_GET_ROUTES = [
+    ("tree", re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)$")),
+]
 _ROUTES = [
     ("create_repo", re.compile(r"^/api/repos/create$")),
     ("validate_yaml", re.compile(r"^/api/validate-yaml$")),
@@ -99,8 +107,9 @@ class FakeHub:
 
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any], bool]:
         """Route one request; returns ``(status, json body, whether the endpoint is implemented)``."""
-        if method == "POST":
-            for name, pattern in _ROUTES:
+        routes = {"POST": _ROUTES, "GET": _GET_ROUTES}.get(method)
+        if routes:
+            for name, pattern in routes:
                 match = pattern.match(path)
                 if match:
                     with self._lock:
@@ -112,7 +121,7 @@ class FakeHub:
         payload = json.loads(body)
         if payload.get("type", "model") != "model":
             return 400, {"error": f"fake Hub only hosts model repos, got type={payload.get('type')!r}"}
-        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        repo_id = f"{payload.get('organization') or FAKE_USER}/{payload['name']}"
         url = f"{self.endpoint}/{repo_id}"
         if repo_id in self._branches:
             return 409, {"error": "You already created this model repo", "url": url}
@@ -135,7 +144,19 @@ class FakeHub:
         if rev in self._branches[repo]:
             return 409, {"error": f"Branch {rev} already exists"}
         self._branches[repo].add(rev)
+        shutil.copytree(self.repo_dir(repo), self.repo_dir(repo, rev), dirs_exist_ok=True)  # a branch starts at main
         return 200, {}
+
+    def _tree(self, body: bytes, repo: str, rev: str) -> tuple[int, dict[str, Any] | list[dict[str, Any]]]:
+        if repo not in self._branches or rev not in self._branches[repo]:
+            return 404, {"error": f"Repository {repo} or revision {rev} not found"}
+        root = self.repo_dir(repo, rev)
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return 200, [
+            {"type": "file", "path": p.relative_to(root).as_posix(), "size": p.stat().st_size,
+             "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+            for p in files
+        ]
 
     def _preupload(self, body: bytes, repo: str, rev: str) -> tuple[int, dict[str, Any]]:
         if repo not in self._branches or rev not in self._branches[repo]:
@@ -154,19 +175,30 @@ class FakeHub:
         if not lines or lines[0].get("key") != "header":
             return 400, {"error": "commit payload must start with a header line"}
         files: dict[str, bytes] = {}
+        deleted: list[str] = []
+        root = self.repo_dir(repo, rev)
         for line in lines[1:]:
-            if line.get("key") != "file" or line["value"].get("encoding") != "base64":
-                return 400, {"error": f"fake Hub accepts only inline base64 files, got {line.get('key')!r}"}
+            key = line.get("key")
+            inline = key == "file" and line["value"].get("encoding") == "base64"
+            if not (inline or key == "deletedFile"):
+                return 400, {"error": f"fake Hub accepts only inline base64 files and deletedFile, got {key!r}"}
             path = PurePosixPath(line["value"]["path"])
             if path.is_absolute() or ".." in path.parts:
                 return 400, {"error": f"invalid path {path}"}
-            files[str(path)] = base64.b64decode(line["value"]["content"])
-        root = self.repo_dir(repo, rev)
+            if inline:
+                files[str(path)] = base64.b64decode(line["value"]["content"])
+            elif (root / path).is_file():
+                deleted.append(str(path))
+            else:
+                return 404, {"error": f"cannot delete {path}: no such file in {repo}@{rev}"}
+        for path in deleted:
+            (root / path).unlink()
         for path, content in files.items():
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).write_bytes(content)
         oid = hashlib.sha1(body).hexdigest()
-        self.commits.append({"repo_id": repo, "revision": rev, "header": lines[0]["value"], "paths": sorted(files)})
+        self.commits.append({"repo_id": repo, "revision": rev, "header": lines[0]["value"], "paths": sorted(files),
+                             "deleted": sorted(deleted)})
         return 200, {"commitUrl": f"{self.endpoint}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
 
 

@@ -23,12 +23,13 @@ import pytest
 import torch
 import transformers
 from conftest import sentence_transformer, toy_bitext
-from hub_server import online
+from hub_server import FAKE_USER, online
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
 import optical_hf
 import optical_hf.cli
+import optical_hf.evaluation
 from optical_hf import BitextError, recipe
 from optical_hf.cli import EXIT_BAD_INPUT, EXIT_PUSH_FAILED, main
 from optical_hf.corpora import flores_pairs, load_afriqa_gold, load_beir
@@ -345,7 +346,7 @@ def clir_calls(monkeypatch) -> list[dict]:
         calls.append({"doc_path": kwargs["doc_model"][0].auto_model.name_or_path, **kwargs})
         return evaluate_clir(query_model, **kwargs)
 
-    monkeypatch.setattr(optical_hf.cli, "evaluate_clir", spy)
+    monkeypatch.setattr(optical_hf.evaluation, "evaluate_clir", spy)  # cli imports it when the command runs
     return calls
 
 
@@ -506,9 +507,31 @@ def test_distill_stops_at_a_nan_loss_without_saving_or_pushing(front_end, model_
     assert hub.uploaded_files(REPO_ID) == set()
 
 
-def test_distill_push_to_hub_needs_a_repo_id(model_dirs, data, tmp_path, capsys):
-    assert cli(*_distill_argv(model_dirs, data["tsv"], tmp_path / "out", "--push_to_hub")) == EXIT_BAD_INPUT
-    assert "--push_to_hub needs --hub_model_id" in error_line(capsys.readouterr().err)
+def test_distill_push_to_hub_follows_the_trainer_hub_flags(model_dirs, data, tmp_path, monkeypatch, capsys, hub):
+    student = tmp_path / "e5-like"
+    shutil.copytree(model_dirs["student"], student)
+    (student / "README.md").write_text("---\nlicense: mit\n---\n# base model\n", encoding="utf-8")
+    argv = _distill_argv(model_dirs, data["tsv"], tmp_path / "optical-sw", "--push_to_hub", "--hub_revision", "v2",
+                         "--hub_token", "hf_test")
+    argv[argv.index("--student") + 1] = student
+    with online(monkeypatch, hub):
+        assert cli(*argv) == 0
+
+    repo_id = f"{FAKE_USER}/optical-sw"  # no --hub_model_id: output_dir's name in the token's namespace
+    assert f"Pushed to {hub.endpoint}/{repo_id}/commit/" in capsys.readouterr().out
+    assert hub.uploaded_files(repo_id) == set()  # --hub_revision: nothing landed on main
+    remote = hub.repo_dir(repo_id, revision="v2")
+    info = json.loads((remote / "optical_hf.json").read_text(encoding="utf-8"))
+    assert (info["model_id"], info["license"], info["datasets"]) == (repo_id, "mit", [])  # a local bitext file
+    assert "license: mit" in (remote / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("strategy", ["every_save", "checkpoint", "all_checkpoints"])
+def test_distill_refuses_unsupported_hub_strategies(strategy, model_dirs, data, tmp_path, capsys):
+    argv = _distill_argv(model_dirs, data["tsv"], tmp_path / "out", "--push_to_hub", "--hub_strategy", strategy)
+    assert cli(*argv) == EXIT_BAD_INPUT
+    assert f"--hub_strategy {strategy}: only 'end' is supported" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- push --------------------------------------------------------------------------------------------------------

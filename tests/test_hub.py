@@ -19,7 +19,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
-from hub_server import FakeHub, online
+from hub_server import FAKE_USER, FakeHub, online
 from optical_hf.hub import HubPushError, push_student
 from optical_hf.model_card import StudentCardInfo, write_model_card
 
@@ -247,3 +247,28 @@ def test_symlinks_to_files_outside_the_folder_are_not_uploaded(student, hub, mon
         push_student(folder, REPO_ID, endpoint=hub.endpoint)
     assert hub.uploaded_files(REPO_ID) == student.st_files | {"optical_hf.json", "modules-link.json"}
     assert f"Not uploading {folder / 'notes.txt'}: it is a symlink to {secret}" in caplog.text
+
+
+def test_second_push_deletes_files_the_first_left(student, hub, monkeypatch, tmp_path):
+    folder = tmp_path / "student"
+    shutil.copytree(student.folder, folder)
+    (folder / "notes.json").write_text("{}", encoding="utf-8")
+    with online(monkeypatch, hub):
+        push_student(folder, REPO_ID, endpoint=hub.endpoint)
+        assert "notes.json" in hub.uploaded_files(REPO_ID)
+        (folder / "notes.json").unlink()
+        push_student(folder, REPO_ID, adapter_only=True, base_model=HUB_BASE_MODEL, endpoint=hub.endpoint)
+
+    uploaded = hub.uploaded_files(REPO_ID)
+    assert "notes.json" not in uploaded
+    assert {"model.safetensors", "config.json"}.isdisjoint(uploaded)  # no merged weights beside the adapter
+    assert "adapter_config.json" in uploaded
+    assert hub.commits[-1]["deleted"] == ["config.json", "model.safetensors", "notes.json"]
+
+
+def test_bare_repo_name_goes_to_the_token_user(student, hub, monkeypatch):
+    with online(monkeypatch, hub):
+        url = push_student(student.folder, "optical-tiny-sw", token="hf_test", endpoint=hub.endpoint)
+    assert url.startswith(f"{hub.endpoint}/{FAKE_USER}/optical-tiny-sw/commit/")
+    card = ModelCard((hub.repo_dir(f"{FAKE_USER}/optical-tiny-sw") / "README.md").read_text(encoding="utf-8"))
+    assert f'SentenceTransformer("{FAKE_USER}/optical-tiny-sw")' in card.text

@@ -154,3 +154,44 @@ def test_evaluator_metrics_join_the_eval_metrics(model_dirs, bitext, tmp_path):
     assert evals[0]["eval_mse_negative_mse"] != evals[-1]["eval_mse_negative_mse"]  # the student being trained
     with open(tmp_path / "run" / "eval" / "bitext_retrieval_evaluation_heldout_results.csv") as handle:
         assert len(handle.read().splitlines()) == 3  # header + one row per evaluation
+
+
+def test_save_model_writes_the_optical_card_and_push_to_hub_pushes_that_folder(model_dirs, bitext, tmp_path, hub,
+                                                                              monkeypatch):
+    import huggingface_hub.constants
+    from huggingface_hub import ModelCard
+
+    from hub_server import FAKE_USER, online
+    from optical_hf.model_card import StudentCardInfo
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+    trainer = _trainer(model_dirs, bitext, tmp_path, peft_config=lora, source_prompt="query: ",
+                       args={"max_steps": 2, "hub_revision": "v1", "hub_token": "hf_test"})
+    trainer.train()
+    trainer.card_info = StudentCardInfo(language="sw", teacher="org/english-teacher", license="mit")
+    with online(monkeypatch, hub):
+        url = trainer.push_to_hub()
+
+    repo_id = f"{FAKE_USER}/run"  # Trainer's rule: the name of output_dir in the token's namespace
+    assert url.startswith(f"{hub.endpoint}/{repo_id}/commit/")
+    assert StudentCardInfo.load(tmp_path / "run").language == "sw"  # the final save, pushable by optical-hf push
+    uploaded = hub.uploaded_files(repo_id, revision="v1")
+    assert {"model.safetensors", "modules.json", "README.md", "optical_hf.json"} <= uploaded
+    assert "adapter_config.json" not in uploaded and hub.uploaded_files(repo_id) == set()  # nothing on main
+    card = ModelCard((hub.repo_dir(repo_id, revision="v1") / "README.md").read_text(encoding="utf-8"))
+    assert card.data.license == "mit" and card.data.language == ["sw", "en"]
+    assert f'student = SentenceTransformer("{repo_id}")' in card.text
+    assert "trained from scratch" not in card.text and "None dataset" not in card.text
+
+
+def test_save_model_without_card_info_says_what_the_trainer_knows(model_dirs, bitext, tmp_path):
+    from optical_hf.model_card import StudentCardInfo
+
+    trainer = _trainer(model_dirs, bitext, tmp_path, source_prompt="query: ", args={"max_steps": 1})
+    trainer.train()
+    trainer.save_model()
+    info = StudentCardInfo.load(tmp_path / "run")
+    assert info.query_prompt == "query: " and info.base_model is None  # loaded from a local folder
+    assert info.ot["reg"] == trainer.loss_config.reg
+    assert "teacher.encode_document(documents)" in (tmp_path / "run" / "README.md").read_text(encoding="utf-8")
