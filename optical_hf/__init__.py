@@ -5,20 +5,15 @@ Distillation", WSDM 2023 (arXiv 2301.12566).
 """
 
 from .callbacks import NonFiniteLossCallback
+from .collation import BitextCollator, OTDistillationDataCollator, pooling_weights
+from .config import OTDistillationConfig
 from .data import BitextError, bitext_from_pairs, load_bitext
 from .errors import NonFiniteLossError, OpticalInputError
 from .export import add_lora, save_student
-from .losses import (
-    CITATION,
-    OTDistillationDataCollator,
-    OTDistillationLoss,
-    OTLossConfig,
-    distillation_losses,
-    pooling_weights,
-)
+from .losses import CITATION, OTDistillationLoss, OTLossConfig, distillation_losses
 from .ot import DivergenceResult, OTResult, pairwise_cost, sinkhorn, sinkhorn_divergence
 from .teacher_cache import TeacherCache, build_teacher_cache
-from .trainer import BitextCollator, OTDistillationTrainer
+from .trainer import OTDistillationTrainer
 
 __version__ = "0.1.0"
 
@@ -29,6 +24,7 @@ __all__ = [
     "DivergenceResult",
     "NonFiniteLossCallback",
     "NonFiniteLossError",
+    "OTDistillationConfig",
     "OTDistillationDataCollator",
     "OTDistillationLoss",
     "OTDistillationTrainer",
