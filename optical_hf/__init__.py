@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 #: Public name -> submodule that defines it.
 _EXPORTS = {
     "CITATION": "losses",
-    "BitextCollator": "trainer",
+    "BitextCollator": "collation",
     "BitextError": "data",
     "BitextRetrievalEvaluator": "evaluation",
     "CLIREvaluator": "evaluation",
@@ -25,7 +25,8 @@ _EXPORTS = {
     "HubPushError": "hub",
     "NonFiniteLossCallback": "callbacks",
     "NonFiniteLossError": "errors",
-    "OTDistillationDataCollator": "losses",
+    "OTDistillationConfig": "config",
+    "OTDistillationDataCollator": "collation",
     "OTDistillationLoss": "losses",
     "OTDistillationTrainer": "trainer",
     "OTLossConfig": "losses",
@@ -40,7 +41,7 @@ _EXPORTS = {
     "load_bitext": "data",
     "load_bitexts": "data",
     "pairwise_cost": "ot",
-    "pooling_weights": "losses",
+    "pooling_weights": "collation",
     "push_student": "hub",
     "save_student": "export",
     "sinkhorn": "ot",

@@ -14,6 +14,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -55,12 +56,12 @@ def _distill(argv: list[str]) -> None:
     parser = build_parser()
     parser.prog = f"{PROG} distill"
     use_cpu_processes_if_no_gpu()
-    distill_args, training_args, unknown = parser.parse_args_into_dataclasses(
+    distill_args, loss_config, training_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False
     )
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    run(distill_args, training_args)
+    run(distill_args, loss_config, training_args)
 
 
 def _card_defaults(model: str) -> StudentCardInfo | None:

@@ -13,7 +13,8 @@ Choices the paper leaves open, made here (options of :class:`OTLossConfig`, meas
   vocabulary lacks) and prompt tokens (e.g. e5's ``query: ``) get zero mass: they carry no translation content and
   would otherwise act as cheap "sinks" that absorb mass in both sentences. A row left with no content token falls
   back to its attention mask. ``"pooling"`` gives each side exactly the weights its pooling layer averages with
-  (:func:`pooling_weights`), so that the OT loss and the pooled sentence embeddings see the same tokens.
+  (:func:`optical_hf.collation.pooling_weights`), so that the OT loss and the pooled sentence embeddings see the same
+  tokens.
 * **Debiasing** (``debias``): the Sinkhorn divergence of Feydy et al. (AISTATS 2019) instead of ``<P, C>``. With
   ``cost="sqeuclidean"`` and ``marginals="pooling"`` it tends to ``||pooled student - pooled teacher||^2`` (the
   sentence-level MSE of Reimers & Gurevych 2020, times ``dim``) as ``reg -> inf`` and to exact token-level OT as
@@ -21,38 +22,32 @@ Choices the paper leaves open, made here (options of :class:`OTLossConfig`, meas
 * **Scale of epsilon** (``reg``): relative, ``eps = reg * <a (x) b, C>`` per pair (the detached marginal-weighted mean
   cost), so one value means the same for both costs and any embedding scale.
 * **Gradient**: envelope theorem by default (plan detached), see :func:`optical_hf.ot.sinkhorn`.
-* **Sentence-level terms**: optional ``sentence_weight * d(pooled student, pooled teacher)`` with ``d`` the MSE of
-  Reimers & Gurevych (2020) or ``1 - cosine``, and an in-batch contrastive (InfoNCE) term ``contrastive_weight``
-  between the pooled student embeddings and the fixed pooled teacher embeddings of the batch's English sides.
+* **Sentence-level terms**: optional ``sentence_weight * d(student sentence, teacher sentence)`` with ``d`` the MSE
+  of Reimers & Gurevych (2020) or ``1 - cosine``, and an in-batch contrastive (InfoNCE) term ``contrastive_weight``
+  between the student sentence embeddings and the fixed teacher sentence embeddings of the batch's English sides.
+  Each side's sentence embedding is its model's own (a SentenceTransformer's ``sentence_embedding``, normalisation
+  included; a plain ``AutoModel``'s pooling in :class:`optical_hf.OTDistillationTrainer`).
+
+Token weights, prompt lengths and the collators of both front ends are in :mod:`optical_hf.collation`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
 
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
-from sentence_transformers.sentence_transformer.modules import Pooling
 from torch import Tensor, nn
 
-from .ot import pairwise_cost, sinkhorn, sinkhorn_divergence, uniform_weights
-from .teacher_cache import TeacherCache
+from .collation import TEACHER_TASK, content_mask, pooling_setup, pooling_weights, special_token_ids
+from .errors import OpticalInputError
+from .ot import pairwise_cost, sinkhorn, sinkhorn_divergence
 
-__all__ = [
-    "CITATION",
-    "OTDistillationDataCollator",
-    "OTDistillationLoss",
-    "OTLossConfig",
-    "content_mask",
-    "distillation_losses",
-    "pooling_weights",
-    "special_token_ids",
-]
+__all__ = ["CITATION", "OTDistillationLoss", "OTLossConfig", "distillation_losses"]
 
 CITATION = """@inproceedings{huang2023optical,
   title={Improving Cross-lingual Information Retrieval on Low-Resource Languages via Optimal Transport Distillation},
@@ -62,25 +57,25 @@ CITATION = """@inproceedings{huang2023optical,
   doi={10.1145/3539597.3570468}
 }"""
 
-TEACHER_TASK = "optical_teacher"
-"""Task name that :class:`OTDistillationDataCollator` stamps on the column it tokenizes with the teacher."""
-
-
 @dataclass
 class OTLossConfig:
-    """Hyper-parameters of the OPTICAL objective, shared by both front ends (and readable by ``HfArgumentParser``).
+    """Hyper-parameters of the OPTICAL objective: their one declaration, for both front ends and the command line.
 
-    See the module docstring for what each choice means; ``__post_init__`` rejects out-of-range values with a
-    ``ValueError`` naming the option.
+    ``HfArgumentParser`` reads it directly (``optical-hf distill --reg 0.1 --cost sqeuclidean ...``; ``--ot_reg``,
+    ``--ot_iters`` and ``--ot_grad`` are aliases kept from earlier versions), and
+    :class:`optical_hf.OTDistillationConfig` inherits its fields. See the module docstring for what each choice means;
+    ``__post_init__`` rejects out-of-range values with an :class:`optical_hf.OpticalInputError` (a ``ValueError``)
+    naming the option.
     """
 
-    reg: float = field(default=0.1, metadata={
-        "help": "Entropic regularisation epsilon, relative to the cost scale: eps = reg * (marginal-weighted mean cost) "
-                "per pair. Smaller: sharper token alignment, more Sinkhorn iterations needed."})
-    n_iters: int = field(default=100, metadata={"help": "Sinkhorn iterations (the maximum when --tol is set)."})
+    reg: float = field(default=0.1, metadata={"aliases": ["--ot_reg"], "help":
+        "Entropic regularisation epsilon, relative to the cost scale: eps = reg * (marginal-weighted mean cost) "
+        "per pair. Smaller: sharper token alignment, more Sinkhorn iterations needed."})
+    n_iters: int = field(default=100, metadata={"aliases": ["--ot_iters"], "help":
+        "Sinkhorn iterations (the maximum when --tol is set)."})
     tol: float | None = field(default=None, metadata={
         "help": "Stop Sinkhorn early once the L1 marginal error is below tol (one host sync per 10 iterations)."})
-    grad: Literal["envelope", "autodiff"] = field(default="envelope", metadata={
+    grad: Literal["envelope", "autodiff"] = field(default="envelope", metadata={"aliases": ["--ot_grad"],
         "help": "Gradient through OT: 'envelope' (plan detached, no memory for the iterations) or 'autodiff'."})
     cost: Literal["cosine", "sqeuclidean"] = field(default="cosine", metadata={
         "help": "Token cost: 'cosine' (1 - cos, the paper's) or 'sqeuclidean' (squared distance of raw token states)."})
@@ -96,7 +91,7 @@ class OTLossConfig:
         "help": "'content' marginals: give prompt tokens (e.g. 'query: ') zero mass."})
     ot_weight: float = field(default=1.0, metadata={"help": "Weight of the token-level OT term."})
     sentence_weight: float = field(default=0.0, metadata={
-        "help": "Weight of the sentence-level term between pooled embeddings (0 disables it)."})
+        "help": "Weight of the sentence-level term between sentence embeddings (0 disables it)."})
     sentence_loss: Literal["mse", "cosine"] = field(default="mse", metadata={
         "help": "Sentence-level distance: 'mse' or 'cosine' (1 - cos)."})
     contrastive_weight: float = field(default=0.0, metadata={
@@ -109,115 +104,28 @@ class OTLossConfig:
         for name, hint in get_type_hints(OTLossConfig).items():
             value = getattr(self, name)
             if getattr(hint, "__origin__", None) is Literal and value not in get_args(hint):
-                raise ValueError(f"OTLossConfig.{name} must be one of {get_args(hint)}, got {value!r}")
+                raise OpticalInputError(f"OTLossConfig.{name} must be one of {get_args(hint)}, got {value!r}")
             if hint is bool and not isinstance(value, bool):
-                raise ValueError(f"OTLossConfig.{name} must be a bool, got {value!r}")
+                raise OpticalInputError(f"OTLossConfig.{name} must be a bool, got {value!r}")
         _check_number("reg", self.reg, positive=True)
         _check_number("contrastive_temperature", self.contrastive_temperature, positive=True)
         if self.tol is not None:
             _check_number("tol", self.tol, positive=True)
         if isinstance(self.n_iters, bool) or not isinstance(self.n_iters, int) or self.n_iters < 1:
-            raise ValueError(f"OTLossConfig.n_iters must be an integer >= 1, got {self.n_iters!r}")
+            raise OpticalInputError(f"OTLossConfig.n_iters must be an integer >= 1, got {self.n_iters!r}")
         weights = {"ot_weight": self.ot_weight, "sentence_weight": self.sentence_weight,
                    "contrastive_weight": self.contrastive_weight}
         for name, value in weights.items():
             _check_number(name, value, positive=False)
         if not any(weights.values()):
-            raise ValueError(f"OTLossConfig: at least one loss weight must be > 0, got {weights}")
+            raise OpticalInputError(f"OTLossConfig: at least one loss weight must be > 0, got {weights}")
 
 
 def _check_number(name: str, value: Any, positive: bool) -> None:
     """Raise unless ``value`` is a finite real number, ``> 0`` (``positive``) or ``>= 0``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (value <= 0 if positive else value < 0):
-        raise ValueError(f"OTLossConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-
-
-def special_token_ids(tokenizer: Any) -> list[int]:
-    """The tokenizer's special token ids that carry no content: ``all_special_ids`` without the unknown token.
-
-    ``[UNK]`` / ``<unk>`` stands for a real word the vocabulary cannot spell (frequent in low-resource scripts), so it
-    keeps its OT mass.
-    """
-    return [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id]
-
-
-def content_mask(
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    special_ids: Iterable[int] = (),
-    prompt_length: int | Tensor | None = None,
-) -> Tensor:
-    """Tokens that carry the sentence's content: real, not special, not part of the prompt.
-
-    Args:
-        input_ids: ``(batch, n)`` token ids.
-        attention_mask: ``(batch, n)`` 1 for real tokens, 0 for padding.
-        special_ids: ids to exclude (:func:`special_token_ids`); empty to keep them.
-        prompt_length: number of leading positions taken by the prompt (including a leading special token), as
-            sentence-transformers reports it in ``features["prompt_length"]``; ``None`` or 0 for no prompt.
-
-    Returns:
-        ``(batch, n)`` bool mask. Rows that would be empty fall back to ``attention_mask``.
-    """
-    real = attention_mask.bool()
-    mask = real.clone()
-    special_ids = list(special_ids)
-    if special_ids:
-        mask &= ~torch.isin(input_ids, torch.tensor(special_ids, device=input_ids.device))
-    if prompt_length is not None:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        mask &= positions.unsqueeze(0) >= torch.as_tensor(prompt_length, device=input_ids.device).reshape(-1, 1)
-    return torch.where(mask.any(dim=1, keepdim=True), mask, real)
-
-
-WEIGHTED_POOLING_MODES = ("mean", "mean_sqrt_len_tokens", "cls", "lasttoken", "weightedmean")
-"""Pooling modes that average tokens with fixed weights, i.e. that ``marginals="pooling"`` supports."""
-
-
-def pooling_weights(
-    attention_mask: Tensor,
-    pooling_mode: str = "mean",
-    prompt_length: int | Tensor | None = None,
-    include_prompt: bool = True,
-) -> Tensor:
-    """The weights a pooling layer averages token embeddings with, as OT marginals.
-
-    Mirrors sentence-transformers' ``Pooling`` (padded inputs, right or left padding): with ``include_prompt=False``
-    the ``prompt_length`` positions after the first real token are dropped, ``"mean"`` (and ``"mean_sqrt_len_tokens"``,
-    the same direction) weighs every remaining real token equally (special and prompt tokens included), ``"cls"`` takes
-    the first remaining token, ``"lasttoken"`` the last, ``"weightedmean"`` weighs position ``k`` (from the first real
-    token, counting from 1) by ``k``. ``(weights[:, :, None] * tokens).sum(1)`` is then the pooled embedding.
-
-    Args:
-        attention_mask: ``(batch, n)`` 1 for real tokens, 0 for padding.
-        pooling_mode: the ``Pooling`` module's ``pooling_mode`` (one mode; ``"max"`` has no weights).
-        prompt_length: leading prompt positions (``features["prompt_length"]``), an int or a tensor broadcastable to
-            ``(batch, 1)``; used only when ``include_prompt`` is False.
-        include_prompt: the ``Pooling`` module's ``include_prompt``.
-
-    Returns:
-        ``(batch, n)`` float32 weights, each row summing to 1 (all 0 for a row with no pooled token).
-    """
-    real = attention_mask.bool()
-    positions = torch.arange(real.shape[1], device=real.device).unsqueeze(0)
-    first = real.int().argmax(dim=1, keepdim=True)
-    pooled = real
-    if not include_prompt and prompt_length is not None:
-        prompt = torch.as_tensor(prompt_length, device=real.device).reshape(-1, 1)
-        pooled = real & (positions >= first + prompt)
-    if pooling_mode in ("mean", "mean_sqrt_len_tokens"):
-        weights = pooled.float()
-    elif pooling_mode == "cls":
-        weights = (positions == pooled.int().argmax(dim=1, keepdim=True)).float() * pooled
-    elif pooling_mode == "lasttoken":
-        last = real.shape[1] - 1 - pooled.int().flip(1).argmax(dim=1, keepdim=True)
-        weights = (positions == last).float() * pooled
-    elif pooling_mode == "weightedmean":
-        weights = (positions - first + 1).float() * pooled
-    else:
-        raise ValueError(f"marginals='pooling' supports the pooling modes {WEIGHTED_POOLING_MODES}, got {pooling_mode!r}")
-    return uniform_weights(pooled, weights)
+        raise OpticalInputError(f"OTLossConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
 
 def _support(marginal: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -263,8 +171,9 @@ def distillation_losses(
     """The OPTICAL objective on one batch of bitext pairs.
 
     One rule for the marginals: ``(batch, n)`` non-negative token weights, renormalised per row; a bool (or 0/1
-    integer) mask means uniform weights over its True tokens. Front ends pass :func:`content_mask` for
-    ``marginals="content"`` and :func:`pooling_weights` for ``marginals="pooling"``.
+    integer) mask means uniform weights over its True tokens. Front ends pass
+    :func:`optical_hf.collation.content_mask` for ``marginals="content"`` and
+    :func:`optical_hf.collation.pooling_weights` for ``marginals="pooling"``.
 
     Args:
         student_tokens: ``(batch, n, dim)`` student token embeddings of the low-resource sentences.
@@ -272,8 +181,8 @@ def distillation_losses(
         teacher_tokens: ``(batch, m, dim)`` teacher token embeddings of the English translations.
         teacher_marginal: ``(batch, m)`` teacher-side OT weights or mask.
         config: the loss hyper-parameters.
-        student_sentence: ``(batch, dim)`` pooled student embeddings, needed by the sentence and contrastive terms.
-        teacher_sentence: ``(batch, dim)`` pooled teacher embeddings, likewise (treated as constants).
+        student_sentence: ``(batch, dim)`` student sentence embeddings, needed by the sentence and contrastive terms.
+        teacher_sentence: ``(batch, dim)`` teacher sentence embeddings, likewise (treated as constants).
 
     Returns:
         The weighted terms that are enabled, among ``"ot"`` (batch mean), ``"sentence"`` and ``"contrastive"``; the
@@ -291,7 +200,7 @@ def distillation_losses(
     if (config.sentence_weight > 0 or config.contrastive_weight > 0) and (
         student_sentence is None or teacher_sentence is None
     ):
-        raise ValueError("sentence_weight > 0 or contrastive_weight > 0 needs pooled student and teacher embeddings")
+        raise ValueError("sentence_weight > 0 or contrastive_weight > 0 needs student and teacher sentence embeddings")
     if config.sentence_weight > 0:
         if config.sentence_loss == "mse":
             term = F.mse_loss(student_sentence.float(), teacher_sentence.float())
@@ -304,17 +213,6 @@ def distillation_losses(
     return losses
 
 
-def _pooling_setup(model: SentenceTransformer, side: str) -> tuple[str, bool]:
-    """``(pooling_mode, include_prompt)`` of the model's one ``Pooling`` module (for ``marginals="pooling"``)."""
-    poolings = [module for module in model.modules() if isinstance(module, Pooling)]
-    if len(poolings) != 1:
-        raise ValueError(f"marginals='pooling' needs exactly one Pooling module in the {side}, found {len(poolings)}")
-    mode = poolings[0].pooling_mode
-    if mode not in WEIGHTED_POOLING_MODES:
-        raise ValueError(f"marginals='pooling' supports the pooling modes {WEIGHTED_POOLING_MODES}, got {mode!r} ({side})")
-    return mode, poolings[0].include_prompt
-
-
 def _same_tokenizer(student: SentenceTransformer, teacher: SentenceTransformer) -> bool:
     s, t = getattr(student, "tokenizer", None), getattr(teacher, "tokenizer", None)
     return s is not None and t is not None and s.get_vocab() == t.get_vocab()
@@ -325,6 +223,7 @@ class OTDistillationLoss(nn.Module):
         self,
         model: SentenceTransformer,
         teacher: SentenceTransformer,
+        config: OTLossConfig | None = None,
         **config_kwargs: Any,
     ) -> None:
         """OPTICAL optimal-transport distillation of a frozen ``teacher`` into the ``model`` (student).
@@ -340,7 +239,8 @@ class OTDistillationLoss(nn.Module):
         "contrastive": ...}`` (the enabled terms) so the trainer logs each component.
 
         The teacher may use another tokenizer than the student: then train with
-        :class:`OTDistillationDataCollator`, which tokenizes the English column with the teacher's tokenizer.
+        :class:`optical_hf.OTDistillationDataCollator`, which tokenizes the English column with the teacher's
+        tokenizer.
         When that collator has a ``teacher_cache`` (:func:`optical_hf.teacher_cache.build_teacher_cache`), the
         English column arrives with the teacher's token states and sentence embedding already in it, and the
         teacher is not run.
@@ -348,9 +248,10 @@ class OTDistillationLoss(nn.Module):
         Args:
             model: the student SentenceTransformer.
             teacher: the frozen English SentenceTransformer, same embedding size as the student.
-            **config_kwargs: :class:`OTLossConfig` fields (``reg``, ``n_iters``, ``cost``, ``marginals``, ``debias``,
-                ``sentence_weight``, ``contrastive_weight``, ...; ``OTDistillationLoss(s, t, **asdict(config))``
-                takes a whole config).
+            config: the objective's hyper-parameters (default ``OTLossConfig()``), used as is.
+            **config_kwargs: a shortcut for ``config=OTLossConfig(**config_kwargs)``: :class:`OTLossConfig` fields
+                (``reg``, ``n_iters``, ``cost``, ``marginals``, ``debias``, ``sentence_weight``, ...). Not together
+                with ``config``.
 
         References:
             - Huang, Yu & Allan, Improving Cross-lingual Information Retrieval on Low-Resource Languages via
@@ -368,14 +269,15 @@ class OTDistillationLoss(nn.Module):
         Example::
 
             from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from optical_hf import OTDistillationDataCollator, OTDistillationLoss, load_bitext
+            from optical_hf import NonFiniteLossCallback, OTDistillationDataCollator, OTDistillationLoss, OTLossConfig
+            from optical_hf import load_bitext
 
             teacher = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
             student = SentenceTransformer("intfloat/multilingual-e5-small")
             train = load_bitext("train.sw", "train.en")  # columns "source" (Swahili), "target" (English)
-            loss = OTDistillationLoss(student, teacher, reg=0.1)
+            loss = OTDistillationLoss(student, teacher, config=OTLossConfig(reg=0.1))
             trainer = SentenceTransformerTrainer(
-                model=student, train_dataset=train, loss=loss,
+                model=student, train_dataset=train, loss=loss, callbacks=[NonFiniteLossCallback()],
                 data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess),
             )
             trainer.train()
@@ -385,14 +287,19 @@ class OTDistillationLoss(nn.Module):
         self.teacher = teacher
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self.config = OTLossConfig(**config_kwargs)
+        if config is not None and config_kwargs:
+            raise TypeError(
+                f"OTDistillationLoss takes `config` or OTLossConfig keyword arguments, not both (got config and "
+                f"{sorted(config_kwargs)})"
+            )
+        self.config = config if config is not None else OTLossConfig(**config_kwargs)
         self.shared_tokenizer = _same_tokenizer(model, teacher)
         self._special = {
             "student": special_token_ids(model.tokenizer) if self.config.exclude_special_tokens else [],
             "teacher": special_token_ids(teacher.tokenizer) if self.config.exclude_special_tokens else [],
         }
         if self.config.marginals == "pooling":
-            self._pooling = {"student": _pooling_setup(model, "student"), "teacher": _pooling_setup(teacher, "teacher")}
+            self._pooling = {"student": pooling_setup(model, "student"), "teacher": pooling_setup(teacher, "teacher")}
 
     def train(self, mode: bool = True) -> OTDistillationLoss:
         """Switch the student's mode; the teacher always stays in eval mode (no dropout)."""
@@ -435,48 +342,3 @@ class OTDistillationLoss(nn.Module):
     @property
     def citation(self) -> str:
         return CITATION
-
-
-@dataclass
-class OTDistillationDataCollator(SentenceTransformerDataCollator):
-    """sentence-transformers collator that tokenizes the English column with the teacher's own tokenizer.
-
-    The column at ``teacher_column`` (position among the text columns, default 1: the English side) goes through
-    ``teacher_preprocess_fn``; every other column through ``preprocess_fn`` (the student's). The teacher column is
-    stamped with the task :data:`TEACHER_TASK` so :class:`OTDistillationLoss` can check it. ``prompts`` work per
-    column as in sentence-transformers.
-
-    With ``teacher_cache`` (a :class:`optical_hf.teacher_cache.TeacherCache` built with the English column's
-    prompt), the teacher column is looked up instead: ``input_ids``, ``attention_mask`` ``(batch, m)``,
-    ``token_embeddings`` ``(batch, m, dim)`` and ``sentence_embedding`` ``(batch, dim)`` (fp16), so the loss skips
-    the teacher forward. A batch with a text missing from the cache is tokenized for the online teacher instead.
-
-    Example::
-
-        collator = OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess, prompts=args.prompts)
-    """
-
-    teacher_preprocess_fn: Callable | None = None
-    teacher_column: int = 1
-    teacher_cache: TeacherCache | None = field(default=None, repr=False)
-    _student_preprocess_fn: Callable | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.teacher_preprocess_fn is None:
-            raise ValueError("OTDistillationDataCollator needs `teacher_preprocess_fn` (e.g. teacher.preprocess)")
-        self._student_preprocess_fn = self.preprocess_fn
-        self.preprocess_fn = self._dispatch
-
-    def _dispatch(self, inputs: list[str], prompt: str | None = None, task: str | None = None, **kwargs: Any) -> dict:
-        if task == TEACHER_TASK:
-            if self.teacher_cache is not None:
-                cached = self.teacher_cache.lookup(inputs, prompt, kwargs.get("max_length"))
-                if cached is not None:
-                    return cached
-            return self.teacher_preprocess_fn(inputs, prompt=prompt, **kwargs)
-        return self._student_preprocess_fn(inputs, prompt=prompt, task=task, **kwargs)
-
-    def _get_task_for_column(self, column_name: str, column_position: int, router_mapping: dict[str, str]) -> str | None:
-        if column_position == self.teacher_column:
-            return TEACHER_TASK
-        return super()._get_task_for_column(column_name, column_position, router_mapping)

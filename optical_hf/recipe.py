@@ -1,9 +1,11 @@
 """The end-to-end OPTICAL recipe behind ``examples/distill.py`` and ``optical-hf distill``.
 
 bitext -> (evaluate the untrained student) -> OT distillation -> (evaluate again) -> an atomic student folder with its
-model card -> optionally the Hub. Options are one dataclass (:class:`DistillArguments`) parsed with
-``transformers.HfArgumentParser`` beside sentence-transformers' training arguments, so every usual Trainer flag
-(``--max_steps``, ``--bf16``, ``--resume_from_checkpoint``, ``--push_to_hub``, ``--hub_model_id`` ...) works.
+model card -> optionally the Hub. Options are three dataclasses parsed with ``transformers.HfArgumentParser``:
+:class:`DistillArguments` (what, on which data), :class:`optical_hf.OTLossConfig` (the objective: ``--reg``,
+``--n_iters``, ``--cost``, ``--marginals``, ``--debias``, ``--sentence_weight``, ``--contrastive_weight`` ...) and
+sentence-transformers' training arguments, so every usual Trainer flag (``--max_steps``, ``--bf16``,
+``--resume_from_checkpoint``, ``--push_to_hub``, ``--hub_model_id`` ...) works.
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ from transformers import AutoModel, AutoTokenizer, HfArgumentParser, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
 from .callbacks import NonFiniteLossCallback
+from .collation import OTDistillationDataCollator
+from .config import OTDistillationConfig, TeacherCacheArguments
 from .corpora import load_beir
 from .data import load_bitext
 from .errors import OpticalInputError
 from .evaluation import BitextRetrievalEvaluator, CLIREvaluator, format_metrics_table
 from .export import add_lora, prepare_output_dir, save_student
 from .hub import push_student
-from .losses import OTDistillationDataCollator, OTDistillationLoss, OTLossConfig
+from .losses import OTDistillationLoss, OTLossConfig
 from .model_card import StudentCardInfo, base_model_license, is_hub_repo_id
+from .teacher_cache import build_teacher_cache
 from .trainer import OTDistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -63,8 +68,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
-class DistillArguments:
-    """What to distill into what, on which bitext, with which OT options (training flags come from the Trainer)."""
+class DistillArguments(TeacherCacheArguments):
+    """What to distill into what, on which bitext (the OT options are :class:`OTLossConfig`'s, the training flags the
+    Trainer's); ``--cache_teacher`` and ``--teacher_cache_dir`` come from :class:`TeacherCacheArguments`."""
 
     teacher: str | None = field(default=None, metadata={
         "help": "Frozen English teacher (SentenceTransformer Hub id or folder). Default: the packaged all-MiniLM-L6-v2 "
@@ -106,13 +112,6 @@ class DistillArguments:
     front_end: str = field(default="sentence-transformers", metadata={
         "help": "sentence-transformers (OTDistillationLoss + SentenceTransformerTrainer) or trainer "
                 "(OTDistillationTrainer on a plain AutoModel).", "choices": FRONT_ENDS})
-    ot_reg: float = field(default=0.05, metadata={"help": "Sinkhorn entropic regularisation epsilon."})
-    ot_iters: int = field(default=50, metadata={"help": "Sinkhorn iterations."})
-    ot_grad: str = field(default="envelope", metadata={"help": "Gradient mode.", "choices": ("envelope", "autodiff")})
-    include_special_tokens: bool = field(default=False, metadata={
-        "help": "Give special tokens ([CLS], </s>, ...) OT marginal mass (default: content tokens only)."})
-    sentence_weight: float = field(default=0.0, metadata={"help": "Weight of the sentence-level term (0: OT only)."})
-    sentence_loss: str = field(default="mse", metadata={"help": "Sentence-level distance.", "choices": ("mse", "cosine")})
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per sentence."})
     query_prompt: str | None = field(default=None, metadata={
         "help": "Prefix for queries on both sides of the bitext, e.g. 'query: ' for e5 models."})
@@ -136,17 +135,6 @@ class DistillArguments:
         for target, source in (("bitext_target", "bitext"), ("eval_bitext_target", "eval_bitext")):
             if getattr(self, target) and not getattr(self, source):
                 raise OpticalInputError(f"--{target} needs --{source} (the low-resource side, line-aligned with it)")
-        try:
-            self.loss_config()
-        except ValueError as err:  # OTLossConfig only validates its values: every error is a bad flag value
-            flags = "--ot_reg, --ot_iters, --sentence_weight, --sentence_loss"
-            raise OpticalInputError(f"bad OT flag ({flags}): {err}") from err
-
-    def loss_config(self) -> OTLossConfig:
-        return OTLossConfig(
-            reg=self.ot_reg, n_iters=self.ot_iters, grad=self.ot_grad, exclude_special_tokens=not self.include_special_tokens,
-            sentence_weight=self.sentence_weight, sentence_loss=self.sentence_loss,
-        )
 
     def lora_config(self):
         from peft import LoraConfig
@@ -157,8 +145,9 @@ class DistillArguments:
 
 
 def build_parser() -> HfArgumentParser:
-    """Parser of :class:`DistillArguments` + ``SentenceTransformerTrainingArguments`` with the demo's defaults."""
-    parser = HfArgumentParser((DistillArguments, SentenceTransformerTrainingArguments))
+    """Parser of :class:`DistillArguments` + :class:`OTLossConfig` + ``SentenceTransformerTrainingArguments`` with the
+    demo's defaults; ``parse_args_into_dataclasses`` returns the three in that order."""
+    parser = HfArgumentParser((DistillArguments, OTLossConfig, SentenceTransformerTrainingArguments))
     parser.set_defaults(**TRAINING_DEFAULTS)
     return parser
 
@@ -269,7 +258,9 @@ def setup_logging(log_level: int) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
-def run(args: DistillArguments, training_args: SentenceTransformerTrainingArguments) -> dict[str, Any]:
+def run(
+    args: DistillArguments, loss_config: OTLossConfig, training_args: SentenceTransformerTrainingArguments
+) -> dict[str, Any]:
     """Distill, evaluate before/after, save the student folder (with card) and push it if asked.
 
     Returns:
@@ -316,7 +307,6 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
                                         show_progress_bar=True))
     before = _evaluate(evaluators, student)
 
-    loss_config = args.loss_config()
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", "latest"):
         resume = last_complete_checkpoint(Path(training_args.output_dir))
@@ -324,21 +314,30 @@ def run(args: DistillArguments, training_args: SentenceTransformerTrainingArgume
         if args.lora:
             add_lora(student, args.lora_config())
         column_prompts = {"source": args.query_prompt, "target": args.query_prompt} if args.query_prompt else None
+        cache = None
+        if args.cache_teacher:
+            with training_args.main_process_first(desc="teacher cache"):
+                cache = build_teacher_cache(teacher, [*train["target"], *evaluation["target"]],
+                                            prompt=args.query_prompt, cache_dir=args.teacher_cache_dir)
         trainer = SentenceTransformerTrainer(
             model=student, args=training_args, train_dataset=train, eval_dataset=evaluation,
-            loss=OTDistillationLoss(student, teacher, **dataclasses.asdict(loss_config)),
+            loss=OTDistillationLoss(student, teacher, config=loss_config),
             evaluator=SequentialEvaluator(evaluators), callbacks=[NonFiniteLossCallback()],
             data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
-                                                     prompts=column_prompts),
+                                                     prompts=column_prompts, teacher_cache=cache),
         )
         trainer.train(resume_from_checkpoint=resume)
         final, adapter_model = student, None
     else:
+        trainer_args = OTDistillationConfig.from_training_arguments(
+            training_args, **dataclasses.asdict(loss_config), cache_teacher=args.cache_teacher,
+            teacher_cache_dir=args.teacher_cache_dir, max_length=args.max_length, source_prompt=args.query_prompt,
+            target_prompt=args.query_prompt,
+        )
         trainer = OTDistillationTrainer(
-            model=AutoModel.from_pretrained(student_name), teacher=teacher, args=training_args,
+            model=AutoModel.from_pretrained(student_name), teacher=teacher, args=trainer_args,
             train_dataset=train, eval_dataset=evaluation, processing_class=AutoTokenizer.from_pretrained(student_name),
-            loss_config=loss_config, peft_config=args.lora_config() if args.lora else None,
-            max_length=args.max_length, source_prompt=args.query_prompt, target_prompt=args.query_prompt,
+            peft_config=args.lora_config() if args.lora else None,
         )
         trainer.train(resume_from_checkpoint=resume)
         final, adapter_model = trainer.student_as_sentence_transformer(), trainer.accelerator.unwrap_model(trainer.model)

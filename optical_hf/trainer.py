@@ -2,9 +2,11 @@
 
 Modelled on TRL's distillation trainers: the teacher lives beside the student (prepared as TRL prepares its
 teacher/reference models: by the Accelerator for device placement and mixed precision, as a DeepSpeed engine under
-DeepSpeed, an unsharded copy on each rank under FSDP; never wrapped in DDP, never given to the optimizer) and only
+DeepSpeed, an unsharded copy on each rank under FSDP; never wrapped in DDP, never given to the optimizer), the options
+are one ``TrainingArguments`` subclass (:class:`optical_hf.OTDistillationConfig`, like TRL's ``GKDConfig``) and only
 ``compute_loss`` changes. The objective is :func:`optical_hf.losses.distillation_losses`, shared with the
-sentence-transformers front end (:class:`optical_hf.losses.OTDistillationLoss`).
+sentence-transformers front end (:class:`optical_hf.OTDistillationLoss`); batches come from
+:class:`optical_hf.collation.BitextCollator`.
 """
 
 from __future__ import annotations
@@ -26,100 +28,38 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from transformers.trainer_utils import EvalLoopOutput
 
 from .callbacks import NonFiniteLossCallback
+from .collation import BitextCollator, pooling_setup, pooling_weights, prompt_length
+from .config import OTDistillationConfig
 from .export import has_adapters, merged_copy, save_student, sentence_transformer_from
 from .hub import push_student
-from .losses import OTLossConfig, content_mask, distillation_losses, pooling_weights, special_token_ids
+from .losses import distillation_losses
 from .model_card import StudentCardInfo, is_hub_repo_id
-from .teacher_cache import TeacherCache, distinct_texts, load_or_encode, teacher_fingerprint
+from .teacher_cache import distinct_texts, load_or_encode, teacher_fingerprint
 
-__all__ = ["BitextCollator", "OTDistillationTrainer", "mean_pool"]
+__all__ = ["OTDistillationTrainer"]
 
 logger = logging.getLogger(__name__)
 
-
-def mean_pool(tokens: Tensor, attention_mask: Tensor) -> Tensor:
-    """Mean of ``(batch, n, dim)`` token embeddings over real tokens: ``(batch, dim)``."""
-    weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
-    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _prompt_length(tokenizer: PreTrainedTokenizerBase, prompt: str | None) -> int:
-    """Leading positions a prompt takes, counting the leading special token (as sentence-transformers does)."""
-    if not prompt:
-        return 0
-    return len(tokenizer(prompt.rstrip())["input_ids"]) - 1
+def _side(inputs: dict[str, Any], side: str) -> dict[str, Any]:
+    """One side (``"source"`` or ``"target"``) of a :class:`BitextCollator` batch, without the ``{side}_`` prefix."""
+    prefix = f"{side}_"
+    return {key[len(prefix):]: value for key, value in inputs.items() if key.startswith(prefix)}
 
 
-class BitextCollator:
-    """Tokenizes each side of a bitext batch with its own tokenizer.
-
-    Args:
-        student_tokenizer: tokenizer of the student (low-resource side, column ``source_column``).
-        teacher_tokenizer: tokenizer of the teacher (English side, column ``target_column``).
-        max_length: truncation length for both sides.
-        source_prompt / target_prompt: optional prefixes (e.g. e5's ``"query: "``); excluded from the OT marginals.
-        exclude_special_tokens: give special tokens (not ``[UNK]``) zero OT mass.
-        teacher_cache: cached teacher outputs of the English texts (:class:`OTDistillationTrainer` builds it).
-
-    Returns (``__call__``): ``{side}_input_ids``, ``{side}_attention_mask`` (and ``{side}_token_type_ids`` when the
-    tokenizer makes them) ``(batch, n_side)``, plus ``{side}_content_mask`` ``(batch, n_side)`` bool, for
-    ``side`` in ``("source", "target")``. With a ``teacher_cache`` holding every English text of the batch, the
-    target side comes from the cache instead, with ``target_token_embeddings`` ``(batch, m, dim)`` fp16.
-    """
-
-    def __init__(
-        self,
-        student_tokenizer: PreTrainedTokenizerBase,
-        teacher_tokenizer: PreTrainedTokenizerBase,
-        source_column: str = "source",
-        target_column: str = "target",
-        max_length: int = 128,
-        source_prompt: str | None = None,
-        target_prompt: str | None = None,
-        exclude_special_tokens: bool = True,
-        teacher_cache: TeacherCache | None = None,
-    ) -> None:
-        self.sides = {
-            "source": (student_tokenizer, source_column, source_prompt or ""),
-            "target": (teacher_tokenizer, target_column, target_prompt or ""),
-        }
-        self.max_length = max_length
-        self.exclude_special_tokens = exclude_special_tokens
-        self.teacher_cache = teacher_cache
-
-    def tokenize(self, side: str, texts: list[str]) -> dict[str, Tensor]:
-        """``input_ids``, ``attention_mask`` (and ``token_type_ids``) ``(batch, n)`` of ``texts`` on ``side``."""
-        tokenizer, _, prompt = self.sides[side]
-        return dict(tokenizer(
-            [prompt + text for text in texts], padding=True, truncation=True, max_length=self.max_length,
-            return_tensors="pt",
-        ))
-
-    def _encode(self, side: str, texts: list[str]) -> dict[str, Tensor]:
-        """The English side from the teacher cache when it holds every text of the batch, else tokenized."""
-        if side == "target" and self.teacher_cache is not None:
-            cached = self.teacher_cache.lookup(texts, self.sides[side][2], self.max_length)
-            if cached is not None:
-                return cached
-        return self.tokenize(side, texts)
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
-        batch: dict[str, Tensor] = {}
-        for side, (tokenizer, column, prompt) in self.sides.items():
-            if column not in rows[0]:
-                raise KeyError(f"bitext rows have no column {column!r} (columns: {sorted(rows[0])})")
-            encoded = self._encode(side, [row[column] for row in rows])
-            special = special_token_ids(tokenizer) if self.exclude_special_tokens else []
-            encoded["content_mask"] = content_mask(
-                encoded["input_ids"], encoded["attention_mask"], special, _prompt_length(tokenizer, prompt)
-            )
-            batch.update({f"{side}_{key}": value for key, value in encoded.items()})
-        return batch
+def _pick(features: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: features[key] for key in keys if key in features}
 
 
-def _model_inputs(inputs: dict[str, Tensor], side: str) -> dict[str, Tensor]:
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    return {key: inputs[f"{side}_{key}"] for key in keys if f"{side}_{key}" in inputs}
+def _as_config(args: TrainingArguments | None) -> OTDistillationConfig:
+    """``args`` as an :class:`OTDistillationConfig`: plain ``TrainingArguments`` get the default OT options."""
+    if args is None:
+        return OTDistillationConfig(output_dir="optical-student")
+    if isinstance(args, OTDistillationConfig):
+        return args
+    return OTDistillationConfig.from_training_arguments(args)
 
 
 class OTDistillationTrainer(Trainer):
@@ -129,23 +69,27 @@ class OTDistillationTrainer(Trainer):
         model: the student, an ``AutoModel`` (e.g. ``xlm-roberta-base``) or a model id/path.
         teacher: the frozen English teacher: ``AutoModel``, ``SentenceTransformer``, or a model id/path
             (loaded as a SentenceTransformer). Token embeddings must have the student's size.
-        args: usual ``TrainingArguments``; ``remove_unused_columns`` is forced to False (the collator needs the
-            text columns).
-        train_dataset / eval_dataset: bitext ``datasets.Dataset`` with ``source_column`` / ``target_column``.
+        args: an :class:`optical_hf.OTDistillationConfig`: the ``TrainingArguments``, the objective's
+            :class:`optical_hf.OTLossConfig` fields, and this trainer's options (``max_length``, ``source_prompt``,
+            ``target_prompt``, ``source_column``, ``target_column``, ``pooling``, ``cache_teacher``,
+            ``teacher_cache_dir``). Plain ``TrainingArguments`` are accepted and get the defaults of the others.
+            ``remove_unused_columns`` is forced to False (the collator needs the text columns).
+        train_dataset / eval_dataset: bitext ``datasets.Dataset`` with ``args.source_column`` / ``args.target_column``.
         processing_class: the student's tokenizer (default: ``AutoTokenizer`` of ``model``).
         teacher_processing_class: the teacher's tokenizer (default: the teacher SentenceTransformer's, or
             ``AutoTokenizer`` of the teacher's ``name_or_path``).
-        loss_config: :class:`OTLossConfig` (epsilon, iterations, sentence-level term, ...).
         peft_config: optional peft config (e.g. ``LoraConfig``) to train adapters only.
-        max_length, source_prompt, target_prompt, source_column, target_column: see :class:`BitextCollator`.
-        pooling: pooling of the saved SentenceTransformer folder, of the sentence-level terms and, with
-            ``loss_config.marginals="pooling"``, of the OT weights of both sides: ``"mean"`` or ``"cls"``.
-        cache_teacher: run the teacher once over the English side of ``train_dataset`` and ``eval_dataset`` before
-            training and read its token states from that cache at each step (fp16 on disk, see
-            :mod:`optical_hf.teacher_cache`); False runs the teacher at every step (for teachers too large to
-            cache). Needs ``datasets.Dataset`` train/eval sets and the default collator, else the teacher runs
-            online.
-        teacher_cache_dir: folder of the cache files (default ``~/.cache/optical_hf/teacher``).
+        data_collator: default :class:`optical_hf.collation.BitextCollator` (a replacement must produce its keys).
+
+    Sentence embeddings (``sentence_weight``, ``contrastive_weight``) are each model's own: the student's is
+    ``args.pooling`` of its token states, a SentenceTransformer teacher's is its ``sentence_embedding`` (its own
+    pooling and normalisation), an ``AutoModel`` teacher's is ``args.pooling`` too. With ``marginals="pooling"`` the
+    OT weights of each side are those of the same pooling.
+
+    With ``args.cache_teacher`` (default), the teacher runs once over the English side of ``train_dataset`` and
+    ``eval_dataset`` before training and its token states (and sentence embeddings) are read from that cache at each
+    step (fp16 on disk, see :mod:`optical_hf.teacher_cache`); this needs ``datasets.Dataset`` train/eval sets and the
+    default collator, else the teacher runs online.
         evaluator: sentence-transformers evaluator(s) (e.g. :class:`optical_hf.evaluation.CLIREvaluator`,
             ``MSEEvaluator``; a list runs them in sequence) run at each evaluation, after ``eval_loss``, on the student
             as a SentenceTransformer (:meth:`student_as_sentence_transformer`); their metrics join the evaluation
@@ -157,15 +101,14 @@ class OTDistillationTrainer(Trainer):
 
     Example::
 
-        from transformers import AutoModel, TrainingArguments
-        from optical_hf import OTDistillationTrainer, OTLossConfig, load_bitext
+        from transformers import AutoModel
+        from optical_hf import OTDistillationConfig, OTDistillationTrainer, load_bitext
 
         trainer = OTDistillationTrainer(
             model=AutoModel.from_pretrained("xlm-roberta-base"),
             teacher="sentence-transformers/all-mpnet-base-v2",
-            args=TrainingArguments("optical-xlmr-sw", max_steps=1000),
+            args=OTDistillationConfig("optical-xlmr-sw", max_steps=1000, reg=0.1, sentence_weight=1.0),
             train_dataset=load_bitext("train.sw", "train.en"),
-            loss_config=OTLossConfig(reg=0.1),
         )
         trainer.train()
         trainer.save_model()  # loads with AutoModel.from_pretrained and SentenceTransformer
@@ -178,22 +121,13 @@ class OTDistillationTrainer(Trainer):
         self,
         model: PreTrainedModel | str,
         teacher: PreTrainedModel | SentenceTransformer | str,
-        args: TrainingArguments | None = None,
+        args: OTDistillationConfig | TrainingArguments | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: PreTrainedTokenizerBase | None = None,
         teacher_processing_class: PreTrainedTokenizerBase | None = None,
-        loss_config: OTLossConfig | None = None,
         peft_config: PeftConfig | None = None,
-        max_length: int = 128,
-        source_prompt: str | None = None,
-        target_prompt: str | None = None,
-        source_column: str = "source",
-        target_column: str = "target",
-        pooling: str = "mean",
         data_collator: Any = None,
-        cache_teacher: bool = True,
-        teacher_cache_dir: str | Path | None = None,
         evaluator: BaseEvaluator | list[BaseEvaluator] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -210,18 +144,18 @@ class OTDistillationTrainer(Trainer):
             )
         if peft_config is not None:
             model = get_peft_model(model, peft_config)
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"`pooling` must be 'mean' or 'cls', got {pooling!r}")
-        if args is None:
-            args = TrainingArguments(output_dir="optical-student")
+        args = _as_config(args)
         args.remove_unused_columns = False
-        self.loss_config = loss_config or OTLossConfig()
-        self.pooling = pooling
-        self.max_length = max_length
+        self.loss_config = args.loss_config
+        self.teacher_is_sentence_transformer = isinstance(teacher, SentenceTransformer)
+        self._pooling = {"source": (args.pooling, True), "target": (args.pooling, True)}
+        if self.teacher_is_sentence_transformer and self.loss_config.marginals == "pooling":
+            self._pooling["target"] = pooling_setup(teacher, "teacher")
         if data_collator is None:
             data_collator = BitextCollator(
-                processing_class, teacher_processing_class, source_column, target_column, max_length,
-                source_prompt, target_prompt, self.loss_config.exclude_special_tokens,
+                processing_class, teacher_processing_class, args.source_column, args.target_column, args.max_length,
+                args.source_prompt, args.target_prompt, self.loss_config.exclude_special_tokens,
+                self.loss_config.exclude_prompt,
             )
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -231,11 +165,11 @@ class OTDistillationTrainer(Trainer):
         self.evaluator = SequentialEvaluator(evaluator) if isinstance(evaluator, list) else evaluator
         self.teacher = self._prepare_teacher(teacher)
         self._components: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        if cache_teacher and self._zero3:
+        if args.cache_teacher and self._zero3:
             logger.info("Teacher outputs not cached under DeepSpeed ZeRO-3 (its forward gathers partitioned weights on "
                         "every rank at once): the teacher runs at every step")
-        elif cache_teacher:
-            self._cache_teacher_outputs(teacher_cache_dir)
+        elif args.cache_teacher:
+            self._cache_teacher_outputs()
 
     @property
     def _zero3(self) -> bool:
@@ -261,7 +195,7 @@ class OTDistillationTrainer(Trainer):
             teacher.to(self.accelerator.device)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
-    def _cache_teacher_outputs(self, cache_dir: str | Path | None) -> None:
+    def _cache_teacher_outputs(self) -> None:
         """Encode the English side of the train and eval sets once (main process first) for the collator to look up."""
         evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
         sets = [d for d in (self.train_dataset, *evals) if d is not None]
@@ -274,50 +208,63 @@ class OTDistillationTrainer(Trainer):
         texts = distinct_texts(text for dataset in sets for text in dataset[column])
         fingerprint = teacher_fingerprint(
             self.accelerator.unwrap_model(self.teacher), tokenizer, texts, front_end="trainer", prompt=prompt or None,
-            max_length=collator.max_length,
+            max_length=collator.max_length, prompt_length=prompt_length(tokenizer, prompt, collator.max_length),
+            sentence_embedding=self.teacher_is_sentence_transformer,
         )
         with self.args.main_process_first(desc="teacher cache"):
             collator.teacher_cache = load_or_encode(
-                texts, self._encode_teacher, prompt or None, collator.max_length, fingerprint, cache_dir
+                texts, self._encode_teacher, prompt or None, collator.max_length, fingerprint,
+                self.args.teacher_cache_dir,
             )
 
-    def _encode_teacher(self, texts: list[str]) -> dict[str, Tensor]:
-        """The teacher on English ``texts`` tokenized as in training: ids, mask and ``token_embeddings``."""
+    def _encode_teacher(self, texts: list[str]) -> dict[str, Any]:
+        """The teacher on English ``texts`` tokenized as in training: the features plus :meth:`_teacher_forward`."""
         features = self.data_collator.tokenize("target", texts)
-        device_features = {key: value.to(self.accelerator.device) for key, value in features.items()}
-        return {**features, "token_embeddings": self._teacher_forward(device_features)}
+        return {**features, **self._teacher_forward(features)}
 
-    def _pool(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
-        return tokens[:, 0] if self.pooling == "cls" else mean_pool(tokens, attention_mask)
-
-    def _marginal(self, inputs: dict[str, Tensor], side: str) -> Tensor:
-        """``(batch, n)`` OT weights of one side: the pooling weights or the collator's content mask."""
-        if self.loss_config.marginals == "pooling":
-            return pooling_weights(inputs[f"{side}_attention_mask"], self.pooling)
-        return inputs[f"{side}_content_mask"]
-
-    def _teacher_forward(self, features: dict[str, Tensor]) -> Tensor:
+    def _teacher_forward(self, features: dict[str, Any]) -> dict[str, Tensor]:
+        """``token_embeddings`` ``(batch, m, dim)`` of the teacher and, for a SentenceTransformer, its own
+        ``sentence_embedding`` ``(batch, dim)``."""
+        device = self.accelerator.device
+        features = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in features.items()}
         with torch.no_grad():
-            if isinstance(self.accelerator.unwrap_model(self.teacher), SentenceTransformer):
-                return self.teacher(features)["token_embeddings"]
-            return self.teacher(**features).last_hidden_state
+            if self.teacher_is_sentence_transformer:
+                out = self.teacher(_pick(features, (*MODEL_INPUTS, "prompt_length")))
+                return {"token_embeddings": out["token_embeddings"], "sentence_embedding": out["sentence_embedding"]}
+            return {"token_embeddings": self.teacher(**_pick(features, MODEL_INPUTS)).last_hidden_state}
 
-    def _teacher_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
-        """``(batch, m, dim)`` teacher token states: looked up by the collator when cached, else a teacher forward."""
-        if "target_token_embeddings" in inputs:
-            return inputs["target_token_embeddings"].float()
-        return self._teacher_forward(_model_inputs(inputs, "target"))
+    def _teacher_outputs(self, target: dict[str, Any]) -> dict[str, Tensor]:
+        """The teacher's outputs on the English side: looked up by the collator when cached, else a teacher forward."""
+        if "token_embeddings" in target:
+            return {key: target[key].float() for key in ("token_embeddings", "sentence_embedding") if key in target}
+        return self._teacher_forward(target)
+
+    def _pool(self, tokens: Tensor, features: dict[str, Any], side: str) -> Tensor:
+        """``(batch, dim)``: ``(batch, n, dim)`` token states averaged with the side's pooling weights."""
+        return torch.einsum("bn,bnd->bd", self._pooling_weights(features, side).to(tokens.dtype), tokens)
+
+    def _pooling_weights(self, features: dict[str, Any], side: str) -> Tensor:
+        mode, include_prompt = self._pooling[side]
+        return pooling_weights(features["attention_mask"], mode, features.get("prompt_length"), include_prompt)
+
+    def _marginal(self, features: dict[str, Any], side: str) -> Tensor:
+        """``(batch, n)`` OT weights of one side: its pooling weights or the collator's content mask."""
+        if self.loss_config.marginals == "pooling":
+            return self._pooling_weights(features, side)
+        return features["content_mask"]
 
     def compute_loss(
-        self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Tensor | tuple[Tensor, dict]:
-        student_tokens = model(**_model_inputs(inputs, "source")).last_hidden_state
-        teacher_tokens = self._teacher_tokens(inputs)
+        source, target = _side(inputs, "source"), _side(inputs, "target")
+        student_tokens = model(**_pick(source, MODEL_INPUTS)).last_hidden_state
+        teacher = self._teacher_outputs(target)
+        teacher_tokens, teacher_sentence = teacher["token_embeddings"], teacher.get("sentence_embedding")
+        if teacher_sentence is None:
+            teacher_sentence = self._pool(teacher_tokens, target, "target")
         losses = distillation_losses(
-            student_tokens, self._marginal(inputs, "source"), teacher_tokens, self._marginal(inputs, "target"),
-            self.loss_config,
-            self._pool(student_tokens, inputs["source_attention_mask"]),
-            self._pool(teacher_tokens, inputs["target_attention_mask"]),
+            student_tokens, self._marginal(source, "source"), teacher_tokens, self._marginal(target, "target"),
+            self.loss_config, self._pool(student_tokens, source, "source"), teacher_sentence,
         )
         mode = "train" if model.training else "eval"
         for name, value in losses.items():
@@ -384,7 +331,7 @@ class OTDistillationTrainer(Trainer):
 
     def _as_sentence_transformer(self, model: nn.Module) -> SentenceTransformer:
         base = merged_copy(model) if has_adapters(model) else model
-        return sentence_transformer_from(base, self.processing_class, self.pooling, self.max_length)
+        return sentence_transformer_from(base, self.processing_class, self.args.pooling, self.args.max_length)
 
     card_info: StudentCardInfo | None = None
     """Model card of the final save (language, teacher, data, metrics ...); without it the card says what the
@@ -448,8 +395,8 @@ class OTDistillationTrainer(Trainer):
             teacher=_hub_model_id(teacher),
             base_model=_hub_model_id(self.accelerator.unwrap_model(self.model)),
             ot=dataclasses.asdict(self.loss_config),
-            training={"front_end": "trainer", "steps": self.state.global_step, "pooling": self.pooling,
-                      "max_length": self.max_length},
+            training={"front_end": "trainer", "steps": self.state.global_step, "pooling": self.args.pooling,
+                      "max_length": self.args.max_length},
             query_prompt=(collator.sides["source"][2] or None) if collator else None,
         )
 

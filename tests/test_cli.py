@@ -112,8 +112,10 @@ def test_console_script_help():
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("distill", ["--teacher", "--student", "--bitext", "--front_end", "--ot_reg", "--lora", "--max_steps",
-                 "--resume_from_checkpoint", "--push_to_hub", "--hub_model_id"]),
+    ("distill", ["--teacher", "--student", "--bitext", "--front_end", "--reg", "--ot_reg", "--n_iters", "--ot_iters",
+                 "--cost", "--marginals", "--debias", "--sentence_weight", "--contrastive_weight", "--cache_teacher",
+                 "--teacher_cache_dir", "--lora", "--max_steps", "--resume_from_checkpoint", "--push_to_hub",
+                 "--hub_model_id"]),
     ("evaluate", ["--model", "--teacher", "--bitext", "--beir", "--afriqa", "--afriqa_pool", "--flores", "--oracle",
                   "--query_prompt", "--document_prompt", "--output_json"]),
     ("push", ["--repo_id", "--adapter_only", "--base_model", "--private", "--revision", "--token", "--endpoint"]),
@@ -195,7 +197,7 @@ def test_distill_flags_read_a_hub_translation_dataset_config(monkeypatch):
         return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    args, _ = recipe.build_parser().parse_args_into_dataclasses(args=[
+    args, _, _ = recipe.build_parser().parse_args_into_dataclasses(args=[
         "--bitext", "masakhane/lafand-mt", "--dataset_config", "en-swa", "--source_lang", "swa", "--target_lang", "en",
         "--eval_size", "8", "--max_length_ratio", "100"], look_for_args_file=False)
     train, heldout = recipe.load_splits(args, seed=42)
@@ -242,7 +244,9 @@ def test_evaluate_unknown_model_path(flag, model_dirs, data, tmp_path, capsys):
     (["distill", "--push_adapter_only"], "--push_adapter_only needs --lora"),
     (["distill", "--bitext_target", "train.en"], "--bitext_target needs --bitext"),
     (["distill", "--bitext", "train.sw", "--eval_bitext_target", "dev.en"], "--eval_bitext_target needs --eval_bitext"),
-    (["distill", "--ot_iters", "0"], "bad OT flag (--ot_reg, --ot_iters"),
+    (["distill", "--ot_iters", "0"], "OTLossConfig.n_iters must be an integer >= 1, got 0"),
+    (["distill", "--reg", "0"], "OTLossConfig.reg must be a finite number > 0, got 0.0"),
+    (["distill", "--ot_weight", "0"], "OTLossConfig: at least one loss weight must be > 0"),
     (["evaluate", "--model", "m", "--bitext", "f", "--oracle"], "--oracle needs --afriqa"),
     (["evaluate", "--model", "m", "--beir", "d", "--bitext_target", "f"], "--bitext_target needs --bitext"),
     (["push", "folder", "--repo_id", "no namespace"], "'no namespace' is not a Hub repo id"),
@@ -413,8 +417,9 @@ def run_results(monkeypatch) -> list[dict]:
     ("sentence-transformers", ["--lora", "--lora_r", "4"]),
 ], ids=["sentence-transformers", "trainer", "lora"])
 def test_distill_end_to_end(front_end, extra, model_dirs, data, tmp_path, capsys, run_results):
-    out = tmp_path / "student"
-    assert cli(*_distill_argv(model_dirs, data["tsv"], out, "--front_end", front_end, *extra)) == 0
+    out, cache = tmp_path / "student", tmp_path / "teacher-cache"
+    ot_flags = ["--ot_reg", 0.2, "--sentence_weight", 0.5, "--contrastive_weight", 0.1, "--teacher_cache_dir", cache]
+    assert cli(*_distill_argv(model_dirs, data["tsv"], out, "--front_end", front_end, *ot_flags, *extra)) == 0
     stdout = capsys.readouterr().out
     assert "| distilled student |" in stdout and f"Student saved to {out}" in stdout
     (result,) = run_results
@@ -429,9 +434,11 @@ def test_distill_end_to_end(front_end, extra, model_dirs, data, tmp_path, capsys
     assert info["training"]["front_end"] == front_end and info["training"]["steps"] == 4
     assert info["training"]["lora"] is bool(extra)
     assert (out / "adapter" / "adapter_config.json").is_file() is bool(extra)
+    assert (info["ot"]["reg"], info["ot"]["sentence_weight"], info["ot"]["contrastive_weight"]) == (0.2, 0.5, 0.1)
+    assert len(list(cache.glob("*.pt"))) == 1  # the teacher ran once over the train + eval English sides
 
     # The folder holds the distilled student: re-evaluated from disk, it scores the "after" metrics.
-    args, _ = recipe.build_parser().parse_args_into_dataclasses(
+    args, _, _ = recipe.build_parser().parse_args_into_dataclasses(
         args=["--bitext", str(data["tsv"]), "--eval_size", "8"], look_for_args_file=False)
     _, heldout = recipe.load_splits(args, seed=42)
     reloaded = SentenceTransformer(str(out), device="cpu")
@@ -495,9 +502,11 @@ def test_distill_stops_at_a_nan_loss_without_saving_or_pushing(front_end, model_
     nan_loss_from_step(3)
     out = tmp_path / "student"
     argv = _distill_argv(model_dirs, data["tsv"], out, "--front_end", front_end, "--save_strategy", "steps",
-                         "--save_steps", 1, "--save_total_limit", 5, "--push_to_hub", "--hub_model_id", REPO_ID)
+                         "--save_steps", 1, "--save_total_limit", 5, "--push_to_hub", "--hub_model_id", REPO_ID,
+                         "--cache_teacher", "false")
     with online(monkeypatch, hub):
         assert cli(*argv) == EXIT_BAD_INPUT
+    assert not list((tmp_path / "xdg-cache").rglob("*.pt"))  # --cache_teacher false: the teacher runs online
     captured = capsys.readouterr()
     assert "optical-hf: error: training step 3: the gradient norm is nan" in error_line(captured.err)
     assert "Student saved" not in captured.out and "Pushed" not in captured.out

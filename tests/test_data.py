@@ -427,7 +427,7 @@ def test_one_student_trains_on_every_language_of_a_dataset_dict(model_dirs, toy_
     )
     trainer.train()
     assert batches[:6] == [{"sw"}, {"ha"}] * 3  # each batch from one language, in turn (the loader may prefetch)
-    card = render_model_card(StudentCardInfo(language=list(train), teacher="org/teacher", train_pairs=96))
+    card = render_model_card(StudentCardInfo(language=list(train), teacher="org/teacher", train_pairs=96), student)
     assert card.data.language == ["sw", "ha", "en"]
     assert "`sw, ha`" in card.text
 

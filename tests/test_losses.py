@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,9 +14,18 @@ from sentence_transformers.base.modules.transformer import Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser
 
-from optical_hf import CITATION, OTDistillationDataCollator, OTDistillationLoss, OTLossConfig, add_lora, save_student
+from optical_hf import (
+    CITATION,
+    OpticalInputError,
+    OTDistillationDataCollator,
+    OTDistillationLoss,
+    OTLossConfig,
+    add_lora,
+    save_student,
+)
+from optical_hf.collation import content_mask, pooling_weights, prompt_length, special_token_ids
 from optical_hf.export import has_adapters
-from optical_hf.losses import content_mask, distillation_losses, pooling_weights, special_token_ids
+from optical_hf.losses import distillation_losses
 
 
 def _train(student, teacher, dataset, tmp_path, steps=30, **loss_kwargs):
@@ -158,6 +168,25 @@ def test_config_and_citation(model_dirs):
         OTDistillationLoss(student, student, reg=0)
 
 
+def test_loss_takes_a_config_as_is(model_dirs):
+    student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+    config = OTLossConfig(reg=0.2, cost="sqeuclidean", contrastive_weight=0.5)
+    loss = OTDistillationLoss(student, teacher, config=config)
+    assert loss.config is config and loss.get_config_dict() == dataclasses.asdict(config)
+    assert OTDistillationLoss(student, teacher).config == OTLossConfig()
+    with pytest.raises(TypeError, match=r"not both \(got config and \['reg'\]\)"):
+        OTDistillationLoss(student, teacher, config=config, reg=0.1)
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+@pytest.mark.parametrize("prompt", ["query: ", "query:", "passage: "])
+def test_prompt_length_is_sentence_transformers_own(model_dirs, kind, prompt):
+    model = sentence_transformer(model_dirs[kind])
+    expected = model.preprocess(["kitacwa the cat"], prompt=prompt)["prompt_length"]
+    assert prompt_length(model.tokenizer, prompt) == expected
+    assert prompt_length(model.tokenizer, None) is None and prompt_length(model.tokenizer, "") is None
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -180,7 +209,7 @@ def test_config_and_citation(model_dirs):
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(OpticalInputError, match=match):
         OTLossConfig(**kwargs)
 
 
@@ -189,6 +218,10 @@ def test_config_is_a_command_line():
         ["--cost", "sqeuclidean", "--marginals", "pooling", "--debias", "--reg", "0.5", "--contrastive_weight", "0.1"]
     )
     assert config == OTLossConfig(cost="sqeuclidean", marginals="pooling", debias=True, reg=0.5, contrastive_weight=0.1)
+    (config,) = HfArgumentParser(OTLossConfig).parse_args_into_dataclasses(  # the flags of earlier versions
+        ["--ot_reg", "0.3", "--ot_iters", "7", "--ot_grad", "autodiff"]
+    )
+    assert config == OTLossConfig(reg=0.3, n_iters=7, grad="autodiff")
     with pytest.raises(SystemExit):
         HfArgumentParser(OTLossConfig).parse_args_into_dataclasses(["--cost", "l1"])
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from conftest import sentence_transformer
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from transformers import AutoModel, AutoTokenizer, TrainingArguments
+from transformers import AutoModel, AutoTokenizer
 
 from optical_hf import (
+    OTDistillationConfig,
     OTDistillationDataCollator,
     OTDistillationLoss,
     OTDistillationTrainer,
-    OTLossConfig,
     build_teacher_cache,
 )
 from optical_hf.teacher_cache import distinct_texts, teacher_fingerprint
@@ -120,16 +120,16 @@ def test_fingerprint_changes_with_weights_prompt_length_and_texts(model_dirs, bi
     assert len(list(tmp_path.glob("*.pt"))) == 2
 
 
-def _trainer(model_dirs, dataset, tmp_path, teacher, **kwargs) -> OTDistillationTrainer:
-    args = TrainingArguments(
+def _trainer(model_dirs, dataset, tmp_path, teacher, eval_dataset=None, cache_teacher=True) -> OTDistillationTrainer:
+    args = OTDistillationConfig(
         output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=16, learning_rate=5e-4,
-        report_to=[], save_strategy="no", seed=0,
+        report_to=[], save_strategy="no", seed=0, sentence_weight=1.0, source_prompt="query: ",
+        target_prompt="query: ", cache_teacher=cache_teacher, teacher_cache_dir=str(tmp_path / "cache"),
     )
     return OTDistillationTrainer(
         model=AutoModel.from_pretrained(model_dirs["student_no_dropout"]), teacher=teacher,
         teacher_processing_class=AutoTokenizer.from_pretrained(model_dirs["teacher"]), args=args,
-        train_dataset=dataset, loss_config=OTLossConfig(sentence_weight=1.0), source_prompt="query: ",
-        target_prompt="query: ", teacher_cache_dir=tmp_path / "cache", **kwargs,
+        train_dataset=dataset, eval_dataset=eval_dataset,
     )
 
 

@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from conftest import sentence_transformer
 from peft import LoraConfig
 from conftest import sentence_transformer
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules.transformer import Transformer
 from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
-from transformers import AutoModel, AutoTokenizer, TrainingArguments
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+from transformers import AutoModel, AutoTokenizer, HfArgumentParser, TrainingArguments
 
-from optical_hf import BitextCollator, OTDistillationTrainer, OTLossConfig
+import optical_hf.trainer
+from optical_hf import BitextCollator, OTDistillationConfig, OTDistillationTrainer, OTLossConfig, OpticalInputError
+from optical_hf.collation import content_mask, special_token_ids
 from optical_hf.evaluation import BitextRetrievalEvaluator, bitext_retrieval
+from optical_hf.losses import distillation_losses
 
 
 def _trainer(model_dirs, dataset, tmp_path, student="student", eval_dataset=None, **kwargs):
+    """``kwargs["args"]``: OTDistillationConfig options (training, OT and trainer) over these defaults."""
     args = dict(
         output_dir=str(tmp_path / "run"), max_steps=30, per_device_train_batch_size=16, learning_rate=5e-4,
         logging_steps=5, report_to=[], save_strategy="no", seed=0,
     )
     args.update(kwargs.pop("args", {}))
+    teacher = kwargs.pop("teacher", None)
     return OTDistillationTrainer(
         model=AutoModel.from_pretrained(model_dirs[student]),
-        teacher=AutoModel.from_pretrained(model_dirs["teacher"]),
+        teacher=AutoModel.from_pretrained(model_dirs["teacher"]) if teacher is None else teacher,
         teacher_processing_class=AutoTokenizer.from_pretrained(model_dirs["teacher"]),
-        args=TrainingArguments(**args), train_dataset=dataset, eval_dataset=eval_dataset, **kwargs,
+        args=OTDistillationConfig(**args), train_dataset=dataset, eval_dataset=eval_dataset, **kwargs,
     )
 
 
@@ -39,7 +49,7 @@ def _embed_auto(folder, texts):
 def test_loss_decreases_with_eval_loss_and_components(model_dirs, bitext, tmp_path):
     trainer = _trainer(
         model_dirs, bitext, tmp_path, eval_dataset=bitext.select(range(32)),
-        loss_config=OTLossConfig(sentence_weight=1.0), args={"eval_strategy": "steps", "eval_steps": 15},
+        args={"sentence_weight": 1.0, "eval_strategy": "steps", "eval_steps": 15},
     )
     teacher_params = {id(p) for p in trainer.teacher.parameters()}
     trainer.train()
@@ -111,22 +121,31 @@ def test_collator_masks(model_dirs):
     batch = collator([{"source": "kitacwa", "target": "the cat"}, {"source": "kigodwa kieerhtwa", "target": "a big dog"}])
     kept = teacher_tok.convert_ids_to_tokens(batch["target_input_ids"][1][batch["target_content_mask"][1]])
     assert kept == ["a", "big", "dog"]
-    assert batch["source_content_mask"].sum() > 0 and not batch["source_content_mask"][:, 0].any()
+    # the prompt length is sentence-transformers' own, so the masks are those of the sentence-transformers front end
+    student = sentence_transformer(model_dirs["student"])
+    features = student.preprocess(["kitacwa", "kigodwa kieerhtwa"], prompt="query: ")
+    assert batch["source_prompt_length"] == features["prompt_length"]
+    expected = content_mask(features["input_ids"], features["attention_mask"], special_token_ids(student_tok),
+                            features["prompt_length"])
+    assert torch.equal(batch["source_content_mask"], expected)
     with pytest.raises(KeyError, match="english"):
         BitextCollator(student_tok, teacher_tok, target_column="english")([{"source": "x", "target": "y"}])
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_trains_with_debiased_sqeuclidean_pooling_ot(model_dirs, bitext, tmp_path, pooling):
-    config = OTLossConfig(cost="sqeuclidean", marginals="pooling", debias=True, contrastive_weight=0.1)
-    trainer = _trainer(model_dirs, bitext, tmp_path, loss_config=config, pooling=pooling, args={"max_steps": 10})
+    options = dict(cost="sqeuclidean", marginals="pooling", debias=True, contrastive_weight=0.1, pooling=pooling)
+    trainer = _trainer(model_dirs, bitext, tmp_path, args={"max_steps": 10, **options})
     batch = trainer.data_collator([bitext[i] for i in range(4)])
-    weights = trainer._marginal(batch, "source")
+    source = {k[len("source_"):]: v for k, v in batch.items() if k.startswith("source_")}
+    weights = trainer._marginal(source, "source")
     with torch.no_grad():
-        tokens = trainer.model(**{k[len("source_"):]: v for k, v in batch.items()
-                                  if k.startswith("source_") and k != "source_content_mask"}).last_hidden_state
+        tokens = trainer.model(input_ids=source["input_ids"], attention_mask=source["attention_mask"]).last_hidden_state
     pooled = torch.einsum("bn,bnd->bd", weights, tokens)
-    torch.testing.assert_close(pooled, trainer._pool(tokens, batch["source_attention_mask"]), atol=1e-5, rtol=1e-5)
+    mask = source["attention_mask"][..., None]
+    expected = tokens[:, 0] if pooling == "cls" else (tokens * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trainer._pool(tokens, source, "source"), expected, atol=1e-5, rtol=1e-5)
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert {"ot", "contrastive"} <= set(logs[0])
@@ -166,8 +185,8 @@ def test_save_model_writes_the_optical_card_and_push_to_hub_pushes_that_folder(m
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
-    trainer = _trainer(model_dirs, bitext, tmp_path, peft_config=lora, source_prompt="query: ",
-                       args={"max_steps": 2, "hub_revision": "v1", "hub_token": "hf_test"})
+    trainer = _trainer(model_dirs, bitext, tmp_path, peft_config=lora,
+                       args={"max_steps": 2, "hub_revision": "v1", "hub_token": "hf_test", "source_prompt": "query: "})
     trainer.train()
     trainer.card_info = StudentCardInfo(language="sw", teacher="org/english-teacher", license="mit")
     with online(monkeypatch, hub):
@@ -188,10 +207,67 @@ def test_save_model_writes_the_optical_card_and_push_to_hub_pushes_that_folder(m
 def test_save_model_without_card_info_says_what_the_trainer_knows(model_dirs, bitext, tmp_path):
     from optical_hf.model_card import StudentCardInfo
 
-    trainer = _trainer(model_dirs, bitext, tmp_path, source_prompt="query: ", args={"max_steps": 1})
+    trainer = _trainer(model_dirs, bitext, tmp_path, args={"max_steps": 1, "source_prompt": "query: "})
     trainer.train()
     trainer.save_model()
     info = StudentCardInfo.load(tmp_path / "run")
     assert info.query_prompt == "query: " and info.base_model is None  # loaded from a local folder
     assert info.ot["reg"] == trainer.loss_config.reg
     assert "teacher.encode_document(documents)" in (tmp_path / "run" / "README.md").read_text(encoding="utf-8")
+
+
+def test_config_holds_the_loss_and_trainer_options_once(tmp_path):
+    (config,) = HfArgumentParser((OTDistillationConfig,)).parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path), "--ot_reg", "0.3", "--cost", "sqeuclidean", "--debias",
+              "--contrastive_weight", "0.5", "--pooling", "cls", "--source_prompt", "query: ",
+              "--cache_teacher", "false"],
+        look_for_args_file=False,
+    )
+    assert config.loss_config == OTLossConfig(reg=0.3, cost="sqeuclidean", debias=True, contrastive_weight=0.5)
+    assert (config.pooling, config.source_prompt, config.cache_teacher) == ("cls", "query: ", False)
+    loss_fields = {f.name for f in dataclasses.fields(OTLossConfig)}
+    assert loss_fields <= {f.name for f in dataclasses.fields(OTDistillationConfig)}
+    assert not loss_fields & set(OTDistillationConfig.__dict__["__annotations__"])  # inherited, not re-declared
+    with pytest.raises(OpticalInputError, match="OTLossConfig.n_iters must be an integer >= 1, got 0"):
+        OTDistillationConfig(str(tmp_path), n_iters=0)
+    with pytest.raises(OpticalInputError, match="OTDistillationConfig.pooling must be one of"):
+        OTDistillationConfig(str(tmp_path), pooling="max")
+
+
+def test_plain_training_arguments_get_the_default_options(model_dirs, bitext, tmp_path):
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=7, learning_rate=3e-4, report_to=[], seed=3)
+    trainer = OTDistillationTrainer(
+        model=AutoModel.from_pretrained(model_dirs["student"]),
+        teacher=AutoModel.from_pretrained(model_dirs["teacher"]),
+        teacher_processing_class=AutoTokenizer.from_pretrained(model_dirs["teacher"]), args=args, train_dataset=bitext,
+    )
+    assert isinstance(trainer.args, OTDistillationConfig)
+    assert (trainer.args.max_steps, trainer.args.learning_rate, trainer.args.seed) == (7, 3e-4, 3)
+    assert trainer.loss_config == OTLossConfig() and trainer.args.max_length == 128
+    assert not trainer.args.remove_unused_columns
+
+
+@pytest.mark.parametrize("cache_teacher", [True, False])
+def test_sentence_transformer_teacher_gives_its_own_sentence_embedding(model_dirs, bitext, tmp_path, monkeypatch,
+                                                                      cache_teacher):
+    transformer = Transformer(str(model_dirs["teacher"]))
+    teacher = SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean"), Normalize()], device="cpu")
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(args[6])  # teacher_sentence
+        return distillation_losses(*args, **kwargs)
+
+    monkeypatch.setattr(optical_hf.trainer, "distillation_losses", spy)
+    trainer = _trainer(model_dirs, bitext, tmp_path, teacher=teacher, args={
+        "sentence_weight": 1.0, "target_prompt": "query: ", "cache_teacher": cache_teacher,
+        "teacher_cache_dir": str(tmp_path / "cache")})
+    rows = [bitext[i] for i in range(8)]
+    batch = trainer.data_collator(rows)
+    assert ("target_sentence_embedding" in batch) is cache_teacher
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    expected = teacher.encode([row["target"] for row in rows], prompt="query: ", convert_to_tensor=True)
+    torch.testing.assert_close(seen[0].norm(dim=-1), torch.ones(8), atol=2e-3, rtol=0)  # Normalize applied
+    torch.testing.assert_close(seen[0], expected, atol=2e-3, rtol=0)  # fp16 when cached
