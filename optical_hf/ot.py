@@ -18,6 +18,11 @@ teacher's tokens of its English translation and trains the student on ``<P, C>``
 as ``eps -> 0`` and, with the squared Euclidean cost, ``||mean_a - mean_b||^2`` (the sentence-level MSE of pooled
 embeddings, up to the factor ``dim``) as ``eps -> inf``.
 
+With ``rho`` (:func:`sinkhorn`), the target marginal is relaxed by a KL penalty (semi-relaxed OT, Chizat et al. 2018;
+Séjourné et al. 2019): each source token keeps its mass exactly but may send it to the target tokens it is close to,
+instead of having to cover every target token (function words, special tokens). The problem, the update it needs and
+its two limits are stated in :func:`sinkhorn`.
+
 ``reg`` may be absolute (in cost units) or relative (``relative_reg=True``): then each pair's
 ``eps_b = reg * <a_b (x) w_b, C_b>``, the detached cost of the independent coupling (the marginal-weighted mean cost,
 which is also the ``eps -> inf`` value of ``<P, C>``), so one ``reg`` means the same for any cost and embedding scale.
@@ -73,12 +78,14 @@ class OTResult:
         plan: ``(batch, n, m)`` transport plans, exactly 0 on masked rows/columns. Detached from the graph in
             ``grad="envelope"`` mode.
         cost: ``(batch,)`` linear transport costs ``<P_b, C_b>``. Differentiable w.r.t. the cost matrix.
-        value: ``(batch,)`` regularised values ``<P_b, C_b> + eps_b KL(P_b | a_b (x) w_b)``; in envelope mode the KL
-            part is a constant, so ``d value / d C = P`` (the envelope theorem, exact once the plan has converged).
+        value: ``(batch,)`` regularised values ``<P_b, C_b> + eps_b KL(P_b | a_b (x) w_b)`` (plus
+            ``rho_b KL(P_b^T 1 | w_b)`` for a semi-relaxed problem); in envelope mode the KL parts are constants, so
+            ``d value / d C = P`` (the envelope theorem, exact once the plan has converged).
         reg: ``(batch,)`` absolute ``eps_b`` used for each pair.
         n_iters: Sinkhorn iterations run (fewer than asked when ``tol`` stopped early).
         marginal_error: ``(batch,)`` L1 error of the row marginals after the last iteration (the column marginals are
-            exact after the last column update); 0 for a pair with no real token on a side.
+            exact after the last column update; a semi-relaxed problem's row marginals are its exact side); 0 for a
+            pair with no real token on a side.
     """
 
     plan: torch.Tensor
@@ -250,16 +257,18 @@ def _log_kernels(problem: _Problem, eps: torch.Tensor) -> tuple[torch.Tensor, to
 
 def _solve(
     problem: _Problem, eps: torch.Tensor, n_iters: int, tol: float | None, check_every: int, grad: str,
-    symmetric: bool = False,
+    symmetric: bool = False, rho: torch.Tensor | None = None,
 ) -> OTResult:
     """Log-domain Sinkhorn, ``u = log a - LSE_j(K + v)``, ``v = log b - LSE_i(K + u)``; no host sync except ``tol``.
 
     ``symmetric=True`` (a problem ``OT(a, a)`` with a symmetric cost) uses the averaged update of Feydy et al. (2019),
     ``u <- (u + log a - LSE_j(K + u)) / 2``, ``v = u``: the plain alternating updates oscillate on these problems and
-    converge far more slowly.
+    converge far more slowly. ``rho`` (``(batch,)``, absolute) relaxes the column marginals:
+    ``v = log b - rho / (rho + eps) * LSE_i(K + u)`` (derived in :func:`sinkhorn`).
     """
     tiny = torch.finfo(problem.a.dtype).tiny
     log_a, log_b = problem.a.clamp_min(tiny).log(), problem.b.clamp_min(tiny).log()
+    relax = 1.0 if rho is None else (rho / (rho + eps)).unsqueeze(1)
     with torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled()):
         rows, cols = _log_kernels(problem, eps)
         v = torch.zeros_like(problem.b)
@@ -269,7 +278,7 @@ def _solve(
                 v = u = 0.5 * (v + log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2))
             else:
                 u = log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2)
-                v = log_b - torch.logsumexp(cols + u.unsqueeze(1), dim=2)
+                v = log_b - relax * torch.logsumexp(cols + u.unsqueeze(1), dim=2)
             if tol is not None and (it + 1) % check_every == 0:
                 with torch.no_grad():
                     row_sums = torch.exp(rows + u.unsqueeze(2) + v.unsqueeze(1)).sum(dim=2)
@@ -281,12 +290,21 @@ def _solve(
         # KL(P | a (x) b) = sum P log(P / (a_i b_j)) - sum P + 1, over the real pairs (0 log 0 = 0).
         log_ratio = (log_plan - log_a.unsqueeze(2) - log_b.unsqueeze(1)).masked_fill(~problem.pair_mask, 0.0)
         kl = (plan * log_ratio).sum(dim=(1, 2)) - plan.sum(dim=(1, 2)) + problem.solvable.to(plan.dtype)
+        penalty = 0.0 if rho is None else rho * _column_kl(plan, problem, log_b)
     with torch.no_grad():
         row_error = ((plan.sum(dim=2) - problem.a) * problem.source_mask).abs().sum(dim=1) * problem.solvable
     linear = (plan * problem.cost).sum(dim=(1, 2))
     return OTResult(
-        plan=plan, cost=linear, value=linear + eps * kl, reg=eps, n_iters=iterations, marginal_error=row_error
+        plan=plan, cost=linear, value=linear + eps * kl + penalty, reg=eps, n_iters=iterations,
+        marginal_error=row_error,
     )
+
+
+def _column_kl(plan: torch.Tensor, problem: _Problem, log_b: torch.Tensor) -> torch.Tensor:
+    """``(batch,)`` ``KL(P^T 1 | b) = sum_j s_j log(s_j / b_j) - s_j + b_j`` over the real target tokens (0 if none)."""
+    s = plan.sum(dim=1)
+    terms = torch.special.xlogy(s, s) - s * log_b - s + problem.b
+    return (terms * problem.target_mask).sum(dim=1) * problem.solvable
 
 
 def _report(nonfinite: torch.Tensor, marginal_error: torch.Tensor, eps: torch.Tensor, n_iters: int, reg: float,
@@ -323,8 +341,37 @@ def sinkhorn(
     check_every: int = 10,
     grad: GradMode = "envelope",
     backend: Backend = "torch",
+    rho: float | None = None,
 ) -> OTResult:
     """Entropic OT between the real tokens of each pair of a batch, in fp32 whatever the input dtype.
+
+    With ``rho`` the problem is *semi-relaxed*: the source marginal stays exact and the target marginal is penalised
+    by a KL divergence (Chizat, Peyré, Schmitzer & Vialard, "Scaling algorithms for unbalanced optimal transport
+    problems", Math. Comp. 2018; Séjourné, Feydy, Vialard, Trouvé & Peyré, "Sinkhorn divergences for unbalanced
+    optimal transport", 2019):
+
+    .. math::
+
+        \\min_{P \\ge 0,\\ P 1 = a} \\langle P, C \\rangle + \\varepsilon \\mathrm{KL}(P \\,|\\, a \\otimes b)
+            + \\rho \\mathrm{KL}(P^T 1 \\,|\\, b)
+
+    (generalised KL, ``KL(p | q) = sum p log(p / q) - p + q``). Stationarity with a multiplier ``f`` for
+    ``P 1 = a`` gives ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)`` with ``g_j = -rho log(s_j / b_j)``,
+    ``s = P^T 1``. Substituting ``s`` and solving the fixed point for ``g_j`` gives
+    ``g_j = -(rho eps / (rho + eps)) LSE_i(log a_i + (f_i - C_ij) / eps)``. In the scaled potentials of the solver,
+    ``u_i = log a_i + f_i / eps``, ``v_j = log b_j + g_j / eps`` (``P = exp(u_i - C_ij / eps + v_j)``), the updates are
+
+    .. math::
+
+        u \\leftarrow \\log a - \\mathrm{LSE}_j(-C / \\varepsilon + v), \\qquad
+        v \\leftarrow \\log b - \\tfrac{\\rho}{\\rho + \\varepsilon} \\mathrm{LSE}_i(-C / \\varepsilon + u),
+
+    the log form of Chizat et al.'s ``v = (b / K^T u)^(rho / (rho + eps))`` with the kernel ``K = (a (x) b) e^(-C/eps)``
+    (POT's ``ot.unbalanced.sinkhorn_unbalanced(a, b, C, eps, reg_m=(inf, rho))``). (With the reference ``1`` instead
+    of ``a (x) b``, i.e. ``-eps H(P)``, the factor would multiply ``log b`` too; here the reference is the one of the
+    balanced problem.) ``rho -> inf`` recovers balanced OT; ``rho -> 0`` gives ``v = log b``, so each row is
+    ``P_i = a_i softmax_j(log b_j - C_ij / eps)`` over the real target tokens (with uniform ``b``:
+    ``a_i softmax(-C_i / eps)``, a soft MaxSim alignment of each source token).
 
     Args:
         cost: ``(batch, n, m)`` cost matrices (e.g. :func:`pairwise_cost`). Any float dtype; solved in fp32 (fp64 stays
@@ -347,8 +394,11 @@ def sinkhorn(
             regularised value ``OT_eps``, exact once the plan has converged (see ``marginal_error``), at no extra
             memory. ``"autodiff"`` back-propagates through every iteration (memory grows with ``n_iters``).
         backend: ``"torch"`` (this solver) or ``"pot"`` (``ot.solve_batch`` with ``method="log_sinkhorn"``, padding as
-            zero weights, empty pairs zeroed, absolute ``reg``, ``grad="envelope"`` only): a reference solver for the
-            tests and benchmarks, not a training path.
+            zero weights, empty pairs zeroed, absolute ``reg``, ``grad="envelope"`` and ``rho=None`` only): a reference
+            solver for the tests and benchmarks, not a training path.
+        rho: ``None`` (default): balanced OT. A finite number > 0: the KL penalty of the relaxed target marginal, in
+            the units of ``reg`` (relative with ``relative_reg=True``: ``rho_b = rho * eps_b / reg``, so the update's
+            factor ``rho / (rho + reg)`` is the same for every pair and cost scale).
 
     Returns:
         :class:`OTResult` (``plan`` ``(batch, n, m)``, ``cost`` and ``value`` ``(batch,)``, ``reg``, ``n_iters``,
@@ -365,12 +415,17 @@ def sinkhorn(
     _check_options(reg, n_iters, grad, check_every, tol)
     if backend not in ("torch", "pot"):
         raise ValueError(f"`backend` must be 'torch' or 'pot', got {backend!r}")
+    if rho is not None and not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise ValueError(f"`rho` must be None or a finite number > 0, got {rho}")
+    if rho is not None and backend == "pot":
+        raise ValueError("backend='pot' supports balanced OT only (rho=None)")
     with torch.autocast(device_type=cost.device.type, enabled=False):
         problem = _problem(cost, source_mask, target_mask, source_weights, target_weights)
         if backend == "pot":
             return _pot_sinkhorn(problem, reg=reg, n_iters=n_iters, tol=tol, grad=grad)
         eps = _absolute_reg(problem, reg, relative_reg)
-        result = _solve(problem, eps, n_iters, tol, check_every, grad)
+        absolute_rho = None if rho is None else eps * (rho / reg) if relative_reg else torch.full_like(eps, rho)
+        result = _solve(problem, eps, n_iters, tol, check_every, grad, rho=absolute_rho)
     _report(problem.nonfinite, result.marginal_error, eps, result.n_iters, reg, relative_reg)
     return result
 

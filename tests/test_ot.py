@@ -661,3 +661,113 @@ def test_divergence_gradient_and_empty_pairs():
     with torch.no_grad():
         lower = sinkhorn_divergence(x - 0.01 * grad, x_mask, y, y_mask, reg=0.1, n_iters=300)
     assert torch.all(lower[[0, 2, 3]] < divergence.detach()[[0, 2, 3]])
+
+
+# 13. Semi-relaxed OT (exact source marginal, KL-relaxed target marginal).
+
+
+def weighted_instance(seed=0):
+    """A padded cosine instance with random positive weights (arbitrary on padding)."""
+    cost, source_mask, target_mask = padded_instance("cosine", seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    source_weights = torch.rand(BATCH, N, generator=g, dtype=torch.float64) + 0.1
+    target_weights = torch.rand(BATCH, M, generator=g, dtype=torch.float64) + 0.1
+    return cost, source_mask, target_mask, source_weights, target_weights
+
+
+@pytest.mark.parametrize("rho", [0.02, 0.3, 3.0])
+def test_semi_relaxed_matches_pot_unbalanced_per_pair(rho):
+    cost, source_mask, target_mask, source_weights, target_weights = weighted_instance()
+    reg = 0.05
+    res = sinkhorn(cost, source_mask, target_mask, reg=reg, rho=rho, source_weights=source_weights,
+                   target_weights=target_weights, n_iters=3000)
+
+    a = uniform_weights(source_mask, source_weights, torch.float64)
+    b = uniform_weights(target_mask, target_weights, torch.float64)
+    assert_padding_is_zero(res.plan, source_mask, target_mask)
+    torch.testing.assert_close(res.plan.sum(dim=2), a, atol=MARGINAL_ATOL_F64, rtol=0)  # the exact side
+    assert res.marginal_error.max() < MARGINAL_ATOL_F64 and res.n_iters == 3000
+    assert (res.plan.sum(dim=1) - b).abs().sum(dim=1).min() > 1e-3, "the target marginal must be relaxed"
+    for k in range(BATCH):
+        c = block(cost, k, source_mask, target_mask)
+        expected, log = ot.unbalanced.sinkhorn_unbalanced(
+            a[k][source_mask[k]], b[k][target_mask[k]], c, reg, reg_m=(float("inf"), rho), numItermax=10_000,
+            stopThr=1e-14, log=True,
+        )
+        torch.testing.assert_close(block(res.plan, k, source_mask, target_mask), expected, atol=PLAN_ATOL_F64, rtol=0)
+        torch.testing.assert_close(res.value[k], log["total_cost"], atol=COST_ATOL_F64, rtol=0)
+
+
+def test_semi_relaxed_limits_are_balanced_ot_and_the_row_softmax():
+    cost, source_mask, target_mask = padded_instance("cosine")
+    source_mask[3] = False  # a pair with no source token: zero plan and value
+    reg = 0.05
+    balanced = sinkhorn(cost, source_mask, target_mask, reg=reg, n_iters=2000)
+    large = sinkhorn(cost, source_mask, target_mask, reg=reg, rho=1e9, n_iters=2000)
+    torch.testing.assert_close(large.plan, balanced.plan, atol=1e-8, rtol=0)
+
+    small = sinkhorn(cost, source_mask, target_mask, reg=reg, rho=1e-10, n_iters=5)
+    a = uniform_weights(source_mask, dtype=torch.float64)
+    logits = (-cost / reg).masked_fill(~target_mask[:, None], float("-inf"))
+    softmax = (a[:, :, None] * logits.softmax(dim=2)).masked_fill(~source_mask[:, :, None], 0.0)
+    torch.testing.assert_close(small.plan, softmax, atol=1e-9, rtol=0)
+    assert torch.all(small.plan[3] == 0) and small.value[3].item() == 0.0 and small.marginal_error[3].item() == 0.0
+
+
+def test_semi_relaxed_envelope_gradient_and_relative_rho():
+    cost, source_mask, target_mask, source_weights, target_weights = weighted_instance(seed=3)
+    kwargs = dict(reg=0.1, rho=0.5, relative_reg=True, source_weights=source_weights, target_weights=target_weights,
+                  n_iters=500)
+    cost.requires_grad_(True)
+    res = sinkhorn(cost, source_mask, target_mask, **kwargs)
+    (grad,) = torch.autograd.grad(res.value.sum(), cost)
+    assert torch.equal(grad, res.plan)
+
+    # d value / d C = P: central finite difference of the optimal value along a random direction on the real pairs.
+    pair_mask = source_mask[:, :, None] & target_mask[:, None, :]
+    direction = torch.randn(cost.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * pair_mask
+    step = 1e-5
+    with torch.no_grad():
+        # absolute reg and rho frozen at this instance's values, so that only the cost moves
+        absolute = dict(kwargs, relative_reg=False)
+        values = []
+        for sign in (1, -1):
+            per_pair = [
+                sinkhorn((cost + sign * step * direction)[k:k + 1], source_mask[k:k + 1], target_mask[k:k + 1],
+                         **dict(absolute, reg=res.reg[k].item(), rho=5 * res.reg[k].item(),
+                                source_weights=source_weights[k:k + 1], target_weights=target_weights[k:k + 1])).value
+                for k in range(BATCH)
+            ]
+            values.append(torch.cat(per_pair))
+        finite_difference = (values[0] - values[1]) / (2 * step)
+    torch.testing.assert_close(finite_difference, (res.plan * direction).sum(dim=(1, 2)), atol=1e-7, rtol=1e-6)
+
+    # relative rho: rho_b = rho * eps_b / reg, so scaling the cost leaves the plan unchanged
+    scaled = sinkhorn(100 * cost.detach(), source_mask, target_mask, **kwargs)
+    torch.testing.assert_close(scaled.plan, res.plan, atol=1e-10, rtol=0)
+
+
+def test_semi_relaxed_autodiff_matches_envelope_and_float32_is_stable():
+    cost = cosine_cost(2, 12, 16, seed=4, dtype=torch.float32).requires_grad_(True)
+    source_mask, target_mask = random_masks(((12, 16), (3, 5)), 12, 16, torch.Generator().manual_seed(2))
+    envelope = sinkhorn(cost, source_mask, target_mask, reg=0.01, rho=0.1, relative_reg=True, n_iters=300)
+    autodiff = sinkhorn(cost, source_mask, target_mask, reg=0.01, rho=0.1, relative_reg=True, n_iters=300,
+                        grad="autodiff")
+    (grad_envelope,) = torch.autograd.grad(envelope.value.sum(), cost)
+    (grad_autodiff,) = torch.autograd.grad(autodiff.value.sum(), cost)
+    assert_finite(envelope.plan, envelope.value, grad_autodiff)
+    torch.testing.assert_close(autodiff.plan.detach(), envelope.plan, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_autodiff, grad_envelope, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rho=0.0), r"`rho` must be None or a finite number > 0, got 0.0"),
+        (dict(rho=float("inf")), r"`rho` must be None or a finite number > 0, got inf"),
+        (dict(rho=1.0, backend="pot"), r"backend='pot' supports balanced OT only"),
+    ],
+)
+def test_semi_relaxed_invalid_rho_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sinkhorn(torch.rand(2, 3, 5), **kwargs)
