@@ -19,6 +19,17 @@ Choices the paper leaves open, made here (options of :class:`OTLossConfig`, meas
   ``cost="sqeuclidean"`` and ``marginals="pooling"`` it tends to ``||pooled student - pooled teacher||^2`` (the
   sentence-level MSE of Reimers & Gurevych 2020, times ``dim``) as ``reg -> inf`` and to exact token-level OT as
   ``reg -> 0``: ``reg`` is then a dial between sentence-level and token-level distillation.
+* **Transport** (``transport``): ``"balanced"`` (the paper's) makes every teacher token receive its mass, function
+  words and all; ``"semi-relaxed"`` keeps the student side exact and relaxes the teacher side by ``rho * KL``
+  (:func:`optical_hf.ot.sinkhorn` with ``rho``), which tends to each student token's softmax over the teacher tokens
+  (a soft MaxSim alignment) as ``rho -> 0``.
+* **Late-interaction terms**, matching MaxSim retrieval (ColBERT-style students): ``hard_alignment_weight``, each
+  student token's cost to its most similar teacher token (argmax cosine, teacher side detached; the token alignment
+  distillation of DR.DECR, Li et al. 2022), averaged over the student's marginal; ``maxsim_distill_weight``, in-batch
+  MaxSim score distillation: ``KL(softmax(T_k / tau) || softmax(S_k / tau))`` per row, where ``T_kl`` is the teacher's
+  MaxSim score of English sentence ``k`` against English sentence ``l`` of the batch and ``S_kl`` the student's score
+  of the low-resource sentence ``k`` against the same (fixed) English token states. MaxSim here is the
+  marginal-weighted mean over query tokens of the best cosine over the document's marginal tokens.
 * **Scale of epsilon** (``reg``): relative, ``eps = reg * <a (x) b, C>`` per pair (the detached marginal-weighted mean
   cost), so one value means the same for both costs and any embedding scale.
 * **Gradient**: envelope theorem by default (plan detached), see :func:`optical_hf.ot.sinkhorn`.
@@ -45,7 +56,7 @@ from torch import Tensor, nn
 
 from .collation import TEACHER_TASK, content_mask, pooling_setup, pooling_weights, special_token_ids
 from .errors import OpticalInputError
-from .ot import pairwise_cost, sinkhorn, sinkhorn_divergence
+from .ot import pairwise_cost, sinkhorn, sinkhorn_divergence, uniform_weights
 
 __all__ = ["CITATION", "OTDistillationLoss", "OTLossConfig", "distillation_losses"]
 
@@ -85,6 +96,13 @@ class OTLossConfig:
     debias: bool = field(default=False, metadata={
         "help": "Use the Sinkhorn divergence (Feydy et al. 2019) instead of <P, C>; with sqeuclidean cost and pooling "
                 "marginals it tends to the pooled-embedding MSE as reg grows."})
+    transport: Literal["balanced", "semi-relaxed"] = field(default="balanced", metadata={
+        "help": "Token OT: 'balanced' (every teacher token receives its mass) or 'semi-relaxed' (student side exact, "
+                "teacher side relaxed by rho * KL: each student token may go to the teacher tokens it matches)."})
+    rho: float = field(default=1.0, metadata={
+        "help": "'semi-relaxed' transport: KL penalty of the teacher-side marginal, relative to the cost scale like "
+                "reg. rho -> 0: each student token a softmax over the teacher tokens (soft MaxSim); rho -> inf: "
+                "balanced OT."})
     exclude_special_tokens: bool = field(default=True, metadata={
         "help": "'content' marginals: give special tokens ([CLS], </s>, ...; not [UNK]) zero mass."})
     exclude_prompt: bool = field(default=True, metadata={
@@ -99,6 +117,15 @@ class OTLossConfig:
                 "embeddings (0 disables it)."})
     contrastive_temperature: float = field(default=0.05, metadata={
         "help": "Temperature dividing the cosine similarities of the contrastive term."})
+    hard_alignment_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the hard token-alignment term (DR.DECR): each student token's cost (--cost) to its most "
+                "similar teacher token by cosine, averaged over the student's marginal (0 disables it)."})
+    maxsim_distill_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the in-batch MaxSim score distillation term: KL between the softmax of the teacher's "
+                "MaxSim scores of each English sentence against the batch's English sentences and the student's for "
+                "the low-resource sentence (0 disables it)."})
+    maxsim_temperature: float = field(default=0.05, metadata={
+        "help": "Temperature dividing the MaxSim scores (mean best cosines) of the MaxSim distillation term."})
 
     def __post_init__(self) -> None:
         for name, hint in get_type_hints(OTLossConfig).items():
@@ -109,12 +136,17 @@ class OTLossConfig:
                 raise OpticalInputError(f"OTLossConfig.{name} must be a bool, got {value!r}")
         _check_number("reg", self.reg, positive=True)
         _check_number("contrastive_temperature", self.contrastive_temperature, positive=True)
+        _check_number("maxsim_temperature", self.maxsim_temperature, positive=True)
+        _check_number("rho", self.rho, positive=True)
+        if self.debias and self.transport != "balanced":
+            raise OpticalInputError("OTLossConfig.debias supports transport='balanced' only, got 'semi-relaxed'")
         if self.tol is not None:
             _check_number("tol", self.tol, positive=True)
         if isinstance(self.n_iters, bool) or not isinstance(self.n_iters, int) or self.n_iters < 1:
             raise OpticalInputError(f"OTLossConfig.n_iters must be an integer >= 1, got {self.n_iters!r}")
         weights = {"ot_weight": self.ot_weight, "sentence_weight": self.sentence_weight,
-                   "contrastive_weight": self.contrastive_weight}
+                   "contrastive_weight": self.contrastive_weight, "hard_alignment_weight": self.hard_alignment_weight,
+                   "maxsim_distill_weight": self.maxsim_distill_weight}
         for name, value in weights.items():
             _check_number(name, value, positive=False)
         if not any(weights.values()):
@@ -148,7 +180,62 @@ def _ot_term(
             y_weights=t_weights, **solver,
         )
     cost = pairwise_cost(student_tokens, teacher_tokens, config.cost)
-    return sinkhorn(cost, s_mask, t_mask, source_weights=s_weights, target_weights=t_weights, **solver).cost
+    rho = config.rho if config.transport == "semi-relaxed" else None
+    return sinkhorn(cost, s_mask, t_mask, source_weights=s_weights, target_weights=t_weights, rho=rho, **solver).cost
+
+
+def _hard_alignment_term(
+    student_tokens: Tensor, student_marginal: Tensor, teacher_tokens: Tensor, teacher_marginal: Tensor, cost: str,
+) -> Tensor:
+    """``(batch,)`` ``sum_i a_i C(s_i, t_j*(i))`` with ``j*(i) = argmax_j cos(s_i, t_j)`` over the real teacher tokens.
+
+    ``a`` is the student marginal (renormalised), ``C`` the token cost (:func:`optical_hf.ot.pairwise_cost`) against
+    the detached teacher tokens. 0 for a pair with no real token on a side.
+    """
+    (s_mask, s_weights), (t_mask, _) = _support(student_marginal), _support(teacher_marginal)
+    with torch.autocast(device_type=student_tokens.device.type, enabled=False):
+        costs = pairwise_cost(student_tokens, teacher_tokens.detach(), cost)  # (batch, n, m)
+        with torch.no_grad():
+            cosine_cost = costs if cost == "cosine" else pairwise_cost(student_tokens, teacher_tokens, "cosine")
+            best = cosine_cost.masked_fill(~t_mask.unsqueeze(1), float("inf")).argmin(dim=2, keepdim=True)
+        aligned = costs.gather(2, best).squeeze(2).masked_fill(~s_mask, 0.0)  # (batch, n)
+        term = (uniform_weights(s_mask, s_weights, aligned.dtype) * aligned).sum(dim=1)
+    return torch.where(t_mask.any(dim=1), term, 0.0)
+
+
+def _maxsim(query: Tensor, query_marginal: Tensor, documents: Tensor, document_marginal: Tensor) -> Tensor:
+    """``(batch, batch)`` MaxSim scores ``S_kl = sum_i w_ki max_j cos(q_ki, d_lj)`` of every query against every document.
+
+    Args:
+        query: ``(batch, n, dim)`` query token states; ``query_marginal`` ``(batch, n)`` their weights ``w`` (mask or
+            weights, renormalised per row).
+        documents: ``(batch, m, dim)`` document token states; only the tokens of ``document_marginal`` ``(batch, m)``
+            compete for the max.
+
+    Memory: a ``(batch, batch, n, m)`` similarity tensor (kept for the backward pass when ``query`` needs gradients).
+    """
+    (q_mask, q_weights), (d_mask, _) = _support(query_marginal), _support(document_marginal)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        dtype = torch.promote_types(query.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
+        q = F.normalize(query.to(dtype).masked_fill(~q_mask.unsqueeze(2), 0.0), dim=-1)
+        d = F.normalize(documents.to(dtype).masked_fill(~d_mask.unsqueeze(2), 0.0), dim=-1)
+        # -1 is the least cosine: a padded document token never beats a real one.
+        similarity = torch.einsum("kid,ljd->klij", q, d).masked_fill(~d_mask[None, :, None, :], -1.0)
+        return torch.einsum("ki,kli->kl", uniform_weights(q_mask, q_weights, dtype), similarity.amax(dim=3))
+
+
+def _maxsim_distillation_term(
+    student_tokens: Tensor, student_marginal: Tensor, teacher_tokens: Tensor, teacher_marginal: Tensor,
+    temperature: float,
+) -> Tensor:
+    """Batch mean of ``KL(softmax(T_k / tau) || softmax(S_k / tau))``: the teacher's MaxSim scores of English sentence
+    ``k`` against the batch's English sentences (``T``, fixed) as targets for the student's scores of the low-resource
+    sentence ``k`` against the same English token states (``S``)."""
+    teacher_tokens = teacher_tokens.detach()
+    with torch.no_grad():
+        targets = _maxsim(teacher_tokens, teacher_marginal, teacher_tokens, teacher_marginal) / temperature
+    scores = _maxsim(student_tokens, student_marginal, teacher_tokens, teacher_marginal) / temperature
+    return F.kl_div(scores.log_softmax(dim=1), targets.log_softmax(dim=1), log_target=True, reduction="batchmean")
 
 
 def _contrastive_term(student_sentence: Tensor, teacher_sentence: Tensor, temperature: float) -> Tensor:
@@ -185,8 +272,8 @@ def distillation_losses(
         teacher_sentence: ``(batch, dim)`` teacher sentence embeddings, likewise (treated as constants).
 
     Returns:
-        The weighted terms that are enabled, among ``"ot"`` (batch mean), ``"sentence"`` and ``"contrastive"``; the
-        training loss is their sum.
+        The weighted terms that are enabled, among ``"ot"`` (batch mean), ``"sentence"``, ``"contrastive"``,
+        ``"hard_alignment"`` (batch mean) and ``"maxsim_kd"``; the training loss is their sum.
     """
     if student_tokens.shape[-1] != teacher_tokens.shape[-1]:
         raise ValueError(
@@ -210,6 +297,14 @@ def distillation_losses(
     if config.contrastive_weight > 0:
         term = _contrastive_term(student_sentence, teacher_sentence, config.contrastive_temperature)
         losses["contrastive"] = config.contrastive_weight * term
+    if config.hard_alignment_weight > 0:
+        term = _hard_alignment_term(student_tokens, student_marginal, teacher_tokens, teacher_marginal, config.cost)
+        losses["hard_alignment"] = config.hard_alignment_weight * term.mean()
+    if config.maxsim_distill_weight > 0:
+        term = _maxsim_distillation_term(
+            student_tokens, student_marginal, teacher_tokens, teacher_marginal, config.maxsim_temperature
+        )
+        losses["maxsim_kd"] = config.maxsim_distill_weight * term
     return losses
 
 
@@ -235,8 +330,10 @@ class OTDistillationLoss(nn.Module):
         solved by log-domain Sinkhorn in fp32, and the loss is the batch mean of ``<P, C>``. With
         ``marginals="pooling"`` each side's OT weights are those of its own ``Pooling`` module (its ``pooling_mode``
         and ``include_prompt``). Optional sentence-level and contrastive terms between the pooled embeddings are
-        added with ``sentence_weight`` and ``contrastive_weight``. Returns ``{"ot": ..., "sentence": ...,
-        "contrastive": ...}`` (the enabled terms) so the trainer logs each component.
+        added with ``sentence_weight`` and ``contrastive_weight``, and late-interaction terms (semi-relaxed OT,
+        hard token alignment, MaxSim score distillation) with ``transport``, ``hard_alignment_weight`` and
+        ``maxsim_distill_weight``. Returns the enabled terms of :func:`distillation_losses` (``{"ot": ...,
+        "sentence": ..., ...}``) so the trainer logs each component.
 
         The teacher may use another tokenizer than the student: then train with
         :class:`optical_hf.OTDistillationDataCollator`, which tokenizes the English column with the teacher's

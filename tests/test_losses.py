@@ -206,6 +206,13 @@ def test_prompt_length_is_sentence_transformers_own(model_dirs, kind, prompt):
         (dict(contrastive_weight=-0.1), r"OTLossConfig.contrastive_weight must be a finite number >= 0"),
         (dict(contrastive_temperature=0.0), r"OTLossConfig.contrastive_temperature must be a finite number > 0"),
         (dict(ot_weight=0.0), r"at least one loss weight must be > 0"),
+        (dict(transport="unbalanced"), r"OTLossConfig.transport must be one of \('balanced', 'semi-relaxed'\)"),
+        (dict(rho=0.0), r"OTLossConfig.rho must be a finite number > 0, got 0.0"),
+        (dict(rho=float("inf")), r"OTLossConfig.rho must be a finite number > 0, got inf"),
+        (dict(debias=True, transport="semi-relaxed"), r"OTLossConfig.debias supports transport='balanced' only"),
+        (dict(hard_alignment_weight=-1.0), r"OTLossConfig.hard_alignment_weight must be a finite number >= 0"),
+        (dict(maxsim_distill_weight=float("nan")), r"OTLossConfig.maxsim_distill_weight must be a finite number >= 0"),
+        (dict(maxsim_temperature=0.0), r"OTLossConfig.maxsim_temperature must be a finite number > 0, got 0.0"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -222,6 +229,12 @@ def test_config_is_a_command_line():
         ["--ot_reg", "0.3", "--ot_iters", "7", "--ot_grad", "autodiff"]
     )
     assert config == OTLossConfig(reg=0.3, n_iters=7, grad="autodiff")
+    (config,) = HfArgumentParser(OTLossConfig).parse_args_into_dataclasses(
+        ["--transport", "semi-relaxed", "--rho", "0.2", "--ot_weight", "0", "--hard_alignment_weight", "0.5",
+         "--maxsim_distill_weight", "1", "--maxsim_temperature", "0.1"]
+    )
+    assert config == OTLossConfig(transport="semi-relaxed", rho=0.2, ot_weight=0.0, hard_alignment_weight=0.5,
+                                  maxsim_distill_weight=1.0, maxsim_temperature=0.1)
     with pytest.raises(SystemExit):
         HfArgumentParser(OTLossConfig).parse_args_into_dataclasses(["--cost", "l1"])
 
@@ -323,3 +336,88 @@ def test_bf16_mixed_precision_training(model_dirs, bitext, tmp_path):
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert logs and all(torch.isfinite(torch.tensor([log["loss"], log["ot"], log["sentence"]])).all() for log in logs)
     assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def _token_batch(seed=0):
+    """Random student ``(4, 6, 8)`` / teacher ``(4, 9, 8)`` token states in float64 with padded masks."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(4, 6, 8, generator=g, dtype=torch.float64)
+    teacher = torch.randn(4, 9, 8, generator=g, dtype=torch.float64)
+    s_mask, t_mask = torch.ones(4, 6, dtype=torch.bool), torch.ones(4, 9, dtype=torch.bool)
+    s_mask[1, 2:], t_mask[2, 3:], t_mask[3, :4] = False, False, False
+    return student, s_mask, teacher, t_mask
+
+
+def _cosine(x, y):
+    return torch.nn.functional.cosine_similarity(x[:, None], y[None], dim=-1)
+
+
+def test_hard_alignment_is_the_cost_to_the_most_similar_teacher_token():
+    student, s_mask, teacher, t_mask = _token_batch()
+    s_weights = torch.rand(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * s_mask
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    for cost in ("cosine", "sqeuclidean"):
+        config = OTLossConfig(ot_weight=0.0, hard_alignment_weight=2.0, cost=cost)
+        loss = distillation_losses(student, s_weights, teacher, t_mask, config)["hard_alignment"]
+        expected = []
+        for k in range(4):
+            s, t, w = student[k][s_mask[k]], teacher[k][t_mask[k]], s_weights[k][s_mask[k]]
+            best = t[_cosine(s, t).argmax(dim=1)]  # argmax cosine, whatever the cost
+            distance = 1 - _cosine(s, best).diagonal() if cost == "cosine" else (s - best).pow(2).sum(dim=1)
+            expected.append((w * distance).sum() / w.sum())
+        torch.testing.assert_close(loss, 2.0 * torch.stack(expected).mean())
+        student_grad, teacher_grad = torch.autograd.grad(loss, (student, teacher), allow_unused=True)
+        assert teacher_grad is None and torch.isfinite(student_grad).all() and student_grad.abs().sum() > 0
+        assert torch.all(student_grad[1, 2:] == 0), "padded student tokens get no gradient"
+
+
+def test_semi_relaxed_ot_tends_to_the_hard_alignment_and_balanced_is_costlier():
+    """rho -> 0, eps -> 0: each student token sends all its mass to its cheapest teacher token (cosine: the most
+    similar one), so <P, C> is the hard-alignment loss; balanced OT must also cover the other teacher tokens."""
+    student, s_mask, teacher, t_mask = _token_batch(seed=2)
+    hard = distillation_losses(student, s_mask, teacher, t_mask, OTLossConfig(ot_weight=0.0, hard_alignment_weight=1))
+    relaxed = OTLossConfig(transport="semi-relaxed", rho=1e-6, reg=1e-3, n_iters=5)
+    soft = distillation_losses(student, s_mask, teacher, t_mask, relaxed)
+    assert soft["ot"].item() == pytest.approx(hard["hard_alignment"].item(), rel=1e-3)
+    balanced = distillation_losses(student, s_mask, teacher, t_mask, OTLossConfig(reg=1e-3, n_iters=2000))
+    assert balanced["ot"] > 1.1 * soft["ot"]
+
+
+def _maxsim_reference(query, q_mask, documents, d_mask):
+    return torch.stack([
+        torch.stack([_cosine(query[k][q_mask[k]], documents[l][d_mask[l]]).amax(dim=1).mean() for l in range(4)])
+        for k in range(4)
+    ])
+
+
+def test_maxsim_distillation_matches_its_definition_and_vanishes_for_the_teacher():
+    student, s_mask, teacher, t_mask = _token_batch(seed=3)
+    student = student.masked_fill(~s_mask[..., None], float("nan"))  # padding may hold anything
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    tau = 0.1
+    config = OTLossConfig(ot_weight=0.0, maxsim_distill_weight=3.0, maxsim_temperature=tau)
+    loss = distillation_losses(student, s_mask, teacher, t_mask, config)
+    assert set(loss) == {"maxsim_kd"}
+    with torch.no_grad():
+        clean = student.nan_to_num()
+        targets = (_maxsim_reference(teacher, t_mask, teacher, t_mask) / tau).softmax(dim=1)
+        scores = (_maxsim_reference(clean, s_mask, teacher, t_mask) / tau).softmax(dim=1)
+    expected = 3.0 * (targets * (targets.log() - scores.log())).sum(dim=1).mean()
+    torch.testing.assert_close(loss["maxsim_kd"], expected)
+    student_grad, teacher_grad = torch.autograd.grad(loss["maxsim_kd"], (student, teacher), allow_unused=True)
+    assert teacher_grad is None and torch.isfinite(student_grad).all() and student_grad.abs().sum() > 0
+    # a student whose tokens are the teacher's scores exactly like the teacher: zero loss
+    same = distillation_losses(teacher.detach(), t_mask, teacher, t_mask, config)["maxsim_kd"]
+    assert abs(same.item()) < 1e-12
+
+
+def test_trains_with_the_late_interaction_terms(model_dirs, bitext, tmp_path):
+    student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+    _, logs = _train(student, teacher, bitext, tmp_path, steps=10, transport="semi-relaxed", rho=0.1,
+                     hard_alignment_weight=0.5, maxsim_distill_weight=0.5, sentence_weight=1.0)
+    assert {"ot", "hard_alignment", "maxsim_kd", "sentence"} <= set(logs[0])
+    assert logs[0]["loss"] == pytest.approx(
+        sum(logs[0][k] for k in ("ot", "hard_alignment", "maxsim_kd", "sentence")), rel=1e-3)
+    assert all(math.isfinite(log["loss"]) for log in logs) and logs[-1]["loss"] < logs[0]["loss"]

@@ -271,3 +271,16 @@ def test_sentence_transformer_teacher_gives_its_own_sentence_embedding(model_dir
     expected = teacher.encode([row["target"] for row in rows], prompt="query: ", convert_to_tensor=True)
     torch.testing.assert_close(seen[0].norm(dim=-1), torch.ones(8), atol=2e-3, rtol=0)  # Normalize applied
     torch.testing.assert_close(seen[0], expected, atol=2e-3, rtol=0)  # fp16 when cached
+
+
+def test_trains_with_the_late_interaction_terms(model_dirs, bitext, tmp_path):
+    options = dict(transport="semi-relaxed", rho=0.1, hard_alignment_weight=0.5, maxsim_distill_weight=0.5,
+                   contrastive_weight=0.1, marginals="pooling")
+    trainer = _trainer(model_dirs, bitext, tmp_path, args={"max_steps": 10, **options})
+    assert trainer.loss_config == OTLossConfig(**options)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert {"ot", "hard_alignment", "maxsim_kd", "contrastive"} <= set(logs[0])
+    assert logs[0]["loss"] == pytest.approx(
+        sum(logs[0][k] for k in ("ot", "hard_alignment", "maxsim_kd", "contrastive")), rel=1e-3)
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in logs) and logs[-1]["loss"] < logs[0]["loss"]
