@@ -90,12 +90,13 @@ def _card_teacher(card: StudentCardInfo) -> str:
 def _evaluate(args: argparse.Namespace) -> None:
     """Score ``--model`` (queries / sources) against ``--teacher`` (documents / English targets); print the table.
 
-    The teacher and the prompts default to those of ``--model``'s ``optical_hf.json`` (a student folder written by
-    ``optical-hf distill``); flags override them.
+    The teacher, the prompts and the scoring (``dense`` or ``maxsim``) default to those of ``--model``'s
+    ``optical_hf.json`` (a student folder written by ``optical-hf distill``); flags override them.
     """
     from .corpora import flores_pairs, load_afriqa_gold, load_beir
     from .data import load_bitext
     from .evaluation import bitext_retrieval, evaluate_clir, format_metrics_table
+    from .late_interaction import check_scoring, evaluate_clir_maxsim
     from .recipe import load_sentence_transformer, packaged_teacher_path
 
     if args.oracle and not args.afriqa:
@@ -103,6 +104,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.bitext_target and not args.bitext:
         raise OpticalInputError("--bitext_target needs --bitext")
     task = next(name for name in TASKS if getattr(args, name))
+    if args.scoring is not None:
+        check_scoring(args.scoring)
+    if args.scoring == "maxsim" and task in ("bitext", "flores"):
+        raise OpticalInputError(f"--scoring maxsim ranks documents; --{task} is scored densely (bitext P@1)")
     # Data first, so that a bad file fails before the models are loaded.
     if task == "bitext":
         pairs = load_bitext(args.bitext, args.bitext_target)
@@ -115,6 +120,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     teacher_name = args.teacher or (card and _card_teacher(card)) or packaged_teacher_path()
     query_prompt = args.query_prompt if args.query_prompt is not None else card and card.query_prompt
     document_prompt = args.document_prompt if args.document_prompt is not None else card and card.document_prompt
+    scoring = args.scoring or (card.scoring if card and task not in ("bitext", "flores") else "dense")
     model = load_sentence_transformer(args.model, "--model")
     teacher = load_sentence_transformer(teacher_name, "--teacher")
     common = {"batch_size": args.batch_size, "show_progress_bar": True}
@@ -123,16 +129,16 @@ def _evaluate(args: argparse.Namespace) -> None:
         rows = {"model": bitext_retrieval(model, teacher, sources, targets, source_prompt=query_prompt,
                                           target_prompt=query_prompt, **common)}
     else:
-        clir = functools.partial(evaluate_clir, doc_model=teacher, data=data, query_prompt=query_prompt,
-                                 doc_prompt=document_prompt, **common)
+        clir = functools.partial(evaluate_clir_maxsim if scoring == "maxsim" else evaluate_clir, doc_model=teacher,
+                                 data=data, query_prompt=query_prompt, doc_prompt=document_prompt, **common)
         rows = {"model": clir(model)}
         if args.oracle:
             rows["oracle"] = clir(teacher, use_translations=True)
 
-    print(f"model: {args.model}\nteacher (documents / English side): {teacher_name}")
+    print(f"model: {args.model}\nteacher (documents / English side): {teacher_name}\nscoring: {scoring}")
     print(format_metrics_table(rows))
     if args.output_json:
-        report = {"task": task, "model": args.model, "teacher": teacher_name, "metrics": rows}
+        report = {"task": task, "model": args.model, "teacher": teacher_name, "scoring": scoring, "metrics": rows}
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"Metrics written to {args.output_json}")
@@ -177,6 +183,9 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
                                                "(default: that of --model's optical_hf.json)")
     parser.add_argument("--document_prompt", help="prefix of documents, e.g. 'passage: ' for e5 models (default: "
                                                   "that of --model's optical_hf.json)")
+    parser.add_argument("--scoring", help="dense (cosine of sentence embeddings) or maxsim (late interaction: the "
+                                          "model's query tokens against the teacher's document tokens); default: "
+                                          "that of --model's optical_hf.json, else dense")
     parser.add_argument("--oracle", action="store_true",
                         help="add the teacher on the human English translations of the queries (AfriQA upper bound)")
     parser.add_argument("--batch_size", type=int, default=64, help="encoding batch size (default: 64)")

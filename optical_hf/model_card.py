@@ -27,6 +27,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
 
+from .late_interaction import SCORINGS
 from .losses import CITATION
 
 
@@ -125,8 +126,11 @@ class StudentCardInfo:
     query_prompt: str | None = None
     document_prompt: str | None = None
     model_id: str | None = None
+    scoring: str = "dense"
 
     def __post_init__(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"StudentCardInfo.scoring={self.scoring!r} is not one of {SCORINGS}.")
         if self.language is not None and not (self.languages and all(map(_LANGUAGE_CODE.match, self.languages))):
             raise ValueError(
                 f"StudentCardInfo.language={self.language!r} is not an ISO 639-1/639-3 code or a non-empty list of "
@@ -212,6 +216,7 @@ def render_model_card(info: StudentCardInfo, model: SentenceTransformer, *, adap
         training_data=info.training_data,
         train_pairs_text=f"{info.train_pairs:,}" if info.train_pairs is not None else None,
         metric_rows=[_metric_row(metric) for metric in info.metrics],
+        maxsim_snippet=_maxsim_snippet(model_id, teacher, info) if info.scoring == "maxsim" else None,
     )
     if info.metrics:
         card.data.model_name = model_name
@@ -313,6 +318,26 @@ def _usage_snippet(model_id: str, teacher: str, language: str, info: StudentCard
         f"document_embeddings = teacher.encode_document(documents{document_prompt})",
         "scores = teacher.similarity(query_embeddings, document_embeddings)  # shape (n_queries, n_documents)",
         "print(scores)",
+    ]
+    return "```python\n" + "\n".join(lines) + "\n```"
+
+
+def _maxsim_snippet(model_id: str, teacher: str, info: StudentCardInfo) -> str:
+    """The late-interaction code block: student query tokens against teacher passage tokens, ranked by MaxSim."""
+    query_prompt = f", prompt={info.query_prompt!r}" if info.query_prompt else ""
+    document_prompt = f", prompt={info.document_prompt!r}" if info.document_prompt else ""
+    lines = [
+        "from sentence_transformers import SentenceTransformer",
+        "from optical_hf.late_interaction import TokenIndex, maxsim_topk",
+        "",
+        f'student = SentenceTransformer("{model_id}")',
+        f'teacher = SentenceTransformer("{teacher}")',
+        'queries, documents = ["<a query>"], ["<an English document>", "<another English document>"]',
+        "",
+        f'query_tokens = student.encode_query(queries, output_value="token_embeddings"{query_prompt})',
+        f'document_tokens = teacher.encode_document(documents, output_value="token_embeddings"{document_prompt})',
+        "index = TokenIndex.from_token_states(document_tokens)  # fp16; index.save(path) / TokenIndex.load(path)",
+        "scores, document_indices = maxsim_topk(query_tokens, index, top_k=10)  # sum_i max_j cos(q_i, d_j)",
     ]
     return "```python\n" + "\n".join(lines) + "\n```"
 

@@ -39,6 +39,7 @@ from .errors import OpticalInputError
 from .evaluation import BitextRetrievalEvaluator, CLIREvaluator, format_metrics_table
 from .export import add_lora, prepare_output_dir, save_student
 from .hub import push_student
+from .late_interaction import SCORINGS, MaxSimCLIREvaluator, check_scoring
 from .losses import OTDistillationLoss, OTLossConfig
 from .model_card import StudentCardInfo, base_model_license, is_hub_repo_id
 from .teacher_cache import build_teacher_cache
@@ -122,12 +123,17 @@ class DistillArguments(TeacherCacheArguments):
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default="query,value", metadata={"help": "Comma-separated LoRA target modules."})
+    scoring: str = field(default="dense", metadata={
+        "help": "How the student is searched, recorded in optical_hf.json and used by the --eval_beir evaluator: dense "
+                "(cosine of sentence embeddings) or maxsim (its query tokens against the teacher's document tokens).",
+        "choices": SCORINGS})
     push_adapter_only: bool = field(default=False, metadata={
         "help": "With --push_to_hub and --lora: upload only the adapter (needs a Hub id base model)."})
 
     def __post_init__(self) -> None:
         if self.front_end not in FRONT_ENDS:
             raise OpticalInputError(f"--front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
+        check_scoring(self.scoring)
         if self.push_adapter_only and not self.lora:
             raise OpticalInputError("--push_adapter_only needs --lora (there is no adapter to push otherwise)")
         if self.eval_size < 1:
@@ -302,9 +308,10 @@ def run(
                   MSEEvaluator([prompt + text for text in evaluation["target"]],
                                [prompt + text for text in evaluation["source"]], teacher, name="heldout-mse")]
     if args.eval_beir:
-        evaluators.append(CLIREvaluator(load_beir(args.eval_beir, args.eval_beir_split), teacher, name="clir",
-                                        query_prompt=args.query_prompt, doc_prompt=args.document_prompt,
-                                        show_progress_bar=True))
+        clir_evaluator = MaxSimCLIREvaluator if args.scoring == "maxsim" else CLIREvaluator
+        evaluators.append(clir_evaluator(load_beir(args.eval_beir, args.eval_beir_split), teacher, name="clir",
+                                         query_prompt=args.query_prompt, doc_prompt=args.document_prompt,
+                                         show_progress_bar=True))
     before = _evaluate(evaluators, student)
 
     resume = training_args.resume_from_checkpoint
@@ -364,6 +371,7 @@ def run(
             query_prompt=args.query_prompt,
             document_prompt=args.document_prompt,
             model_id=training_args.hub_model_id if push else None,
+            scoring=args.scoring,
         )
         save_student(final, output_dir, adapter_model=adapter_model, card=card)
         print(format_metrics_table({"untrained student": before, "distilled student": after}))

@@ -1,0 +1,380 @@
+"""Late-interaction (ColBERT-style MaxSim) cross-lingual retrieval: the student's query token states against the
+teacher's passage token states.
+
+``score(q, d) = sum_i max_j cos(q_i, d_j)`` over the query's tokens ``q_i`` (student, with its query prompt) and the
+passage's tokens ``d_j`` (teacher, with its document prompt). Passages are encoded once into a :class:`TokenIndex`
+(every token vector L2-normalised and stored in fp16, plus per-passage offsets); :func:`maxsim_topk` ranks them
+exactly on CPU, converting one chunk of the index to float32 at a time; :class:`MaxSimCLIREvaluator` is the
+sentence-transformers evaluator (``optical-hf evaluate --scoring maxsim``).
+
+Which tokens take part is an option on each side (:data:`TOKEN_SELECTIONS`): ``"all"`` (every real token, special
+and prompt tokens included; what the late-interaction probe measured) or ``"content"`` (without special tokens and
+prompt tokens, :func:`optical_hf.collation.content_mask`). The default ``"all"`` is provisional: it is to be confirmed
+by measurement against ``"content"``.
+
+Why exact search and no library: PyLate 1.6.0 pins sentence-transformers 5.3.0 and transformers <= 5.3.0, and every
+``fast-plaid`` wheel pins one torch release exactly (1.7.0.2110 requires ``torch==2.11.0``, plus ``fastkmeans`` and
+``usearch``), so neither installs beside our torch 2.13 / sentence-transformers 6 pins. PLAID's centroid pruning and
+residual compression only pay off for collections of millions of passages; the CLIR sets here (AfriQA gold pools,
+BEIR-layout dev sets) hold at most tens of thousands of passages, whose fp16 token index fits in memory and is
+scanned exactly in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .collation import content_mask, special_token_ids
+from .errors import OpticalInputError
+from .evaluation import CLIREvaluator, Run, compute_metrics
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from .corpora import RetrievalData
+
+logger = logging.getLogger(__name__)
+
+SCORINGS = ("dense", "maxsim")
+"""How a student is searched: ``"dense"`` (cosine of sentence embeddings) or ``"maxsim"`` (late interaction)."""
+TOKEN_SELECTIONS = ("all", "content")
+"""Tokens taking part in MaxSim: every real token, or only content tokens (no special, no prompt tokens)."""
+ENCODE_BLOCK = 1024
+"""Texts encoded per ``encode`` call, so that only one block's padded token states are alive at a time."""
+
+
+def check_scoring(scoring: str, flag: str = "--scoring") -> str:
+    """``scoring`` if it is one of :data:`SCORINGS`, else an :class:`OpticalInputError` naming ``flag``."""
+    if scoring not in SCORINGS:
+        raise OpticalInputError(f"{flag} must be one of {SCORINGS}, got {scoring!r}")
+    return scoring
+
+
+def _check_tokens(tokens: str, name: str) -> None:
+    if tokens not in TOKEN_SELECTIONS:
+        raise OpticalInputError(f"{name} must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
+
+
+@dataclass
+class TokenIndex:
+    """Passage token vectors for MaxSim: L2-normalised, fp16, concatenated.
+
+    Attributes:
+        vectors: ``(total_tokens, dim)`` fp16; passage ``i`` is ``vectors[offsets[i]:offsets[i + 1]]``.
+        offsets: ``(num_passages + 1,)`` int64, starting at 0, strictly increasing (no passage is empty).
+        ids: ``num_passages`` passage ids.
+    """
+
+    vectors: Tensor
+    offsets: Tensor
+    ids: list[str]
+
+    def __post_init__(self) -> None:
+        if self.vectors.dtype != torch.float16 or self.vectors.ndim != 2:
+            raise ValueError(f"TokenIndex.vectors must be (total_tokens, dim) fp16, got {self.vectors.dtype} "
+                             f"{tuple(self.vectors.shape)}")
+        offsets = self.offsets
+        if (offsets.ndim != 1 or len(offsets) != len(self.ids) + 1 or offsets[0] != 0
+                or offsets[-1] != len(self.vectors) or bool((offsets.diff() <= 0).any())):
+            raise ValueError(f"TokenIndex.offsets must be (num_passages + 1,) from 0 to {len(self.vectors)} with no "
+                             f"empty passage, got {offsets.tolist()[:10]}... for {len(self.ids)} ids")
+
+    @classmethod
+    def from_token_states(cls, states: Sequence[Tensor], ids: Sequence[str] | None = None) -> TokenIndex:
+        """Index per-passage token states ``(n_tokens_i, dim)`` (any float dtype): normalised, then stored in fp16.
+
+        ``ids`` default to ``"0", "1", ...``; a passage without tokens is an error naming it.
+        """
+        ids = [str(i) for i in range(len(states))] if ids is None else list(ids)
+        if len(ids) != len(states) or not states:
+            raise ValueError(f"TokenIndex: {len(ids)} ids for {len(states)} passages (need one id per passage, >= 1)")
+        empty = [pid for pid, state in zip(ids, states) if len(state) == 0]
+        if empty:
+            raise ValueError(f"TokenIndex: passage(s) {empty[:3]} have no tokens")
+        lengths = torch.tensor([len(state) for state in states])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        vectors = torch.cat([_normalise(state).half() for state in states])
+        return cls(vectors, offsets, ids)
+
+    @property
+    def num_passages(self) -> int:
+        return len(self.ids)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the index tensors: ``total_tokens * dim * 2`` (fp16) + ``8 * (num_passages + 1)`` (offsets)."""
+        return sum(tensor.nelement() * tensor.element_size() for tensor in (self.vectors, self.offsets))
+
+    def save(self, path: str | Path) -> None:
+        """Write the index to ``path`` with ``torch.save``."""
+        torch.save({"vectors": self.vectors, "offsets": self.offsets, "ids": self.ids}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenIndex:
+        """Read an index written by :meth:`save`."""
+        state = torch.load(path, weights_only=True)
+        return cls(state["vectors"], state["offsets"], list(state["ids"]))
+
+
+def _normalise(states: Tensor) -> Tensor:
+    """``(n, dim)`` rows L2-normalised in float32."""
+    return torch.nn.functional.normalize(states.float(), dim=-1)
+
+
+def pad_queries(states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-query token states ``(n_tokens_i, dim)`` as ``(n_q, q_len, dim)`` L2-normalised float32 (zero padding)
+    and a ``(n_q, q_len)`` bool mask of the real tokens."""
+    empty = [i for i, state in enumerate(states) if len(state) == 0]
+    if empty or not states:
+        raise ValueError(f"pad_queries: need >= 1 query, each with tokens; queries {empty[:3]} have none")
+    padded = torch.nn.utils.rnn.pad_sequence([_normalise(state) for state in states], batch_first=True)
+    lengths = torch.tensor([len(state) for state in states])
+    return padded, torch.arange(padded.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def _chunk_maxima(
+    queries: Tensor, index: TokenIndex, start: int, end: int, query_chunk_size: int
+) -> tuple[Tensor, int]:
+    """Per-passage max similarity of every query token over the index tokens ``[start, end)`` (a segment max by
+    passage), the chunk converted to float32 once and scored ``query_chunk_size`` queries at a time.
+
+    Args:
+        queries: ``(n_q, q_len, dim)`` normalised float32.
+
+    Returns:
+        ``(n_q * q_len, n_passages_touched)`` float32 maxima and the index of the first passage touched.
+    """
+    passage_of_token = torch.searchsorted(index.offsets, torch.arange(start, end), right=True) - 1
+    first = int(passage_of_token[0])
+    local = passage_of_token - first
+    chunk = index.vectors[start:end].float().T  # (dim, end - start): only this chunk in float32
+    maxima = []
+    for q in range(0, len(queries), query_chunk_size):
+        sims = queries[q:q + query_chunk_size].flatten(0, 1) @ chunk  # (chunk_queries * q_len, end - start)
+        part = torch.full((len(sims), int(local[-1]) + 1), -torch.inf)
+        maxima.append(part.scatter_reduce_(1, local.expand(len(sims), -1), sims, reduce="amax"))
+    return torch.cat(maxima), first
+
+
+def maxsim_topk(
+    query_states: Sequence[Tensor],
+    index: TokenIndex,
+    *,
+    top_k: int = 100,
+    query_chunk_size: int = 64,
+    token_chunk_size: int = 8192,
+) -> tuple[Tensor, Tensor]:
+    """Exact MaxSim top-k of each query over the passages of ``index``, on CPU.
+
+    The index is scanned ``token_chunk_size`` tokens at a time (a chunk may split a passage: its running max is carried
+    to the next chunk), each chunk converted to float32 once and scored against ``query_chunk_size`` queries at a time
+    (similarities ``(query_chunk_size * q_len, token_chunk_size)``); a running top-k is kept per query.
+
+    Args:
+        query_states: per-query token states ``(n_tokens_i, dim)``, normalised here.
+        index: the passages.
+        top_k: passages kept per query (capped at ``index.num_passages``).
+        query_chunk_size: queries per similarity product.
+        token_chunk_size: index tokens converted to float32 per step.
+
+    Returns:
+        ``(scores, passage_indices)``, both ``(n_q, min(top_k, num_passages))``, best first per row.
+    """
+    if top_k < 1 or query_chunk_size < 1 or token_chunk_size < 1:
+        raise ValueError(f"maxsim_topk: top_k, query_chunk_size, token_chunk_size must be >= 1, got {top_k}, "
+                         f"{query_chunk_size}, {token_chunk_size}")
+    queries, mask = pad_queries(query_states)
+    if queries.shape[-1] != index.vectors.shape[1]:
+        raise ValueError(f"maxsim_topk: query tokens have dim {queries.shape[-1]}, the index {index.vectors.shape[1]}")
+    n_q, q_len, _ = queries.shape
+    k = min(top_k, index.num_passages)
+    best_scores, best_ids = torch.full((n_q, 0), -torch.inf), torch.zeros((n_q, 0), dtype=torch.long)
+    carry = None  # (n_q * q_len,) running max of the passage split by the previous chunk's end
+    with torch.inference_mode():
+        for start in range(0, len(index.vectors), token_chunk_size):
+            end = min(start + token_chunk_size, len(index.vectors))
+            maxima, first = _chunk_maxima(queries, index, start, end, query_chunk_size)
+            if carry is not None:
+                maxima[:, 0] = torch.maximum(maxima[:, 0], carry)
+            last_complete = bool(index.offsets[first + maxima.shape[1]] == end)
+            carry = None if last_complete else maxima[:, -1]
+            maxima = maxima if last_complete else maxima[:, :-1]
+            # (n_q, passages completed in this chunk): the sum over real query tokens
+            scores = (maxima.view(n_q, q_len, maxima.shape[1]) * mask.unsqueeze(-1)).sum(1)
+            ids = torch.arange(first, first + scores.shape[1]).expand(n_q, -1)
+            best_scores, best_ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids], 1)
+            best_scores, order = best_scores.topk(min(k, best_scores.shape[1]), dim=1)
+            best_ids = best_ids.gather(1, order)
+    return best_scores, best_ids
+
+
+def maxsim_retrieve(
+    query_states: Sequence[Tensor], index: TokenIndex, query_ids: Sequence[str] | None = None, *, top_k: int = 100,
+    **chunking: int,
+) -> Run:
+    """:func:`maxsim_topk` as a run ``{qid: {passage_id: score}}`` (``query_ids`` default ``"0", "1", ...``);
+    ``chunking``: ``query_chunk_size``, ``token_chunk_size``."""
+    query_ids = [str(i) for i in range(len(query_states))] if query_ids is None else list(query_ids)
+    if len(query_ids) != len(query_states):
+        raise ValueError(f"maxsim_retrieve: {len(query_ids)} query ids for {len(query_states)} queries")
+    scores, indices = maxsim_topk(query_states, index, top_k=top_k, **chunking)
+    return {qid: {index.ids[i]: score for i, score in zip(row_ids.tolist(), row_scores.tolist())}
+            for qid, row_scores, row_ids in zip(query_ids, scores, indices)}
+
+
+def encode_token_states(
+    model: SentenceTransformer,
+    texts: Sequence[str],
+    *,
+    side: str,
+    prompt: str | None = None,
+    tokens: str = "all",
+    batch_size: int = 64,
+    show_progress_bar: bool = False,
+) -> list[Tensor]:
+    """Token states of ``texts`` by ``model`` (``encode_query`` or ``encode_document``, so the model's own
+    ``"query"``/``"document"`` prompt applies unless ``prompt`` is given), ``ENCODE_BLOCK`` texts per call.
+
+    Args:
+        side: ``"query"`` or ``"document"``.
+        tokens: ``"all"`` real tokens or ``"content"`` tokens only (:data:`TOKEN_SELECTIONS`).
+
+    Returns:
+        One ``(n_tokens_i, dim)`` float32 CPU tensor per text (unnormalised).
+    """
+    _check_tokens(tokens, f"{side} tokens")
+    encode = model.encode_query if side == "query" else model.encode_document
+    special = special_token_ids(model.tokenizer) if tokens == "content" else []
+    states: list[Tensor] = []
+    for start in range(0, len(texts), ENCODE_BLOCK):
+        outputs = encode(list(texts[start:start + ENCODE_BLOCK]), prompt=prompt, batch_size=batch_size,
+                         show_progress_bar=show_progress_bar, output_value=None)
+        states.extend(_selected_tokens(output, tokens, special) for output in outputs)
+    return states
+
+
+def _selected_tokens(output: dict[str, Any], tokens: str, special: list[int]) -> Tensor:
+    """``(n, dim)`` float32 token states of one ``encode(output_value=None)`` item, padding (and, for ``"content"``,
+    special and prompt tokens) removed."""
+    if "attention_mask" not in output:
+        raise OpticalInputError("MaxSim needs padded token states with an attention_mask; load the model without "
+                                "flattened (unpadded) inputs")
+    attention = output["attention_mask"].unsqueeze(0)
+    keep = attention.bool()
+    if tokens == "content":
+        keep = content_mask(output["input_ids"].unsqueeze(0), attention, special, output.get("prompt_length"))
+    return output["token_embeddings"][keep[0]].float().cpu()
+
+
+def build_index(
+    model: SentenceTransformer, passages: Sequence[str], ids: Sequence[str] | None = None, *,
+    prompt: str | None = None, tokens: str = "all", batch_size: int = 64, show_progress_bar: bool = False,
+) -> TokenIndex:
+    """:class:`TokenIndex` of ``passages`` encoded by ``model`` (the teacher, ``encode_document``), fp16 block by
+    block (only ``ENCODE_BLOCK`` passages' float32 token states are alive at a time)."""
+    blocks = [
+        TokenIndex.from_token_states(encode_token_states(
+            model, passages[start:start + ENCODE_BLOCK], side="document", prompt=prompt, tokens=tokens,
+            batch_size=batch_size, show_progress_bar=show_progress_bar,
+        ))
+        for start in range(0, len(passages), ENCODE_BLOCK)
+    ]
+    lengths = torch.cat([block.offsets.diff() for block in blocks])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    ids = [str(i) for i in range(len(passages))] if ids is None else list(ids)
+    return TokenIndex(torch.cat([block.vectors for block in blocks]), offsets, ids)
+
+
+class MaxSimCLIREvaluator(CLIREvaluator):
+    """:class:`optical_hf.evaluation.CLIREvaluator` with late-interaction scoring: the evaluated model's (student's)
+    query token states against the ``doc_model``'s (teacher's) passage token states, ranked by MaxSim.
+
+    The teacher's :class:`TokenIndex` is built once, at the first call, and cached in :attr:`index`; each call encodes
+    the queries, ranks the ``top_k`` passages exactly (:func:`maxsim_topk`) and scores them with ``pytrec_eval``.
+    Metric keys, CSV file (``clir_evaluation_{name}_results.csv``), model-card storage and primary metric
+    (``mrr@10``) are CLIREvaluator's. Index memory and query latency are logged at each call and kept in
+    :attr:`last_timing` (``index_bytes``, ``index_tokens``, ``encode_ms_per_query``, ``search_ms_per_query``).
+
+    Args:
+        data, doc_model, query_prompt, doc_prompt, batch_size, top_k, name, show_progress_bar, write_csv,
+            use_translations: as for CLIREvaluator.
+        query_tokens / doc_tokens: tokens taking part on each side, ``"all"`` (default, to be confirmed by
+            measurement) or ``"content"`` (:data:`TOKEN_SELECTIONS`).
+        query_chunk_size / token_chunk_size: chunking of :func:`maxsim_topk`.
+    """
+
+    def __init__(
+        self,
+        data: RetrievalData,
+        doc_model: SentenceTransformer,
+        *,
+        query_tokens: str = "all",
+        doc_tokens: str = "all",
+        query_chunk_size: int = 64,
+        token_chunk_size: int = 8192,
+        name: str = "clir-maxsim",
+        **kwargs: Any,
+    ):
+        _check_tokens(query_tokens, "query_tokens")
+        _check_tokens(doc_tokens, "doc_tokens")
+        super().__init__(data, doc_model, name=name, **kwargs)
+        self.query_tokens, self.doc_tokens = query_tokens, doc_tokens
+        self.chunking = {"query_chunk_size": query_chunk_size, "token_chunk_size": token_chunk_size}
+        self._index: TokenIndex | None = None
+        self.last_timing: dict[str, float] = {}
+
+    @property
+    def index(self) -> TokenIndex:
+        """The teacher's token index of the corpus, built on first access."""
+        if self._index is None:
+            logger.info("Encoding the token states of the %d documents with the document model (once)",
+                        len(self.corpus))
+            self._index = build_index(self.doc_model, self.corpus, self.corpus_ids, prompt=self.corpus_prompt,
+                                      tokens=self.doc_tokens, batch_size=self.batch_size,
+                                      show_progress_bar=self.show_progress_bar)
+        return self._index
+
+    def compute_all_metrics(self, model: SentenceTransformer) -> dict[str, float]:
+        """Unprefixed :func:`optical_hf.evaluation.compute_metrics` of ``model``'s queries ranked by MaxSim."""
+        index = self.index
+        began = time.perf_counter()
+        states = encode_token_states(model, self.queries, side="query", prompt=self.query_prompt,
+                                     tokens=self.query_tokens, batch_size=self.batch_size,
+                                     show_progress_bar=self.show_progress_bar)
+        encoded = time.perf_counter()
+        run = maxsim_retrieve(states, index, self.queries_ids, top_k=self.top_k, **self.chunking)
+        searched = time.perf_counter()
+        self.last_timing = {
+            "index_bytes": index.memory_bytes, "index_tokens": len(index.vectors),
+            "encode_ms_per_query": 1000 * (encoded - began) / len(states),
+            "search_ms_per_query": 1000 * (searched - encoded) / len(states),
+        }
+        logger.info("MaxSim: index of %d passages, %d tokens, %.1f MiB fp16; %.2f ms/query encoding, %.2f ms/query "
+                    "search", index.num_passages, len(index.vectors), index.memory_bytes / 2**20,
+                    self.last_timing["encode_ms_per_query"], self.last_timing["search_ms_per_query"])
+        return compute_metrics(self.qrels, run)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**super().get_config_dict(), "scoring": "maxsim", "query_tokens": self.query_tokens,
+                "doc_tokens": self.doc_tokens}
+
+
+def evaluate_clir_maxsim(
+    query_model: SentenceTransformer, doc_model: SentenceTransformer, data: RetrievalData, **kwargs: Any
+) -> dict[str, float]:
+    """One :class:`MaxSimCLIREvaluator` run (the late-interaction :func:`optical_hf.evaluation.evaluate_clir`);
+    ``kwargs`` are the evaluator's (``query_prompt``, ``doc_prompt``, ``query_tokens``, ``top_k``, ...).
+
+    Returns:
+        ``{"mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100"}`` averaged over queries (unprefixed).
+    """
+    evaluator = MaxSimCLIREvaluator(data, doc_model, name="", write_csv=False, **kwargs)
+    return evaluator(query_model)
