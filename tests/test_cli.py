@@ -421,7 +421,8 @@ def run_results(monkeypatch) -> list[dict]:
     ("sentence-transformers", []),
     ("trainer", []),
     ("sentence-transformers", ["--lora", "--lora_r", "4"]),
-], ids=["sentence-transformers", "trainer", "lora"])
+    ("trainer", ["--lora", "--lora_r", "4"]),
+], ids=["sentence-transformers", "trainer", "lora", "trainer-lora"])
 def test_distill_end_to_end(front_end, extra, model_dirs, data, tmp_path, capsys, run_results):
     out, cache = tmp_path / "student", tmp_path / "teacher-cache"
     ot_flags = ["--ot_reg", 0.2, "--sentence_weight", 0.5, "--contrastive_weight", 0.1, "--teacher_cache_dir", cache]
