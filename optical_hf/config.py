@@ -52,8 +52,9 @@ class OTDistillationConfig(OTLossConfig, TeacherCacheArguments, TrainingArgument
     source_column: str = field(default="source", metadata={"help": "Dataset column of the low-resource sentences."})
     target_column: str = field(default="target", metadata={"help": "Dataset column of the English sentences."})
     pooling: Literal["mean", "cls"] = field(default="mean", metadata={
-        "help": "Pooling of the student: its sentence embedding in the sentence-level terms, its OT weights with "
-                "marginals='pooling', and the pooling of the saved SentenceTransformer folder."})
+        "help": "Pooling of an AutoModel student: its sentence embedding in the sentence-level terms, its OT weights "
+                "with marginals='pooling', and the pooling of the saved SentenceTransformer folder (a "
+                "SentenceTransformer student keeps its own Pooling)."})
 
     def __post_init__(self) -> None:
         TrainingArguments.__post_init__(self)

@@ -34,7 +34,7 @@ from .model_card import CARD_INFO_NAME, StudentCardInfo, write_model_card
 
 __all__ = [
     "add_lora", "check_output_dir", "has_adapters", "merged_copy", "prepare_output_dir", "save_student",
-    "sentence_transformer_from",
+    "sentence_transformer_from", "store_prompts", "with_transformer_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,33 @@ def sentence_transformer_from(
     return SentenceTransformer(modules=[transformer, pooling_module], device=str(model.device))
 
 
+def with_transformer_model(pipeline: SentenceTransformer, model: PreTrainedModel) -> SentenceTransformer:
+    """A copy of ``pipeline`` (its modules, ``max_seq_length``, prompts, similarity function) whose first
+    ``Transformer`` module holds ``model`` (not copied) instead of its own weights (not copied either).
+
+    How a student given as a SentenceTransformer (e.g. ``Pooling(cls)`` + ``Normalize``) keeps its pipeline after a
+    trainer trained its ``auto_model``.
+    """
+    transformer = pipeline[0]
+    if not isinstance(transformer, Transformer):
+        raise ValueError(
+            f"a SentenceTransformer student needs a Transformer as its first module, got {type(transformer).__name__}"
+        )
+    return copy.deepcopy(pipeline, memo={id(transformer.model): model})
+
+
+def store_prompts(model: SentenceTransformer, card: StudentCardInfo) -> None:
+    """Make the card's prompts the model's ``prompts["query"]`` / ``prompts["document"]`` (saved in
+    ``config_sentence_transformers.json``), so that ``encode_query`` / ``encode_document`` apply them after reloading.
+
+    ``card.query_prompt`` is the student's query prompt; ``card.document_prompt`` the teacher's document prompt,
+    recorded for the query-student / document-teacher pairing. ``None`` keeps the model's own prompt; ``""`` clears it.
+    """
+    for name, prompt in (("query", card.query_prompt), ("document", card.document_prompt)):
+        if prompt is not None:
+            model.prompts[name] = prompt
+
+
 def save_student(
     model: SentenceTransformer,
     output_dir: str | os.PathLike,
@@ -158,12 +185,14 @@ def save_student(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     staging.mkdir()  # unlike tempfile.mkdtemp (0700), mkdir applies the umask
+    card = card or StudentCardInfo(teacher=teacher, base_model=model.model_card_data.base_model)
+    store_prompts(model, card)
     try:
         adapter_model = adapter_model if adapter_model is not None else model
         (merged_copy(model) if has_adapters(model) else model).save(str(staging), create_model_card=False)
         if has_adapters(adapter_model):
             _save_adapter(adapter_model, staging / ADAPTER_DIR)
-        write_model_card(staging, card or StudentCardInfo(teacher=teacher, base_model=model.model_card_data.base_model))
+        write_model_card(staging, card)
         (staging / STUDENT_MARKER).touch()
         _swap_in(staging, output_dir)
     finally:

@@ -110,7 +110,9 @@ class StudentCardInfo:
     ``task_type``, ``dataset_name``, ``dataset_type``, ``metric_type``, ``value`` (required) and ``metric_name``,
     ``split``, ``task_name``, ``dataset_config`` (optional), e.g. ``{"task_type": "information-retrieval",
     "dataset_name": "CLIRMatrix sw-en", "dataset_type": "clirmatrix", "metric_type": "mrr@10", "metric_name": "MRR@10",
-    "value": 0.51, "split": "dev"}``.
+    "value": 0.51, "split": "dev"}``. Prompts (``""`` or None: none): ``query_prompt`` the student's (saved as its
+    ``"query"`` prompt), ``teacher_prompt`` the teacher's on the English side of the training bitext,
+    ``document_prompt`` the teacher's for documents (saved as the student's ``"document"`` prompt, for the pairing).
     """
 
     language: str | list[str] | None = None
@@ -124,6 +126,7 @@ class StudentCardInfo:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     query_prompt: str | None = None
+    teacher_prompt: str | None = None
     document_prompt: str | None = None
     model_id: str | None = None
     scoring: str = "dense"
@@ -258,7 +261,9 @@ def _card_data(
     card_data.register_model(model)
     card_data.base_model = info.base_model
     card_data.datasets = list(info.datasets)
-    card_data.all_hyperparameters = dict(info.training)
+    prompts = {"query_prompt": info.query_prompt, "teacher_prompt": info.teacher_prompt,
+               "document_prompt": info.document_prompt}
+    card_data.all_hyperparameters = {**info.training, **{key: value for key, value in prompts.items() if value}}
     card_data.citations = {"OPTICAL (OTDistillationLoss)": CITATION, **_sentence_transformers_citation()}
     return card_data
 

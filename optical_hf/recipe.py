@@ -23,18 +23,18 @@ from typing import Any
 import datasets
 import torch
 import transformers
-from datasets import Dataset
+from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.evaluation import SequentialEvaluator
 from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
-from transformers import AutoModel, AutoTokenizer, HfArgumentParser, set_seed
+from transformers import HfArgumentParser, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
 from .callbacks import NonFiniteLossCallback
 from .collation import OTDistillationDataCollator
 from .config import OTDistillationConfig, TeacherCacheArguments
 from .corpora import load_beir
-from .data import load_bitext
+from .data import load_bitext, load_bitexts
 from .errors import OpticalInputError
 from .evaluation import BitextRetrievalEvaluator, CLIREvaluator, format_metrics_table
 from .export import add_lora, prepare_output_dir, save_student
@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 DEMO_BITEXT = Path(__file__).parent / "resources" / "demo_bitext_en_sw.tsv"
 PACKAGED_TEACHER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 FRONT_ENDS = ("sentence-transformers", "trainer")
+# DistillArguments flags that take one value per --language.
+PER_LANGUAGE = ("bitext", "bitext_target", "eval_bitext", "eval_bitext_target", "dataset_config", "source_lang")
 
 # Defaults of the no-argument demo run (a few minutes on 2 CPU cores); every one can be overridden by its flag.
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -82,42 +84,57 @@ class DistillArguments(TeacherCacheArguments):
         "help": "Hub id of the teacher for the model card, when --teacher is a local folder."})
     student_hub_id: str | None = field(default=None, metadata={
         "help": "Hub id the student started from (card `base_model`, adapter-only pushes), when --student is local."})
-    bitext: str | None = field(default=None, metadata={
+    language: list[str] = field(default_factory=lambda: ["sw"], metadata={
+        "help": "ISO 639 code(s) of the low-resource language(s) (model card). With several (--language sw ha), the "
+                "per-language flags --bitext, --bitext_target, --eval_bitext, --eval_bitext_target, --dataset_config "
+                "and --source_lang take one value per language, in the same order."})
+    bitext: list[str] | None = field(default=None, metadata={
         "help": "Bitext: a TSV/CSV/JSONL file, a saved `datasets` folder, a Hub dataset id, or the low-resource side of "
-                "two line-aligned text files (with --bitext_target). Default: the packaged English-Swahili demo bitext."})
-    bitext_target: str | None = field(default=None, metadata={"help": "English side when --bitext is a text file."})
-    dataset_config: str | None = field(default=None, metadata={
-        "help": "Config name of a Hub dataset --bitext, e.g. en-swa (masakhane/lafand-mt) or en-sw (opus-100)."})
+                "two line-aligned text files (with --bitext_target); one per --language. Default (one language): the "
+                "packaged English-Swahili demo bitext."})
+    bitext_target: list[str] | None = field(default=None, metadata={
+        "help": "English side when --bitext is a text file (one per --language)."})
+    dataset_config: list[str] | None = field(default=None, metadata={
+        "help": "Config name of a Hub dataset --bitext, e.g. en-swa (masakhane/lafand-mt) or en-sw (opus-100); one per "
+                "--language."})
     source_column: str = field(default="source", metadata={
         "help": "Column of the low-resource sentences (a dotted name reads a nested field: translation.sw)."})
     target_column: str = field(default="target", metadata={"help": "Column of the English sentences."})
-    source_lang: str | None = field(default=None, metadata={
+    source_lang: list[str] | None = field(default=None, metadata={
         "help": "Language key of the low-resource side in a `translation` column of {language: sentence} dicts "
-                "(the Hub translation layout), e.g. swa: reads translation.swa instead of --source_column."})
+                "(the Hub translation layout), e.g. swa: reads translation.swa instead of --source_column; one per "
+                "--language."})
     target_lang: str | None = field(default=None, metadata={
         "help": "Language key of the English side in a `translation` column, e.g. en (instead of --target_column)."})
     max_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
     max_length_ratio: float | None = field(default=3.0, metadata={"help": "Drop pairs whose length ratio exceeds this."})
-    eval_bitext: str | None = field(default=None, metadata={
-        "help": "Held-out bitext for the before/after bitext-retrieval accuracy (same formats as --bitext). Default: "
-                "the last --eval_size pairs of --bitext."})
-    eval_bitext_target: str | None = field(default=None, metadata={"help": "English side of --eval_bitext text files."})
-    eval_size: int = field(default=100, metadata={"help": "Pairs held out of --bitext when --eval_bitext is not given."})
+    eval_bitext: list[str] | None = field(default=None, metadata={
+        "help": "Held-out bitext for the before/after bitext-retrieval accuracy (same formats as --bitext; one per "
+                "--language). Default: the last --eval_size pairs of --bitext."})
+    eval_bitext_target: list[str] | None = field(default=None, metadata={
+        "help": "English side of --eval_bitext text files (one per --language)."})
+    eval_size: int = field(default=100, metadata={
+        "help": "Pairs held out of each --bitext when --eval_bitext is not given."})
     eval_beir: str | None = field(default=None, metadata={
         "help": "Optional cross-lingual retrieval set in BEIR layout (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)."})
     eval_beir_split: str = field(default="test", metadata={"help": "qrels split of --eval_beir."})
-    language: str = field(default="sw", metadata={"help": "ISO 639 code of the low-resource language (model card)."})
     license: str | None = field(default=None, metadata={
         "help": "License of the trained student (model card). Default: the license in the card of the model the "
                 "student starts from (its local README.md or its Hub card), else none."})
     front_end: str = field(default="sentence-transformers", metadata={
         "help": "sentence-transformers (OTDistillationLoss + SentenceTransformerTrainer) or trainer "
-                "(OTDistillationTrainer on a plain AutoModel).", "choices": FRONT_ENDS})
+                "(OTDistillationTrainer on the student's transformer; one --language).", "choices": FRONT_ENDS})
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per sentence."})
     query_prompt: str | None = field(default=None, metadata={
-        "help": "Prefix for queries on both sides of the bitext, e.g. 'query: ' for e5 models."})
+        "help": "The student's query prompt: prefix of the low-resource side of the bitext in training and of queries "
+                "at inference (saved as the student's 'query' prompt, which encode_query applies), e.g. 'query: ' for "
+                "an e5 student. Default: the student's own stored 'query' prompt (none if it has none); '' for none."})
+    teacher_prompt: str | None = field(default=None, metadata={
+        "help": "Prefix the teacher gets on the English side of the bitext, e.g. 'query: ' for an e5 teacher. Default: "
+                "the teacher's own stored 'query' prompt (none if it has none); '' for none."})
     document_prompt: str | None = field(default=None, metadata={
-        "help": "Prefix the teacher uses for documents, e.g. 'passage: ' for e5 models (evaluation and model card)."})
+        "help": "Prefix the teacher uses for documents, e.g. 'passage: ' for e5 models (CLIR evaluation, model card, "
+                "and the student's saved 'document' prompt). Default: the teacher's own stored 'document' prompt."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all student weights."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -131,6 +148,24 @@ class DistillArguments(TeacherCacheArguments):
         "help": "With --push_to_hub and --lora: upload only the adapter (needs a Hub id base model)."})
 
     def __post_init__(self) -> None:
+        if isinstance(self.language, str):
+            self.language = [self.language]
+        for name in PER_LANGUAGE:
+            if isinstance(getattr(self, name), str):  # DistillArguments(bitext="train.tsv") in code
+                setattr(self, name, [getattr(self, name)])
+            if (values := getattr(self, name)) is not None and len(values) != len(self.language):
+                raise OpticalInputError(
+                    f"--{name}: {len(values)} value(s) for {len(self.language)} --language ({' '.join(self.language)}); "
+                    "give one per language, in the same order"
+                )
+        if len(set(self.language)) != len(self.language):
+            raise OpticalInputError(f"--language {' '.join(self.language)}: a language is repeated")
+        if len(self.language) > 1 and not self.bitext:
+            raise OpticalInputError(f"--language {' '.join(self.language)}: several languages need --bitext, one per "
+                                    "language (the packaged demo bitext is Swahili only)")
+        if len(self.language) > 1 and self.front_end == "trainer":
+            raise OpticalInputError("--front_end trainer trains on one --language; use --front_end "
+                                    "sentence-transformers (the default) for several")
         if self.front_end not in FRONT_ENDS:
             raise OpticalInputError(f"--front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
         check_scoring(self.scoring)
@@ -141,6 +176,11 @@ class DistillArguments(TeacherCacheArguments):
         for target, source in (("bitext_target", "bitext"), ("eval_bitext_target", "eval_bitext")):
             if getattr(self, target) and not getattr(self, source):
                 raise OpticalInputError(f"--{target} needs --{source} (the low-resource side, line-aligned with it)")
+
+    def per_language(self) -> dict[str, dict[str, str | None]]:
+        """Each language's values of the per-language flags (:data:`PER_LANGUAGE`; None when a flag is not given)."""
+        return {language: {name: (getattr(self, name) or [None] * len(self.language))[index] for name in PER_LANGUAGE}
+                for index, language in enumerate(self.language)}
 
     def lora_config(self):
         from peft import LoraConfig
@@ -195,38 +235,76 @@ def _hub_dataset_id(bitext: str | None, bitext_target: str | None) -> str | None
     return bitext
 
 
-def load_splits(args: DistillArguments, seed: int) -> tuple[Dataset, Dataset]:
-    """Training pairs and held-out evaluation pairs, both with columns ``source`` / ``target``."""
-    bitext = args.bitext or str(DEMO_BITEXT)
+def load_splits(args: DistillArguments, seed: int) -> tuple[DatasetDict, DatasetDict]:
+    """Training pairs and held-out evaluation pairs of each language (:func:`load_bitexts`, keyed by ``--language``),
+    all with columns ``source`` / ``target``; ``--max_pairs`` applies to each language."""
     columns = {"source_column": args.source_column, "target_column": args.target_column,
-               "source_lang": args.source_lang, "target_lang": args.target_lang}
-    data = load_bitext(bitext, args.bitext_target, name=args.dataset_config, deduplicate=True,
-                       max_length_ratio=args.max_length_ratio, **columns)
-    if args.eval_bitext:
-        evaluation = load_bitext(args.eval_bitext, args.eval_bitext_target, **columns)
-    else:
-        if len(data) <= args.eval_size:
-            raise OpticalInputError(
-                f"--bitext {bitext}: {len(data)} pairs, not enough to hold out --eval_size {args.eval_size}"
-            )
-        split = data.train_test_split(test_size=args.eval_size, shuffle=False)  # the last pairs are held out
-        data, evaluation = split["train"], split["test"]
+               "target_lang": args.target_lang}
+    options = args.per_language()
+    data = load_bitexts({language: {"source": flags["bitext"] or str(DEMO_BITEXT), "target": flags["bitext_target"],
+                                    "name": flags["dataset_config"], "source_lang": flags["source_lang"]}
+                         for language, flags in options.items()},
+                        deduplicate=True, max_length_ratio=args.max_length_ratio, **columns)
+    evaluation = DatasetDict()
+    for language, flags in options.items():
+        if flags["eval_bitext"]:
+            evaluation[language] = load_bitext(flags["eval_bitext"], flags["eval_bitext_target"],
+                                               source_lang=flags["source_lang"], **columns)
+            continue
+        if len(data[language]) <= args.eval_size:
+            raise OpticalInputError(f"--bitext {flags['bitext'] or DEMO_BITEXT}: {len(data[language])} pairs, not "
+                                    f"enough to hold out --eval_size {args.eval_size}")
+        split = data[language].train_test_split(test_size=args.eval_size, shuffle=False)  # the last pairs held out
+        data[language], evaluation[language] = split["train"], split["test"]
     if args.max_pairs:
-        data = data.shuffle(seed=seed).select(range(min(args.max_pairs, len(data))))
+        for language, pairs in data.items():
+            data[language] = pairs.shuffle(seed=seed).select(range(min(args.max_pairs, len(pairs))))
     return data, evaluation
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The prompts of a run (``""``: none): ``query`` the student's (low-resource side, saved as its ``"query"``
+    prompt), ``teacher`` the teacher's on the English side of the bitext, ``document`` the teacher's for documents."""
+
+    query: str
+    teacher: str
+    document: str
+
+    @classmethod
+    def resolve(cls, args: DistillArguments, student: SentenceTransformer, teacher: SentenceTransformer) -> Prompts:
+        """Each flag, else the prompt stored in that model's own config (``SentenceTransformer.prompts``)."""
+        def pick(flag: str | None, model: SentenceTransformer, name: str) -> str:
+            return flag if flag is not None else model.prompts.get(name) or ""
+
+        return cls(query=pick(args.query_prompt, student, "query"), teacher=pick(args.teacher_prompt, teacher, "query"),
+                   document=pick(args.document_prompt, teacher, "document"))
 
 
 def _evaluate(evaluators: list, model: SentenceTransformer) -> dict[str, float]:
     return {key: float(value) for evaluator in evaluators for key, value in evaluator(model).items()}
 
 
-def _card_metrics(metrics: dict[str, float], args: DistillArguments, eval_name: str) -> list[dict[str, Any]]:
+def _heldout_name(language: str, args: DistillArguments) -> str:
+    """Name of the held-out bitext-retrieval evaluator of ``language`` (its metrics' prefix)."""
+    return "heldout" if len(args.language) == 1 else f"heldout-{language}"
+
+
+def _eval_name(flags: dict[str, str | None]) -> str:
+    """Name of a language's held-out set in the card: its --eval_bitext, else its --bitext."""
+    return Path(flags["eval_bitext"] or flags["bitext"] or DEMO_BITEXT).name
+
+
+def _card_metrics(metrics: dict[str, float], args: DistillArguments) -> list[dict[str, Any]]:
+    heldout = {_heldout_name(language, args): (language, _eval_name(flags))
+               for language, flags in args.per_language().items()}
     rows = []
     for key, value in metrics.items():
         kind, _, metric = key.partition("_")
-        if kind == "heldout":
+        if kind in heldout:
+            language, eval_name = heldout[kind]
             rows.append({"task_type": "translation-retrieval", "dataset_name": eval_name, "dataset_type": "bitext",
-                         "metric_type": metric, "metric_name": f"{metric} ({args.language}/en bitext retrieval)",
+                         "metric_type": metric, "metric_name": f"{metric} ({language}/en bitext retrieval)",
                          "value": value, "split": "held-out"})
         elif kind == "clir":
             rows.append({"task_type": "information-retrieval", "dataset_name": Path(args.eval_beir).name,
@@ -295,39 +373,47 @@ def run(
     teacher = load_sentence_transformer(teacher_name, "--teacher")
     student = load_sentence_transformer(student_name, "--student")
     teacher.max_seq_length = student.max_seq_length = args.max_length
+    prompts = Prompts.resolve(args, student, teacher)
     train, evaluation = load_splits(args, training_args.seed)
-    hub_dataset = _hub_dataset_id(args.bitext, args.bitext_target)
-    eval_name = Path(args.eval_bitext or args.bitext or DEMO_BITEXT).name
-    logger.info("Training on %d pairs, evaluating on %d held-out pairs", len(train), len(evaluation))
+    options = args.per_language()
+    logger.info("Training on %d pairs, evaluating on %d held-out pairs (%s)", sum(map(len, train.values())),
+                sum(map(len, evaluation.values())), ", ".join(args.language))
 
-    prompts = {"source_prompt": args.query_prompt, "target_prompt": args.query_prompt}
-    prompt = args.query_prompt or ""
-    evaluators = [BitextRetrievalEvaluator(evaluation["source"], evaluation["target"], teacher, name="heldout",
-                                           show_progress_bar=True, **prompts),
-                  # make_multilingual's metric: the student's sources vs the teacher's English targets
-                  MSEEvaluator([prompt + text for text in evaluation["target"]],
-                               [prompt + text for text in evaluation["source"]], teacher, name="heldout-mse")]
+    evaluators = []
+    for language, pairs in evaluation.items():
+        name = _heldout_name(language, args)
+        evaluators += [
+            BitextRetrievalEvaluator(pairs["source"], pairs["target"], teacher, name=name, show_progress_bar=True,
+                                     source_prompt=prompts.query, target_prompt=prompts.teacher),
+            # make_multilingual's metric: the student's sources vs the teacher's English targets
+            MSEEvaluator([prompts.teacher + text for text in pairs["target"]],
+                         [prompts.query + text for text in pairs["source"]], teacher, name=f"{name}-mse"),
+        ]
     if args.eval_beir:
         clir_evaluator = MaxSimCLIREvaluator if args.scoring == "maxsim" else CLIREvaluator
         evaluators.append(clir_evaluator(load_beir(args.eval_beir, args.eval_beir_split), teacher, name="clir",
-                                         query_prompt=args.query_prompt, doc_prompt=args.document_prompt,
+                                         query_prompt=prompts.query, doc_prompt=prompts.document,
                                          show_progress_bar=True))
     before = _evaluate(evaluators, student)
 
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", "latest"):
         resume = last_complete_checkpoint(Path(training_args.output_dir))
+    # one language: its Dataset as before; several: a DatasetDict, each batch drawn from one language
+    train_data, eval_data = (train, evaluation) if len(train) > 1 else (train[args.language[0]],
+                                                                        evaluation[args.language[0]])
     if args.front_end == "sentence-transformers":
         if args.lora:
             add_lora(student, args.lora_config())
-        column_prompts = {"source": args.query_prompt, "target": args.query_prompt} if args.query_prompt else None
+        column_prompts = {"source": prompts.query or None, "target": prompts.teacher or None}
         cache = None
         if args.cache_teacher:
+            english = [text for split in (*train.values(), *evaluation.values()) for text in split["target"]]
             with training_args.main_process_first(desc="teacher cache"):
-                cache = build_teacher_cache(teacher, [*train["target"], *evaluation["target"]],
-                                            prompt=args.query_prompt, cache_dir=args.teacher_cache_dir)
+                cache = build_teacher_cache(teacher, english, prompt=prompts.teacher or None,
+                                            cache_dir=args.teacher_cache_dir)
         trainer = SentenceTransformerTrainer(
-            model=student, args=training_args, train_dataset=train, eval_dataset=evaluation,
+            model=student, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
             loss=OTDistillationLoss(student, teacher, config=loss_config),
             evaluator=SequentialEvaluator(evaluators), callbacks=[NonFiniteLossCallback()],
             data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
@@ -338,12 +424,11 @@ def run(
     else:
         trainer_args = OTDistillationConfig.from_training_arguments(
             training_args, **dataclasses.asdict(loss_config), cache_teacher=args.cache_teacher,
-            teacher_cache_dir=args.teacher_cache_dir, max_length=args.max_length, source_prompt=args.query_prompt,
-            target_prompt=args.query_prompt,
+            teacher_cache_dir=args.teacher_cache_dir, max_length=args.max_length,
+            source_prompt=prompts.query or None, target_prompt=prompts.teacher or None,
         )
-        trainer = OTDistillationTrainer(
-            model=AutoModel.from_pretrained(student_name), teacher=teacher, args=trainer_args,
-            train_dataset=train, eval_dataset=evaluation, processing_class=AutoTokenizer.from_pretrained(student_name),
+        trainer = OTDistillationTrainer(  # the student SentenceTransformer keeps its modules (pooling, Normalize ...)
+            model=student, teacher=teacher, args=trainer_args, train_dataset=train_data, eval_dataset=eval_data,
             peft_config=args.lora_config() if args.lora else None,
         )
         trainer.train(resume_from_checkpoint=resume)
@@ -352,24 +437,29 @@ def run(
 
     output_dir = Path(training_args.output_dir)
     if trainer.is_world_process_zero():
+        hub_datasets = [dataset for flags in options.values()
+                        if (dataset := _hub_dataset_id(flags["bitext"], flags["bitext_target"]))]
         card = StudentCardInfo(
-            language=args.language,
+            language=args.language[0] if len(args.language) == 1 else args.language,
             teacher=_hub_id(args.teacher_hub_id, teacher_name, packaged) or teacher_name,
             base_model=_hub_id(args.student_hub_id, student_name, packaged),
             license=args.license or base_model_license(student_name),
-            datasets=[hub_dataset] if hub_dataset else [],
-            train_pairs=len(train),
-            training_data=f"{args.language}-en pairs from "
-                          f"{args.bitext or 'the optical_hf demo bitext (' + DEMO_BITEXT.name + ', CC0-1.0)'}",
+            datasets=list(dict.fromkeys(hub_datasets)),
+            train_pairs=sum(map(len, train.values())),
+            training_data="; ".join(
+                f"{language}-en pairs from "
+                f"{flags['bitext'] or 'the optical_hf demo bitext (' + DEMO_BITEXT.name + ', CC0-1.0)'}"
+                for language, flags in options.items()),
             ot=dataclasses.asdict(loss_config),
             training={"front_end": args.front_end, "steps": trainer.state.global_step,
                       "epochs": round(trainer.state.epoch or 0, 2), "batch_size": training_args.per_device_train_batch_size,
                       "learning_rate": training_args.learning_rate, "max_length": args.max_length,
                       "seed": training_args.seed, "lora": args.lora,
                       **{f"before_{key}": round(value, 4) for key, value in before.items()}},
-            metrics=_card_metrics(after, args, eval_name),
-            query_prompt=args.query_prompt,
-            document_prompt=args.document_prompt,
+            metrics=_card_metrics(after, args),
+            query_prompt=prompts.query,
+            teacher_prompt=prompts.teacher,
+            document_prompt=prompts.document,
             model_id=training_args.hub_model_id if push else None,
             scoring=args.scoring,
         )

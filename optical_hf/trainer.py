@@ -23,14 +23,17 @@ from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation import BaseEvaluator, SequentialEvaluator
+from sentence_transformers.base.modules.transformer import Transformer
+from sentence_transformers.util import is_sentence_transformer_model
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_utils import EvalLoopOutput
 
 from .callbacks import NonFiniteLossCallback
-from .collation import BitextCollator, pooling_setup, pooling_weights, prompt_length
+from .collation import WEIGHTED_POOLING_MODES, BitextCollator, pooling_setup, pooling_weights, prompt_length
 from .config import OTDistillationConfig
-from .export import has_adapters, merged_copy, save_student, sentence_transformer_from
+from .errors import OpticalInputError
+from .export import has_adapters, merged_copy, save_student, sentence_transformer_from, with_transformer_model
 from .hub import push_student
 from .losses import distillation_losses
 from .model_card import StudentCardInfo, is_hub_repo_id
@@ -66,7 +69,10 @@ class OTDistillationTrainer(Trainer):
     """A ``transformers.Trainer`` that distills a frozen teacher into an ``AutoModel`` student with OPTICAL.
 
     Args:
-        model: the student, an ``AutoModel`` (e.g. ``xlm-roberta-base``) or a model id/path.
+        model: the student: an ``AutoModel`` (e.g. ``xlm-roberta-base``), a ``SentenceTransformer`` (its own modules
+            are kept: its transformer is trained, its ``Pooling`` gives its sentence embedding and OT weights, and the
+            saved folder keeps its pooling, normalisation and ``max_seq_length``), or a model id/path (loaded as a
+            SentenceTransformer when it has a ``modules.json``).
         teacher: the frozen English teacher: ``AutoModel``, ``SentenceTransformer``, or a model id/path
             (loaded as a SentenceTransformer). Token embeddings must have the student's size.
         args: an :class:`optical_hf.OTDistillationConfig`: the ``TrainingArguments``, the objective's
@@ -132,9 +138,14 @@ class OTDistillationTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         if isinstance(model, str):
-            model = AutoModel.from_pretrained(model)
+            model = (SentenceTransformer(model, device="cpu") if is_sentence_transformer_model(model)
+                     else AutoModel.from_pretrained(model))
+        self.student_pipeline: SentenceTransformer | None = None
+        if isinstance(model, SentenceTransformer):  # keep its own modules; train its transformer's weights
+            self.student_pipeline, model = model, _transformer_model(model)
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.name_or_path)
+            processing_class = (self.student_pipeline.tokenizer if self.student_pipeline is not None
+                                else AutoTokenizer.from_pretrained(model.name_or_path))
         if isinstance(teacher, str):
             teacher = SentenceTransformer(teacher, device="cpu")
         if teacher_processing_class is None:
@@ -149,6 +160,8 @@ class OTDistillationTrainer(Trainer):
         self.loss_config = args.loss_config
         self.teacher_is_sentence_transformer = isinstance(teacher, SentenceTransformer)
         self._pooling = {"source": (args.pooling, True), "target": (args.pooling, True)}
+        if self.student_pipeline is not None:
+            self._pooling["source"] = _own_pooling(self.student_pipeline)
         if self.teacher_is_sentence_transformer and self.loss_config.marginals == "pooling":
             self._pooling["target"] = pooling_setup(teacher, "teacher")
         if data_collator is None:
@@ -323,7 +336,9 @@ class OTDistillationTrainer(Trainer):
         return _unsharded_copy(model, state_dict[0]).to(self.accelerator.device)
 
     def student_as_sentence_transformer(self) -> SentenceTransformer:
-        """The current student (adapters merged) as a SentenceTransformer with this trainer's pooling.
+        """The current student (adapters merged) as a SentenceTransformer: a student given as one keeps its own
+        modules (pooling, normalisation, ``max_seq_length``, prompts) with the trained weights; a plain ``AutoModel``
+        student gets ``Transformer`` + ``Pooling(args.pooling)`` with ``max_seq_length=args.max_length``.
 
         Under FSDP or DeepSpeed ZeRO-3 every rank must call it (the sharded weights are gathered).
         """
@@ -331,6 +346,8 @@ class OTDistillationTrainer(Trainer):
 
     def _as_sentence_transformer(self, model: nn.Module) -> SentenceTransformer:
         base = merged_copy(model) if has_adapters(model) else model
+        if self.student_pipeline is not None:
+            return with_transformer_model(self.student_pipeline, base)
         return sentence_transformer_from(base, self.processing_class, self.args.pooling, self.args.max_length)
 
     card_info: StudentCardInfo | None = None
@@ -399,6 +416,29 @@ class OTDistillationTrainer(Trainer):
                       "max_length": self.args.max_length},
             query_prompt=(collator.sides["source"][2] or None) if collator else None,
         )
+
+
+def _transformer_model(student: SentenceTransformer) -> PreTrainedModel:
+    """The ``auto_model`` of a SentenceTransformer student's first module, which the trainer trains."""
+    transformer = student[0]
+    if not isinstance(transformer, Transformer):
+        raise OpticalInputError(
+            f"OTDistillationTrainer: a SentenceTransformer student needs a Transformer as its first module, got "
+            f"{type(transformer).__name__}"
+        )
+    return transformer.auto_model
+
+
+def _own_pooling(student: SentenceTransformer) -> tuple[str, bool]:
+    """``(pooling_mode, include_prompt)`` of a SentenceTransformer student's ``Pooling``: its sentence embedding in
+    the sentence-level terms and its OT weights with ``marginals="pooling"``."""
+    try:
+        return pooling_setup(student, "student")
+    except OpticalInputError as err:
+        raise OpticalInputError(
+            f"OTDistillationTrainer: a SentenceTransformer student needs one Pooling module with a mode in "
+            f"{WEIGHTED_POOLING_MODES} ({err})"
+        ) from err
 
 
 def _hub_model_id(model: nn.Module) -> str | None:

@@ -202,8 +202,8 @@ def test_distill_flags_read_a_hub_translation_dataset_config(monkeypatch):
         "--eval_size", "8", "--max_length_ratio", "100"], look_for_args_file=False)
     train, heldout = recipe.load_splits(args, seed=42)
     assert calls == [("masakhane/lafand-mt", "en-swa")]
-    assert list(zip(heldout["source"], heldout["target"])) == pairs[-8:]
-    assert sorted(zip(train["source"], train["target"])) == sorted(dict.fromkeys(pairs[:-8]))
+    assert list(zip(heldout["sw"]["source"], heldout["sw"]["target"])) == pairs[-8:]
+    assert sorted(zip(train["sw"]["source"], train["sw"]["target"])) == sorted(dict.fromkeys(pairs[:-8]))
 
 
 def test_evaluate_bitext_with_an_empty_field_names_file_and_line(model_dirs, tmp_path, capsys):
@@ -244,6 +244,12 @@ def test_evaluate_unknown_model_path(flag, model_dirs, data, tmp_path, capsys):
     (["distill", "--push_adapter_only"], "--push_adapter_only needs --lora"),
     (["distill", "--bitext_target", "train.en"], "--bitext_target needs --bitext"),
     (["distill", "--bitext", "train.sw", "--eval_bitext_target", "dev.en"], "--eval_bitext_target needs --eval_bitext"),
+    (["distill", "--language", "sw", "ha", "--bitext", "train.sw"],
+     "--bitext: 1 value(s) for 2 --language (sw ha); give one per language, in the same order"),
+    (["distill", "--language", "sw", "ha"], "--language sw ha: several languages need --bitext, one per language"),
+    (["distill", "--language", "sw", "sw", "--bitext", "a", "b"], "--language sw sw: a language is repeated"),
+    (["distill", "--language", "sw", "ha", "--bitext", "a", "b", "--front_end", "trainer"],
+     "--front_end trainer trains on one --language"),
     (["distill", "--ot_iters", "0"], "OTLossConfig.n_iters must be an integer >= 1, got 0"),
     (["distill", "--reg", "0"], "OTLossConfig.reg must be a finite number > 0, got 0.0"),
     (["distill", "--ot_weight", "0"], "OTLossConfig: at least one loss weight must be > 0"),
@@ -415,7 +421,8 @@ def run_results(monkeypatch) -> list[dict]:
     ("sentence-transformers", []),
     ("trainer", []),
     ("sentence-transformers", ["--lora", "--lora_r", "4"]),
-], ids=["sentence-transformers", "trainer", "lora"])
+    ("trainer", ["--lora", "--lora_r", "4"]),
+], ids=["sentence-transformers", "trainer", "lora", "trainer-lora"])
 def test_distill_end_to_end(front_end, extra, model_dirs, data, tmp_path, capsys, run_results):
     out, cache = tmp_path / "student", tmp_path / "teacher-cache"
     ot_flags = ["--ot_reg", 0.2, "--sentence_weight", 0.5, "--contrastive_weight", 0.1, "--teacher_cache_dir", cache]
@@ -440,7 +447,7 @@ def test_distill_end_to_end(front_end, extra, model_dirs, data, tmp_path, capsys
     # The folder holds the distilled student: re-evaluated from disk, it scores the "after" metrics.
     args, _, _ = recipe.build_parser().parse_args_into_dataclasses(
         args=["--bitext", str(data["tsv"]), "--eval_size", "8"], look_for_args_file=False)
-    _, heldout = recipe.load_splits(args, seed=42)
+    heldout = recipe.load_splits(args, seed=42)[1]["sw"]
     reloaded = SentenceTransformer(str(out), device="cpu")
     teacher = recipe.load_sentence_transformer(str(model_dirs["teacher"]), "--teacher")
     scores = bitext_retrieval(reloaded, teacher, heldout["source"], heldout["target"])
@@ -616,3 +623,86 @@ def test_distill_info_logging_follows_log_level(extra, shown, model_dirs, data, 
     info = [record.getMessage() for record in caplog.records
             if record.name.startswith("optical_hf") and record.levelname == "INFO"]
     assert any(message.startswith("Training on ") for message in info) is shown
+
+
+# ---- prompts and several languages --------------------------------------------------------------------------------
+
+
+def test_distill_saves_the_prompts_so_encode_query_applies_them(model_dirs, data, tmp_path, monkeypatch):
+    collators = []
+
+    class SpyCollator(recipe.OTDistillationDataCollator):
+        def __post_init__(self):
+            collators.append(self)
+            super().__post_init__()
+
+    monkeypatch.setattr(recipe, "OTDistillationDataCollator", SpyCollator)
+    out = tmp_path / "student"
+    assert cli(*_distill_argv(model_dirs, data["tsv"], out, "--query_prompt", "query: ",
+                              "--teacher_prompt", "", "--document_prompt", "passage: ")) == 0
+    # the student's prompt on the low-resource side only; the teacher gets its own (none) on the English side
+    assert collators[0].prompts == {"source": "query: ", "target": None}
+
+    config = json.loads((out / "config_sentence_transformers.json").read_text(encoding="utf-8"))
+    assert config["prompts"] == {"query": "query: ", "document": "passage: "}
+    info = StudentCardInfo.load(out)
+    assert (info.query_prompt, info.teacher_prompt, info.document_prompt) == ("query: ", "", "passage: ")
+    reloaded = SentenceTransformer(str(out), device="cpu")
+    queries = ["kiehtaw kisnurwa"]
+    torch.testing.assert_close(reloaded.encode_query(queries, convert_to_tensor=True),
+                               reloaded.encode(queries, prompt="query: ", convert_to_tensor=True))
+    assert not torch.allclose(reloaded.encode_query(queries, convert_to_tensor=True),
+                              reloaded.encode(queries, convert_to_tensor=True))
+
+
+@pytest.fixture
+def prompted_models(model_dirs, tmp_path) -> dict[str, str]:
+    """Copies of the tiny student and teacher whose configs store e5-style prompts."""
+    folders = {}
+    for role, prompts in (("student", {"query": "query: ", "document": "passage: "}),
+                          ("teacher", {"query": "question: ", "document": "document: "})):
+        model = sentence_transformer(model_dirs[role])
+        model.prompts.update(prompts)
+        model.save(str(tmp_path / role))
+        folders[role] = str(tmp_path / role)
+    return folders
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], recipe.Prompts(query="query: ", teacher="question: ", document="document: ")),
+    (["--query_prompt", "q: ", "--teacher_prompt", "", "--document_prompt", "d: "],
+     recipe.Prompts(query="q: ", teacher="", document="d: ")),
+], ids=["stored", "flags"])
+def test_prompts_default_to_each_models_stored_prompts(flags, expected, prompted_models):
+    args, _, _ = recipe.build_parser().parse_args_into_dataclasses(args=flags, look_for_args_file=False)
+    student = SentenceTransformer(prompted_models["student"], device="cpu")
+    teacher = SentenceTransformer(prompted_models["teacher"], device="cpu")
+    assert recipe.Prompts.resolve(args, student, teacher) == expected
+
+
+def test_distill_several_languages(model_dirs, tmp_path, run_results):
+    files = []
+    for index, language in enumerate(("sw", "ha")):
+        pairs = toy_bitext(30, seed=10 + index)
+        files.append(tmp_path / f"{language}.tsv")
+        files[-1].write_text("source\ttarget\n" + "".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    out = tmp_path / "student"
+    argv = _distill_argv(model_dirs, files[0], out, "--language", "sw", "ha", "--max_steps", 2)
+    argv.insert(argv.index(files[0]) + 1, files[1])  # --bitext sw.tsv ha.tsv
+    assert cli(*argv) == 0
+    (result,) = run_results
+
+    info = StudentCardInfo.load(out)
+    train, heldout = recipe.load_splits(
+        recipe.build_parser().parse_args_into_dataclasses(
+            args=["--language", "sw", "ha", "--bitext", *map(str, files), "--eval_size", "8"],
+            look_for_args_file=False)[0], seed=42)
+    assert info.language == ["sw", "ha"] and info.train_pairs == len(train["sw"]) + len(train["ha"])
+    assert {len(split) for split in heldout.values()} == {8}
+    assert {row["metric_name"] for row in info.metrics} >= {"p@1 (sw/en bitext retrieval)",
+                                                           "p@1 (ha/en bitext retrieval)"}
+    assert {row["dataset_name"] for row in info.metrics} == {"sw.tsv", "ha.tsv"}
+    assert {"heldout-sw_p@1", "heldout-ha_p@1", "heldout-sw-mse_negative_mse"} <= set(result["after"])
+    assert "sw-en pairs from" in info.training_data and "ha-en pairs from" in info.training_data
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "- sw\n- ha\n- en" in card

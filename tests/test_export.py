@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import sentence_transformer
 from sentence_transformers import SentenceTransformer
 
@@ -124,3 +125,18 @@ def test_stale_staging_folders_of_killed_saves_are_removed(model, tmp_path):
     unrelated.mkdir()
     save_student(model, output_dir)
     assert sorted(path.name for path in tmp_path.iterdir()) == [".other.partial-1", "student"]
+
+
+def test_save_student_stores_the_card_prompts_for_encode_query(model_dirs, tmp_path):
+    from optical_hf.model_card import StudentCardInfo
+
+    student = sentence_transformer(model_dirs["student"])
+    student.prompts["document"] = "own document: "
+    save_student(student, tmp_path / "out", card=StudentCardInfo(query_prompt="query: "))
+    reloaded = SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert reloaded.prompts == {"query": "query: ", "document": "own document: "}  # None keeps the model's own
+    texts = ["kiehtaw kisnurwa"]
+    torch.testing.assert_close(reloaded.encode_query(texts, convert_to_tensor=True),
+                               student.encode(texts, prompt="query: ", convert_to_tensor=True))
+    save_student(student, tmp_path / "out", card=StudentCardInfo(query_prompt="", document_prompt="passage: "))
+    assert SentenceTransformer(str(tmp_path / "out"), device="cpu").prompts == {"query": "", "document": "passage: "}

@@ -284,3 +284,31 @@ def test_trains_with_the_late_interaction_terms(model_dirs, bitext, tmp_path):
     assert logs[0]["loss"] == pytest.approx(
         sum(logs[0][k] for k in ("ot", "hard_alignment", "maxsim_kd", "contrastive")), rel=1e-3)
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in logs) and logs[-1]["loss"] < logs[0]["loss"]
+
+
+def test_sentence_transformer_student_keeps_its_own_modules(model_dirs, bitext, tmp_path):
+    transformer = Transformer(str(model_dirs["student"]), max_seq_length=32)
+    student = SentenceTransformer(
+        modules=[transformer, Pooling(transformer.get_embedding_dimension(), "cls"), Normalize()], device="cpu")
+    student.prompts["query"] = "query: "
+    before = student.encode(bitext["source"][:4], convert_to_tensor=True).clone()
+    trainer = OTDistillationTrainer(
+        model=student, teacher=AutoModel.from_pretrained(model_dirs["teacher"]),
+        teacher_processing_class=AutoTokenizer.from_pretrained(model_dirs["teacher"]),
+        args=OTDistillationConfig(str(tmp_path / "run"), max_steps=2, learning_rate=1e-3, report_to=[],
+                                  save_strategy="no", marginals="pooling"),
+        train_dataset=bitext,
+    )
+    assert trainer._pooling["source"] == ("cls", True)  # the student's own pooling is its OT weights
+    trainer.train()
+    trainer.save_model()
+
+    reloaded = SentenceTransformer(str(tmp_path / "run"), device="cpu")
+    assert [type(module) for module in reloaded] == [Transformer, Pooling, Normalize]
+    assert reloaded[1].pooling_mode == "cls" and reloaded.max_seq_length == 32
+    assert reloaded.prompts["query"] == "query: "
+    texts = bitext["source"][:4]
+    after = reloaded.encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(after, trainer.student_as_sentence_transformer().encode(texts, convert_to_tensor=True))
+    torch.testing.assert_close(after.norm(dim=-1), torch.ones(4))
+    assert not torch.allclose(after, before)  # the trained weights, not the initial ones
