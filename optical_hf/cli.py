@@ -120,6 +120,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     teacher_name = args.teacher or (card and _card_teacher(card)) or packaged_teacher_path()
     query_prompt = args.query_prompt if args.query_prompt is not None else card and card.query_prompt
     document_prompt = args.document_prompt if args.document_prompt is not None else card and card.document_prompt
+    teacher_prompt = args.teacher_prompt if args.teacher_prompt is not None else card and card.teacher_prompt
     scoring = args.scoring or (card.scoring if card and task not in ("bitext", "flores") else "dense")
     model = load_sentence_transformer(args.model, "--model")
     teacher = load_sentence_transformer(teacher_name, "--teacher")
@@ -127,7 +128,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     if task in ("bitext", "flores"):
         rows = {"model": bitext_retrieval(model, teacher, sources, targets, source_prompt=query_prompt,
-                                          target_prompt=query_prompt, **common)}
+                                          target_prompt=teacher_prompt, **common)}
     else:
         clir = functools.partial(evaluate_clir_maxsim if scoring == "maxsim" else evaluate_clir, doc_model=teacher,
                                  data=data, query_prompt=query_prompt, doc_prompt=document_prompt, **common)
@@ -181,6 +182,8 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--flores_lang", default="swh_Latn", help="FLORES language folder (default: swh_Latn)")
     parser.add_argument("--query_prompt", help="prefix of queries / sentences, e.g. 'query: ' for e5 models "
                                                "(default: that of --model's optical_hf.json)")
+    parser.add_argument("--teacher_prompt", help="prefix of the English sentences of --bitext/--flores for the teacher "
+                                                 "(default: the student folder's teacher prompt)")
     parser.add_argument("--document_prompt", help="prefix of documents, e.g. 'passage: ' for e5 models (default: "
                                                   "that of --model's optical_hf.json)")
     parser.add_argument("--scoring", help="dense (cosine of sentence embeddings) or maxsim (late interaction: the "

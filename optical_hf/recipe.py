@@ -429,7 +429,7 @@ def run(
         )
         trainer = OTDistillationTrainer(  # the student SentenceTransformer keeps its modules (pooling, Normalize ...)
             model=student, teacher=teacher, args=trainer_args, train_dataset=train_data, eval_dataset=eval_data,
-            peft_config=args.lora_config() if args.lora else None,
+            peft_config=args.lora_config() if args.lora else None, evaluator=evaluators,
         )
         trainer.train(resume_from_checkpoint=resume)
         final, adapter_model = trainer.student_as_sentence_transformer(), trainer.accelerator.unwrap_model(trainer.model)

