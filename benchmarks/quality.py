@@ -87,7 +87,8 @@ from optical_hf import (  # noqa: E402
     load_bitext,
 )
 from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
-from optical_hf.evaluation import compute_metrics, format_metrics_table, retrieve  # noqa: E402
+from optical_hf.evaluation import compute_metrics, retrieve  # noqa: E402
+from optical_hf.late_interaction import TokenIndex, build_index, encode_token_states, maxsim_retrieve  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -216,21 +217,19 @@ def _weights_stamp(path: str) -> list[Any]:
     return sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(path).glob("*.safetensors"))
 
 
-def doc_embeddings(
+def doc_index(
     teacher: SentenceTransformer,
     setting: Setting,
     corpus: dict[str, str],
     max_length: int,
     batch_size: int,
     cache_dir: Path,
-) -> tuple[torch.Tensor, bool]:
-    """``(num_docs, dim)`` normalised teacher embeddings of ``corpus`` (in its order), cached on disk.
-
-    The cache key covers the model folder and its weight files, the prompt, the max length and the pool's doc ids.
-
-    Returns:
-        The embeddings and whether they came from the cache.
-    """
+    scoring: str,
+) -> Any:
+    """The teacher's passages of ``corpus`` (in its order), encoded once and cached on disk: ``(num_docs, dim)``
+    normalised embeddings for ``dense`` scoring, a :class:`optical_hf.late_interaction.TokenIndex` (fp16 token states)
+    for ``maxsim``. The cache key covers the model folder and its weight files, the prompt, the max length, the pool's
+    doc ids and the scoring."""
     key = {
         "model": setting.model_path,
         "weights": _weights_stamp(setting.model_path),
@@ -239,34 +238,43 @@ def doc_embeddings(
         "pool": hashlib.sha1("\n".join(corpus).encode()).hexdigest(),
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir / f"docs-{setting.name}-{digest}.pt"
+    path = cache_dir / f"docs-{setting.name}-{digest}{'-maxsim' if scoring == 'maxsim' else ''}.pt"
     if path.is_file():
-        logger.info("Teacher passage embeddings of %s from cache %s", setting.name, path)
-        return torch.load(path), True
-    logger.info("Encoding %d passages with the %s teacher (max %d tokens, cached to %s)", len(corpus), setting.name,
-                max_length, path)
+        logger.info("Teacher passages of %s from cache %s", setting.name, path)
+        return TokenIndex.load(path) if scoring == "maxsim" else torch.load(path)
+    logger.info("Encoding %d passages with the %s teacher (%s, max %d tokens, cached to %s)", len(corpus),
+                setting.name, scoring, max_length, path)
     training_length = teacher.max_seq_length
     teacher.max_seq_length = max_length
     try:
-        embeddings = teacher.encode(list(corpus.values()), prompt=setting.doc_prompt, batch_size=batch_size,
-                                    convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=True).cpu()
+        if scoring == "maxsim":
+            docs = build_index(teacher, list(corpus.values()), list(corpus), prompt=setting.doc_prompt,
+                               batch_size=batch_size, show_progress_bar=True)
+        else:
+            docs = teacher.encode(list(corpus.values()), prompt=setting.doc_prompt, batch_size=batch_size,
+                                  convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=True).cpu()
     finally:
         teacher.max_seq_length = training_length
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(embeddings, tmp)
+    docs.save(tmp) if scoring == "maxsim" else torch.save(docs, tmp)
     tmp.replace(path)
-    return embeddings, False
+    return docs
 
 
 def retrieval_metrics(
-    model: SentenceTransformer, texts: list[str], prompt: str | None, data: RetrievalData, docs: torch.Tensor
+    model: SentenceTransformer, texts: list[str], prompt: str | None, data: RetrievalData, docs: Any
 ) -> dict[str, float]:
-    """Metrics of ``model`` encoding ``texts`` (aligned with ``data.queries``) against the cached ``docs``."""
-    queries = model.encode(texts, prompt=prompt, batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
-                           show_progress_bar=False)
+    """Metrics of ``model`` encoding ``texts`` (aligned with ``data.queries``) against the cached ``docs``: dense
+    cosine against embeddings, or MaxSim of the query token states against a token index."""
     qids = list(data.queries)
-    run = retrieve(queries.to(docs.device), docs, qids, list(data.corpus), top_k=100)
+    if isinstance(docs, TokenIndex):
+        states = encode_token_states(model, texts, side="query", prompt=prompt)
+        run = maxsim_retrieve(states, docs, qids, top_k=100)
+    else:
+        queries = model.encode(texts, prompt=prompt, batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
+                               show_progress_bar=False)
+        run = retrieve(queries.to(docs.device), docs, qids, list(data.corpus), top_k=100)
     metrics = compute_metrics({qid: data.qrels[qid] for qid in qids}, run)
     return {name: metrics[name] for name in METRICS}
 
@@ -438,8 +446,8 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
         for lang in args.langs:
             data = tasks[lang]
             lang_plan = [item for item in plan if item[:2] == (name, lang)]
-            base = {"setting": name, "lang": lang, "split": args.split, "eval": eval_fingerprint(data),
-                    "model": setting.model_path}
+            base = {"setting": name if args.scoring == "dense" else f"{name}, {args.scoring}", "lang": lang,
+                    "split": args.split, "eval": eval_fingerprint(data), "model": setting.model_path}
             bitext, info = bitexts[lang]
             keys = {system: record_key(**base, system=system, doc_max_length=args.doc_max_length)
                     for system in ("floor", "oracle")}
@@ -462,9 +470,9 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                 continue
             if teacher is None:
                 teacher = load_model(setting.model_path, args.device, args.max_seq_length)
-            docs, _ = doc_embeddings(teacher, setting, data.corpus, args.doc_max_length, args.encode_batch_size,
-                                     args.cache_dir)
-            docs = docs.to(args.device)
+            docs = doc_index(teacher, setting, data.corpus, args.doc_max_length, args.encode_batch_size,
+                             args.cache_dir, args.scoring)
+            docs = docs if args.scoring == "maxsim" else docs.to(args.device)
             qids = list(data.queries)
             native = [data.queries[qid] for qid in qids]
             references = {}
@@ -632,6 +640,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", default=["e5"], choices=["e5", "minilm"],
                         help="e5: same-model transfer (primary); minilm: English teacher")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--scoring", default="dense", choices=["dense", "maxsim"],
+                        help="dense: cosine of sentence embeddings; maxsim: late interaction, the student's query "
+                             "token states against the teacher's passage token states (every token)")
     parser.add_argument("--loss", nargs="*", type=parse_override, default=[], metavar="KEY=VALUE",
                         help="OTLossConfig overrides of the ot method (default: the library's recipe)")
     parser.add_argument("--tag", default=None, help="label added to the method names in the tables, e.g. 'eps1'")
