@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import sentence_transformer, toy_bitext  # noqa: E402
 
 from optical_hf import (  # noqa: E402
-    OTDistillationDataCollator, OTDistillationLoss, OTDistillationTrainer, bitext_from_pairs, save_student,
+    OTDistillationDataCollator, OTDistillationLoss, OTDistillationTrainer, add_lora, bitext_from_pairs, save_student,
 )
 
 student_dir, teacher_dir, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
@@ -36,7 +36,7 @@ for use_lora in (False, True):
     name = f"st{'_lora' if use_lora else ''}"
     student, teacher = sentence_transformer(student_dir), sentence_transformer(teacher_dir)
     if use_lora:
-        student.add_adapter(lora)
+        add_lora(student, lora)
     trainer = SentenceTransformerTrainer(
         model=student, args=SentenceTransformerTrainingArguments(output_dir=str(out / name), **common),
         train_dataset=dataset, loss=OTDistillationLoss(student, teacher),
