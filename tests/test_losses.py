@@ -27,6 +27,9 @@ from optical_hf.collation import content_mask, pooling_weights, prompt_length, s
 from optical_hf.export import has_adapters
 from optical_hf.losses import distillation_losses
 
+# The plain OPTICAL objective of the paper (the defaults are the benchmark's recipe): tests of its mechanisms pass it.
+PAPER = dict(cost="cosine", marginals="content", debias=False, reg=0.1, ot_weight=1.0, contrastive_weight=0.0)
+
 
 def _train(student, teacher, dataset, tmp_path, steps=30, **loss_kwargs):
     loss = OTDistillationLoss(student, teacher, **loss_kwargs)
@@ -47,8 +50,9 @@ def test_loss_decreases_and_logs_components(model_dirs, bitext, tmp_path):
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     trainer, logs = _train(student, teacher, bitext, tmp_path, sentence_weight=1.0)
     assert logs[-1]["loss"] < 0.8 * logs[0]["loss"]
-    assert {"ot", "sentence"} <= set(logs[0])
-    assert logs[0]["loss"] == pytest.approx(logs[0]["ot"] + logs[0]["sentence"], rel=1e-3)
+    components = ("ot", "sentence", "contrastive")
+    assert set(components) <= set(logs[0])
+    assert logs[0]["loss"] == pytest.approx(sum(logs[0][k] for k in components), rel=1e-3)
     # the frozen teacher never reaches the optimizer and does not change
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in teacher.parameters()}
@@ -69,7 +73,7 @@ def test_different_tokenizers_need_the_collator(model_dirs, bitext):
     assert batch["target_input_ids"].tolist() == teacher.preprocess([r["target"] for r in rows])["input_ids"].tolist()
     losses = loss([{k[len("source_"):]: v for k, v in batch.items() if k.startswith("source_")},
                    {k[len("target_"):]: v for k, v in batch.items() if k.startswith("target_")}])
-    assert set(losses) == {"ot"} and torch.isfinite(losses["ot"])
+    assert set(losses) == {"ot", "contrastive"} and all(torch.isfinite(v) for v in losses.values())
 
 
 def test_shared_tokenizer_needs_no_collator(model_dirs, bitext):
@@ -101,7 +105,9 @@ def test_lora_adapter_trains_and_saves_merged(model_dirs, bitext, tmp_path):
     assert not getattr(peft_model.get_base_model(), "_hf_peft_config_loaded", False)
     query = peft_model.get_base_model().encoder.layer[0].attention.self.query
     base_weight = query.base_layer.weight.clone()
-    _, logs = _train(student, teacher, bitext, tmp_path, steps=30)
+    # the paper's objective: with the defaults (sqeuclidean OT of raw states + InfoNCE), a rank-4 q/v adapter on these
+    # random models does not lower the logged loss within 30 steps; test_loss_decreases_and_logs_components trains them
+    _, logs = _train(student, teacher, bitext, tmp_path, steps=30, **PAPER)
     assert logs[-1]["loss"] < logs[0]["loss"]
     assert torch.equal(base_weight, query.base_layer.weight)
 
@@ -205,7 +211,7 @@ def test_prompt_length_is_sentence_transformers_own(model_dirs, kind, prompt):
         (dict(sentence_weight=float("inf")), r"OTLossConfig.sentence_weight must be a finite number >= 0, got inf"),
         (dict(contrastive_weight=-0.1), r"OTLossConfig.contrastive_weight must be a finite number >= 0"),
         (dict(contrastive_temperature=0.0), r"OTLossConfig.contrastive_temperature must be a finite number > 0"),
-        (dict(ot_weight=0.0), r"at least one loss weight must be > 0"),
+        (dict(ot_weight=0.0, contrastive_weight=0.0), r"at least one loss weight must be > 0"),
         (dict(transport="unbalanced"), r"OTLossConfig.transport must be one of \('balanced', 'semi-relaxed'\)"),
         (dict(rho=0.0), r"OTLossConfig.rho must be a finite number > 0, got 0.0"),
         (dict(rho=float("inf")), r"OTLossConfig.rho must be a finite number > 0, got inf"),
@@ -230,11 +236,12 @@ def test_config_is_a_command_line():
     )
     assert config == OTLossConfig(reg=0.3, n_iters=7, grad="autodiff")
     (config,) = HfArgumentParser(OTLossConfig).parse_args_into_dataclasses(
-        ["--transport", "semi-relaxed", "--rho", "0.2", "--ot_weight", "0", "--hard_alignment_weight", "0.5",
-         "--maxsim_distill_weight", "1", "--maxsim_temperature", "0.1"]
+        ["--transport", "semi-relaxed", "--no_debias", "--rho", "0.2", "--ot_weight", "0", "--contrastive_weight", "0",
+         "--hard_alignment_weight", "0.5", "--maxsim_distill_weight", "1", "--maxsim_temperature", "0.1"]
     )
-    assert config == OTLossConfig(transport="semi-relaxed", rho=0.2, ot_weight=0.0, hard_alignment_weight=0.5,
-                                  maxsim_distill_weight=1.0, maxsim_temperature=0.1)
+    assert config == OTLossConfig(transport="semi-relaxed", debias=False, rho=0.2, ot_weight=0.0,
+                                  contrastive_weight=0.0, hard_alignment_weight=0.5, maxsim_distill_weight=1.0,
+                                  maxsim_temperature=0.1)
     with pytest.raises(SystemExit):
         HfArgumentParser(OTLossConfig).parse_args_into_dataclasses(["--cost", "l1"])
 
@@ -304,10 +311,11 @@ def test_debiased_sqeuclidean_pooling_ot_tends_to_the_pooled_mse():
     t_mask[2, 3:] = 0
     s_weights, t_weights = pooling_weights(s_mask, "mean").double(), pooling_weights(t_mask, "mean").double()
     pooled_s, pooled_t = (torch.einsum("bn,bnd->bd", w, x) for w, x in ((s_weights, student), (t_weights, teacher)))
-    config = OTLossConfig(cost="sqeuclidean", marginals="pooling", debias=True, reg=1e5, n_iters=20, sentence_weight=1)
+    unit = dict(ot_weight=1.0, contrastive_weight=0.0, sentence_weight=1.0)  # compare the unweighted terms
+    config = OTLossConfig(cost="sqeuclidean", marginals="pooling", debias=True, reg=1e5, n_iters=20, **unit)
     losses = distillation_losses(student, s_weights, teacher, t_weights, config, pooled_s, pooled_t)
     assert losses["ot"].item() == pytest.approx(8 * losses["sentence"].item(), rel=1e-3)
-    config = OTLossConfig(cost="sqeuclidean", marginals="pooling", reg=1e-2, sentence_weight=1)  # not debiased: Jensen
+    config = OTLossConfig(cost="sqeuclidean", marginals="pooling", debias=False, reg=1e-2, **unit)  # Jensen
     losses = distillation_losses(student, s_weights, teacher, t_weights, config, pooled_s, pooled_t)
     assert losses["ot"].item() > 8 * losses["sentence"].item()
 
@@ -358,7 +366,7 @@ def test_hard_alignment_is_the_cost_to_the_most_similar_teacher_token():
     student.requires_grad_(True)
     teacher.requires_grad_(True)
     for cost in ("cosine", "sqeuclidean"):
-        config = OTLossConfig(ot_weight=0.0, hard_alignment_weight=2.0, cost=cost)
+        config = OTLossConfig(ot_weight=0.0, contrastive_weight=0.0, hard_alignment_weight=2.0, cost=cost)
         loss = distillation_losses(student, s_weights, teacher, t_mask, config)["hard_alignment"]
         expected = []
         for k in range(4):
@@ -376,11 +384,13 @@ def test_semi_relaxed_ot_tends_to_the_hard_alignment_and_balanced_is_costlier():
     """rho -> 0, eps -> 0: each student token sends all its mass to its cheapest teacher token (cosine: the most
     similar one), so <P, C> is the hard-alignment loss; balanced OT must also cover the other teacher tokens."""
     student, s_mask, teacher, t_mask = _token_batch(seed=2)
-    hard = distillation_losses(student, s_mask, teacher, t_mask, OTLossConfig(ot_weight=0.0, hard_alignment_weight=1))
-    relaxed = OTLossConfig(transport="semi-relaxed", rho=1e-6, reg=1e-3, n_iters=5)
+    hard = OTLossConfig(**{**PAPER, "ot_weight": 0.0, "hard_alignment_weight": 1.0})
+    hard = distillation_losses(student, s_mask, teacher, t_mask, hard)
+    relaxed = OTLossConfig(**{**PAPER, "transport": "semi-relaxed", "rho": 1e-6, "reg": 1e-3, "n_iters": 5})
     soft = distillation_losses(student, s_mask, teacher, t_mask, relaxed)
     assert soft["ot"].item() == pytest.approx(hard["hard_alignment"].item(), rel=1e-3)
-    balanced = distillation_losses(student, s_mask, teacher, t_mask, OTLossConfig(reg=1e-3, n_iters=2000))
+    balanced = OTLossConfig(**{**PAPER, "reg": 1e-3, "n_iters": 2000})
+    balanced = distillation_losses(student, s_mask, teacher, t_mask, balanced)
     assert balanced["ot"] > 1.1 * soft["ot"]
 
 
@@ -397,7 +407,7 @@ def test_maxsim_distillation_matches_its_definition_and_vanishes_for_the_teacher
     student.requires_grad_(True)
     teacher.requires_grad_(True)
     tau = 0.1
-    config = OTLossConfig(ot_weight=0.0, maxsim_distill_weight=3.0, maxsim_temperature=tau)
+    config = OTLossConfig(ot_weight=0.0, contrastive_weight=0.0, maxsim_distill_weight=3.0, maxsim_temperature=tau)
     loss = distillation_losses(student, s_mask, teacher, t_mask, config)
     assert set(loss) == {"maxsim_kd"}
     with torch.no_grad():
@@ -415,7 +425,7 @@ def test_maxsim_distillation_matches_its_definition_and_vanishes_for_the_teacher
 
 def test_trains_with_the_late_interaction_terms(model_dirs, bitext, tmp_path):
     student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
-    _, logs = _train(student, teacher, bitext, tmp_path, steps=10, transport="semi-relaxed", rho=0.1,
+    _, logs = _train(student, teacher, bitext, tmp_path, steps=10, **{**PAPER, "transport": "semi-relaxed", "rho": 0.1},
                      hard_alignment_weight=0.5, maxsim_distill_weight=0.5, sentence_weight=1.0)
     assert {"ot", "hard_alignment", "maxsim_kd", "sentence"} <= set(logs[0])
     assert logs[0]["loss"] == pytest.approx(

@@ -21,6 +21,9 @@ from optical_hf.collation import content_mask, special_token_ids
 from optical_hf.evaluation import BitextRetrievalEvaluator, bitext_retrieval
 from optical_hf.losses import distillation_losses
 
+# The plain OPTICAL objective of the paper (the defaults are the benchmark's recipe): tests of its mechanisms pass it.
+PAPER = dict(cost="cosine", marginals="content", debias=False, reg=0.1, ot_weight=1.0, contrastive_weight=0.0)
+
 
 def _trainer(model_dirs, dataset, tmp_path, student="student", eval_dataset=None, **kwargs):
     """``kwargs["args"]``: OTDistillationConfig options (training, OT and trainer) over these defaults."""
@@ -56,9 +59,10 @@ def test_loss_decreases_with_eval_loss_and_components(model_dirs, bitext, tmp_pa
     logs = [log for log in trainer.state.log_history if "loss" in log]
     evals = [log for log in trainer.state.log_history if "eval_loss" in log]
     assert logs[-1]["loss"] < 0.8 * logs[0]["loss"]
-    assert {"ot", "sentence"} <= set(logs[0]) and {"eval_ot", "eval_sentence"} <= set(evals[0])
+    components = ("ot", "sentence", "contrastive")
+    assert set(components) <= set(logs[0]) and {f"eval_{k}" for k in components} <= set(evals[0])
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
-    assert evals[0]["eval_loss"] == pytest.approx(evals[0]["eval_ot"] + evals[0]["eval_sentence"], rel=1e-3)
+    assert evals[0]["eval_loss"] == pytest.approx(sum(evals[0][f"eval_{k}"] for k in components), rel=1e-3)
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized and not optimized & teacher_params
     assert not isinstance(trainer.teacher, torch.nn.parallel.DistributedDataParallel)
@@ -78,7 +82,10 @@ def test_save_model_loads_in_both_libraries(model_dirs, bitext, tmp_path):
 
 
 def test_lora_trains_adapters_and_saves_merged(model_dirs, bitext, tmp_path):
-    trainer = _trainer(model_dirs, bitext, tmp_path,
+    # the paper's objective: with the defaults (sqeuclidean OT of raw states + InfoNCE), a rank-4 q/v adapter on these
+    # random models does not lower the logged loss within 30 steps; test_loss_decreases_with_eval_loss_and_components
+    # trains them
+    trainer = _trainer(model_dirs, bitext, tmp_path, args=PAPER,
                        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
     base = trainer.model.base_model.model.encoder.layer[0].attention.self.query.base_layer.weight.clone()
     trainer.train()
@@ -100,8 +107,10 @@ def test_lora_trains_adapters_and_saves_merged(model_dirs, bitext, tmp_path):
 
 
 def test_gradient_accumulation_matches_large_batch(model_dirs, bitext, tmp_path):
+    # no in-batch contrastive term: InfoNCE over two half-batches is not InfoNCE over the full batch, so only a
+    # per-pair objective (the mean of per-pair losses) can make accumulation equal a large batch
     common = {"max_steps": 1, "learning_rate": 0.1, "optim": "sgd", "lr_scheduler_type": "constant",
-              "dataloader_drop_last": True}
+              "dataloader_drop_last": True, "contrastive_weight": 0.0}
     weights = []
     for batch, accumulation in ((8, 1), (4, 2)):
         trainer = _trainer(model_dirs, bitext, tmp_path / f"{batch}", student="student_no_dropout",
@@ -274,7 +283,7 @@ def test_sentence_transformer_teacher_gives_its_own_sentence_embedding(model_dir
 
 
 def test_trains_with_the_late_interaction_terms(model_dirs, bitext, tmp_path):
-    options = dict(transport="semi-relaxed", rho=0.1, hard_alignment_weight=0.5, maxsim_distill_weight=0.5,
+    options = dict(PAPER, transport="semi-relaxed", rho=0.1, hard_alignment_weight=0.5, maxsim_distill_weight=0.5,
                    contrastive_weight=0.1, marginals="pooling")
     trainer = _trainer(model_dirs, bitext, tmp_path, args={"max_steps": 10, **options})
     assert trainer.loss_config == OTLossConfig(**options)
