@@ -382,8 +382,10 @@ def parse_override(value: str) -> tuple[str, Any]:
 
 
 def ot_config(overrides: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
-    """Every ``OTLossConfig`` field with ``overrides`` applied: stored whole, so a later change of the library's
-    defaults never matches (and skips) a run made with the old ones."""
+    """Every ``OTLossConfig`` field with ``overrides`` applied (``1`` read as ``1.0`` for a float field): stored whole,
+    so a later change of the library's defaults never matches (and skips) a run made with the old ones."""
+    defaults = asdict(OTLossConfig())
+    overrides = [(k, float(v) if type(v) is int and type(defaults.get(k)) is float else v) for k, v in overrides]
     try:
         return tuple(asdict(OTLossConfig(**dict(overrides))).items())
     except (TypeError, ValueError) as error:
