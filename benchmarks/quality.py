@@ -619,15 +619,40 @@ def render_markdown(records: list[dict[str, Any]], machine: dict[str, Any], titl
             budget = budget_table(records, setting, lang)
             if budget:
                 lines += [f"## Budget curve, {setting} {lang}: MRR@10", "", *budget, ""]
-    lines += ["## Every run", "", "| setting | lang | system | pairs | seed | steps | train s | MRR@10 | "
-              "nDCG@10 | R@100 | config |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["## Every run", "", "`reproduce` is the command that re-runs the record with the current code: its `--loss` "
+              "lists the stored OT configuration's differences from today's `OTLossConfig` defaults.", "",
+              "| setting | lang | system | pairs | seed | steps | train s | MRR@10 | nDCG@10 | R@100 | reproduce |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in records:
         if "pairs" in r:
-            config = {k: v for k, v in r["config"].items() if k != "seed"}
             lines.append(f"| {r['setting']} | {r['lang']} | {r['system']} | {r['pairs']} | {r['seed']} | "
                          f"{r['steps']} | {r['train_seconds']:.0f} | {r['metrics']['mrr@10']:.4f} | "
-                         f"{r['metrics']['ndcg@10']:.4f} | {r['metrics']['recall@100']:.4f} | `{json.dumps(config)}` |")
+                         f"{r['metrics']['ndcg@10']:.4f} | {r['metrics']['recall@100']:.4f} | `{reproduce(r)}` |")
     return "\n".join(lines)
+
+
+def reproduce(record: dict[str, Any]) -> str:
+    """The command that re-runs ``record`` with the current code (flags that differ from today's defaults)."""
+    config, defaults = record["config"], TrainConfig(1.0, None, 2e-5, 32, 0.0, 0, 64, True)
+    flags = ["--langs", record["lang"], "--methods", record["method"], "--seeds", str(record["seed"]),
+             "--budgets", "all" if record["pairs"] == record["bitext"]["pairs"] else str(record["pairs"])]
+    names = {"max_steps": "--max-steps", "max_seq_length": "--max-seq-length", "batch_size": "--batch-size"}
+    for field in ("epochs", "max_steps", "lr", "batch_size", "warmup", "max_seq_length"):
+        if config[field] != getattr(defaults, field):
+            flags += [names.get(field, f"--{field}"), str(config[field])]
+    if not config["freeze_embeddings"]:
+        flags.append("--no-freeze-embeddings")
+    if ", " in record["setting"]:
+        flags += ["--scoring", record["setting"].split(", ")[1]]
+    if record["setting"].split(", ")[0] != "e5":
+        flags += ["--settings", record["setting"].split(", ")[0]]
+    if record["method"] == "ot":
+        current = asdict(OTLossConfig())
+        changed = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in config["loss"] if current.get(k) != v]
+        flags += ["--loss", *changed] if changed else []
+    if record["system"] != record["method"]:
+        flags += ["--tag", record["system"].split("[", 1)[1].rstrip("]")]
+    return shlex.join(["python", "benchmarks/quality.py", *flags])
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
