@@ -22,10 +22,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import NonFiniteLossError, OpticalInputError
+
+if TYPE_CHECKING:
+    from .model_card import StudentCardInfo
 
 # torch, transformers and the rest are imported inside the commands, so that --help and --version answer at once.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from conftest import REPO_ROOT, toy_bitext
 
 README = REPO_ROOT / "README.md"

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import sentence_transformer
 from peft import LoraConfig
-from conftest import sentence_transformer
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.transformer import Transformer
 from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
