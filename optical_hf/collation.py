@@ -53,8 +53,13 @@ def special_token_ids(tokenizer: Any) -> list[int]:
     """The tokenizer's special token ids that carry no content: ``all_special_ids`` without the unknown token.
 
     ``[UNK]`` / ``<unk>`` stands for a real word the vocabulary cannot spell (frequent in low-resource scripts), so it
-    keeps its OT mass.
+    keeps its OT mass. A raw ``tokenizers.Tokenizer`` (sentence-transformers' ``StaticEmbedding`` models) has no
+    ``all_special_ids``: its special tokens are the added tokens marked special.
     """
+    if not hasattr(tokenizer, "all_special_ids"):
+        unk = getattr(tokenizer.model, "unk_token", None)
+        unk_id = tokenizer.token_to_id(unk) if unk else None
+        return [i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special and i != unk_id]
     return [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id]
 
 

@@ -333,15 +333,15 @@ def _maxsim_snippet(model_id: str, teacher: str, info: StudentCardInfo) -> str:
     document_prompt = f", prompt={info.document_prompt!r}" if info.document_prompt else ""
     lines = [
         "from sentence_transformers import SentenceTransformer",
-        "from optical_hf.late_interaction import TokenIndex, maxsim_topk",
+        "from optical_hf.late_interaction import build_index, encode_token_states, maxsim_topk",
         "",
         f'student = SentenceTransformer("{model_id}")',
         f'teacher = SentenceTransformer("{teacher}")',
         'queries, documents = ["<a query>"], ["<an English document>", "<another English document>"]',
         "",
-        f'query_tokens = student.encode_query(queries, output_value="token_embeddings"{query_prompt})',
-        f'document_tokens = teacher.encode_document(documents, output_value="token_embeddings"{document_prompt})',
-        "index = TokenIndex.from_token_states(document_tokens)  # fp16; index.save(path) / TokenIndex.load(path)",
+        "# content tokens (no special or prompt tokens) on both sides; tokens=\"all\" keeps every token",
+        f'query_tokens = encode_token_states(student, queries, side="query"{query_prompt})',
+        f"index = build_index(teacher, documents{document_prompt})  # fp16; index.save(path) / TokenIndex.load(path)",
         "scores, document_indices = maxsim_topk(query_tokens, index, top_k=10)  # sum_i max_j cos(q_i, d_j)",
     ]
     return "```python\n" + "\n".join(lines) + "\n```"

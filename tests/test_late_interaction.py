@@ -171,8 +171,9 @@ def test_search_converts_one_chunk_at_a_time():
 def test_content_tokens_drop_special_and_prompt_tokens(model_dirs):
     model = sentence_transformer(model_dirs["teacher"])
     text, prompt = "the cat sees a bird", "query: "
-    every = encode_token_states(model, [text], side="query", prompt=prompt)[0]
+    every = encode_token_states(model, [text], side="query", prompt=prompt, tokens="all")[0]
     content = encode_token_states(model, [text], side="query", prompt=prompt, tokens="content")[0]
+    assert torch.equal(encode_token_states(model, [text], side="query", prompt=prompt)[0], content)  # the default
     n_prompt = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     n_text = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     assert len(every) == 1 + n_prompt + n_text + 1  # [CLS] prompt text [SEP]
@@ -280,7 +281,7 @@ def test_student_folder_keeps_scoring_and_evaluate_uses_it(model_dirs, beir, tmp
     assert json.loads((folder / "optical_hf.json").read_text(encoding="utf-8"))["scoring"] == "maxsim"
     readme = (folder / "README.md").read_text(encoding="utf-8")
     assert "Late interaction (MaxSim)" in readme
-    assert "student.encode_query(queries, output_value=\"token_embeddings\", prompt='query: ')" in readme
+    assert "encode_token_states(student, queries, side=\"query\", prompt='query: ')" in readme
     snippet = readme.split("Late interaction (MaxSim)")[1].split("```python\n")[1].split("```")[0]
     namespace: dict = {}
     exec(snippet.replace(PLACEHOLDER_MODEL_ID, str(folder)), namespace)  # the card's snippet runs as written
