@@ -66,5 +66,6 @@ def test_readme_python_snippets_run(model_dirs, tmp_path, monkeypatch, capsys):
         exec(code, {"__name__": f"readme_snippet_{index + 1}"})
     printed = capsys.readouterr().out
     assert "Soko hufunguliwa saa ngapi?" in printed  # the retrieval example printed its ranking
+    assert "MaxSim: Mto hufurika lini?" in printed  # and its late-interaction ranking
     assert (tmp_path / "optical-e5-sw" / "modules.json").is_file()
     assert (tmp_path / "optical-xlmr-sw" / "modules.json").is_file()
