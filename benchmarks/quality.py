@@ -144,8 +144,10 @@ def language_bitext(data_dir: Path, lang: str, exclude_questions: set[str]) -> t
     """
     lafand_dir = data_dir / "lafand-mt" / f"en-{lang}"
     split = next((name for name in ("train", "dev") if (lafand_dir / f"{name}.{lang}").is_file()), None)
-    lafand = [] if split is None else load_bitext(lafand_dir / f"{split}.{lang}", lafand_dir / f"{split}.en")
-    lafand = list(zip(lafand["source"], lafand["target"])) if lafand else []
+    lafand = []
+    if split is not None:
+        table = load_bitext(lafand_dir / f"{split}.{lang}", lafand_dir / f"{split}.en")
+        lafand = list(zip(table["source"], table["target"]))
     queries_file = data_dir / "afriqa" / "queries" / lang / f"queries.afriqa.{lang}.en.train.json"
     queries = load_bitext(queries_file, source_column="question", target_column="translated_question")
     kept = [(s, t) for s, t in zip(queries["source"], queries["target"]) if s not in exclude_questions]
@@ -472,9 +474,19 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
     A student is trained once and scored with every ``--scoring`` mode (one record per mode); it is trained only when
     one of those records is missing."""
     settings = make_settings(args.settings, args.e5_path)
+    label = lambda method: f"{method} [{args.tag}]" if args.tag else method  # noqa: E731
+    configs = {  # one per (method, seed): the same in every setting, language and budget
+        (method, seed): TrainConfig(
+            epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
+            seed=seed, max_seq_length=args.max_seq_length, freeze_embeddings=args.freeze_embeddings,
+            loss=ot_config(args.loss) if method == "ot" else (),
+        )
+        for method in args.methods for seed in args.seeds
+    }
+    for (method, _), config in configs.items():
+        store.check_label(label(method), config)
     tasks = {lang: split_retrieval(args.data_dir, lang, args.split) for lang in args.langs}
     bitexts = {lang: language_bitext(args.data_dir, lang, set(data.queries.values())) for lang, data in tasks.items()}
-    label = lambda method: f"{method} [{args.tag}]" if args.tag else method  # noqa: E731
     for name, setting in settings.items():
         teacher = None
         for lang in args.langs:
@@ -488,14 +500,9 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
             students = []
             for method, pairs, seed in [(m, p, s) for p in args.budgets for m in args.methods for s in args.seeds]:
                 sample_size = min(pairs or len(bitext), len(bitext))
-                config = TrainConfig(
-                    epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-                    warmup=args.warmup, seed=seed, max_seq_length=args.max_seq_length,
-                    freeze_embeddings=args.freeze_embeddings, loss=ot_config(args.loss) if method == "ot" else (),
-                )
+                config = configs[method, seed]
                 keys = {scoring: record_key(**base, method=method, pairs=sample_size, config=asdict(config),
                                             doc_max_length=args.doc_max_length) for scoring, base in bases.items()}
-                store.check_label(label(method), config)
                 if all(store.get(key) for key in keys.values()):
                     logger.info("[%s %s] %s, %d pairs, seed %d: already in %s, skipped", name, lang, method,
                                 sample_size, seed, store.path)
