@@ -87,8 +87,8 @@ from optical_hf import (  # noqa: E402
     load_bitext,
 )
 from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
-from optical_hf.evaluation import compute_metrics, retrieve  # noqa: E402
-from optical_hf.late_interaction import TokenIndex, build_index, encode_token_states, maxsim_retrieve  # noqa: E402
+from optical_hf.evaluation import CLIREvaluator  # noqa: E402
+from optical_hf.late_interaction import MaxSimCLIREvaluator, TokenIndex, build_index  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -273,33 +273,26 @@ def doc_index(
 
 
 def retrieval_metrics(
-    model: SentenceTransformer, texts: list[str], prompt: str | None, data: RetrievalData, docs: Any, scoring: str
+    model: SentenceTransformer, teacher: SentenceTransformer, setting: Setting, data: RetrievalData, docs: Any,
+    scoring: str, use_translations: bool = False,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Metrics of ``model`` encoding ``texts`` (aligned with ``data.queries``) against the cached ``docs``: dense
-    cosine against embeddings, or MaxSim of the query token states (the tokens ``scoring`` selects) against a token
-    index.
+    """Metrics of ``model`` encoding the queries of ``data`` (or their translations) against the cached teacher
+    ``docs`` (:func:`doc_index`), by the library's evaluator of ``scoring``.
 
     Returns:
         The metrics and the search cost: ``index_mib`` (fp32 embeddings, or the fp16 token index),
         ``encode_ms_per_query`` and ``search_ms_per_query`` (wall time on this machine).
     """
-    qids = list(data.queries)
-    began = time.perf_counter()
-    if SCORINGS[scoring] is not None:
-        queries = encode_token_states(model, texts, side="query", prompt=prompt, tokens=SCORINGS[scoring])
-        encoded = time.perf_counter()
-        run = maxsim_retrieve(queries, docs, qids, top_k=100)
-        index_bytes = docs.memory_bytes
+    common = {"query_prompt": setting.query_prompt, "name": "", "write_csv": False, "use_translations": use_translations}
+    tokens = SCORINGS[scoring]
+    if tokens is None:
+        evaluator = CLIREvaluator(data, teacher, corpus_embeddings=docs, **common)
     else:
-        queries = model.encode(texts, prompt=prompt, batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
-                               show_progress_bar=False)
-        encoded = time.perf_counter()
-        run = retrieve(queries.to(docs.device), docs, qids, list(data.corpus), top_k=100)
-        index_bytes = docs.nelement() * docs.element_size()
-    searched = time.perf_counter()
-    metrics = compute_metrics({qid: data.qrels[qid] for qid in qids}, run)
-    cost = {"index_mib": index_bytes / 2**20, "encode_ms_per_query": 1e3 * (encoded - began) / len(qids),
-            "search_ms_per_query": 1e3 * (searched - encoded) / len(qids)}
+        evaluator = MaxSimCLIREvaluator(data, teacher, index=docs, query_tokens=tokens, doc_tokens=tokens, **common)
+    metrics = evaluator.compute_all_metrics(model)
+    timing = evaluator.last_timing
+    cost = {"index_mib": timing["index_bytes"] / 2**20, "encode_ms_per_query": timing["encode_ms_per_query"],
+            "search_ms_per_query": timing["search_ms_per_query"]}
     return {name: metrics[name] for name in METRICS}, cost
 
 
@@ -517,16 +510,14 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                 index = doc_index(teacher, setting, data.corpus, args.doc_max_length, args.encode_batch_size,
                                   args.cache_dir, scoring)
                 docs[scoring] = index.to(args.device) if SCORINGS[scoring] is None else index
-            qids = list(data.queries)
-            native = [data.queries[qid] for qid in qids]
             references = {}
             for scoring, base in bases.items():
-                for system, texts in (("floor", native), ("oracle", [data.translations[qid] for qid in qids])):
+                for system in ("floor", "oracle"):
                     key = refs[scoring, system]
                     if not store.get(key):
-                        metrics, search = retrieval_metrics(teacher, texts, setting.query_prompt, data, docs[scoring],
-                                                            scoring)
-                        store.add({"key": key, **base, "system": system, "command": command, "queries": len(qids),
+                        metrics, search = retrieval_metrics(teacher, teacher, setting, data, docs[scoring], scoring,
+                                                            use_translations=system == "oracle")
+                        store.add({"key": key, **base, "system": system, "command": command, "queries": len(data.queries),
                                    "pool_passages": len(data.corpus), "metrics": metrics, "search": search})
                     references[scoring, system] = store.get(key)["metrics"]
                 logger.info("[%s %s] %s floor %s %.4f, oracle %.4f", name, lang, scoring, PRIMARY,
@@ -538,8 +529,7 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                 for scoring, key in keys.items():
                     if store.get(key):
                         continue
-                    metrics, search = retrieval_metrics(student, native, setting.query_prompt, data, docs[scoring],
-                                                        scoring)
+                    metrics, search = retrieval_metrics(student, teacher, setting, data, docs[scoring], scoring)
                     record = {"key": key, **bases[scoring], "system": label(method), "method": method,
                               "pairs": len(sample), "seed": config.seed, "config": asdict(config), "command": command,
                               "bitext": info, **stats, "metrics": metrics, "search": search,
@@ -601,11 +591,11 @@ def main_table(records: list[dict[str, Any]], setting: str) -> list[str]:
     seeds) and the gap closed by that mean. The mean column is shown for systems run on every language.
     """
     students = [r for r in records if r["setting"] == setting and "pairs" in r]
-    langs = list(dict.fromkeys(r["lang"] for r in students))
+    langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
     systems = list(dict.fromkeys(r["system"] for r in students))
-    largest = {lang: max(r["pairs"] for r in students if r["lang"] == lang) for lang in langs}
+    largest = {r["lang"]: max(q["pairs"] for q in students if q["lang"] == r["lang"]) for r in students}
     refs = {(lang, s): _reference(records, setting, lang, s) for lang in langs for s in ("floor", "oracle")}
-    header = ["system", *[f"{lang} ({largest[lang]} pairs)" for lang in langs], "mean"]
+    header = ["system", *[f"{lang} ({largest[lang]} pairs)" if lang in largest else lang for lang in langs], "mean"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for system in ("floor", "oracle"):
         values = [refs[lang, system] for lang in langs]
@@ -614,7 +604,7 @@ def main_table(records: list[dict[str, Any]], setting: str) -> list[str]:
         cells, means = [], []
         for lang in langs:
             values = [r["metrics"][PRIMARY] for r in students
-                      if r["lang"] == lang and r["system"] == system and r["pairs"] == largest[lang]]
+                      if r["lang"] == lang and r["system"] == system and r["pairs"] == largest.get(lang)]
             floor, oracle = refs[lang, "floor"], refs[lang, "oracle"]
             if values:
                 means.append(statistics.fmean(values))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +135,14 @@ def compute_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Ma
     return metrics
 
 
+def search_timing(index_bytes: int, num_queries: int, began: float, encoded: float, searched: float) -> dict[str, float]:
+    """The search cost of one evaluation, from ``time.perf_counter()`` stamps taken before encoding the queries,
+    after encoding them and after ranking: ``index_bytes`` (the document index in memory), ``encode_ms_per_query``
+    and ``search_ms_per_query`` (wall time on this machine)."""
+    return {"index_bytes": index_bytes, "encode_ms_per_query": 1000 * (encoded - began) / num_queries,
+            "search_ms_per_query": 1000 * (searched - encoded) / num_queries}
+
+
 def _query_texts(data: RetrievalData, use_translations: bool) -> tuple[list[str], list[str]]:
     """``(qids, texts)``: native queries, or their English translations for the oracle."""
     qids = list(data.queries)
@@ -196,11 +205,12 @@ class CLIREvaluator(InformationRetrievalEvaluator):
     model being evaluated (the student), the corpus by a frozen ``doc_model`` (the teacher).
 
     The corpus is encoded by ``doc_model`` (``encode_document``) once, at the first call, and cached in
-    :attr:`corpus_embeddings`; each call encodes the queries with the evaluated model (``encode_query``), ranks the
+    :attr:`corpus_embeddings` (or given precomputed); each call encodes the queries with the evaluated model (``encode_query``), ranks the
     ``top_k`` documents by cosine with ``semantic_search`` (:func:`retrieve`) and scores them with ``pytrec_eval``
     (:func:`compute_metrics`). Metric keys are prefixed by ``name`` (``"{name}_mrr@10"``, ...); the primary metric is
     ``mrr@10``. Metrics are stored in the model card data and, when ``output_path`` is given, appended to
     ``clir_evaluation_{name}_results.csv``. Queries without a relevant document are skipped, as in the parent class.
+    Index memory and query latency of the last call are kept in :attr:`last_timing` (:func:`search_timing`).
 
     Args:
         data: the retrieval task (e.g. :func:`optical_hf.corpora.load_afriqa_gold`); graded qrels are kept for nDCG.
@@ -214,6 +224,8 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         write_csv: append results to a CSV file under ``output_path``.
         use_translations: the queries are their English translations (``data.translations``): with the teacher as
             the evaluated model this is the translation oracle (upper bound).
+        corpus_embeddings: ``(len(data.corpus), dim)`` embeddings of the documents by ``doc_model``, in
+            ``data.corpus`` order (e.g. cached on disk by the caller); default: encoded at the first call.
     """
 
     def __init__(
@@ -229,8 +241,12 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         show_progress_bar: bool = False,
         write_csv: bool = True,
         use_translations: bool = False,
+        corpus_embeddings: torch.Tensor | None = None,
     ):
         _check_corpus(data)
+        if corpus_embeddings is not None and (corpus_embeddings.ndim != 2 or len(corpus_embeddings) != len(data.corpus)):
+            raise ValueError(f"CLIREvaluator {name!r}: corpus_embeddings of shape {tuple(corpus_embeddings.shape)} "
+                             f"for {len(data.corpus)} documents; expected ({len(data.corpus)}, dim)")
         qids, texts = _query_texts(data, use_translations)
         relevant = {qid: {docid for docid, grade in data.qrels.get(qid, {}).items() if grade > 0} for qid in qids}
         super().__init__(
@@ -246,7 +262,8 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         self.csv_file = _csv_name("clir", name)
         self.csv_headers = ["epoch", "steps", *TREC_MEASURES]
         self.primary_metric = "mrr@10"
-        self._corpus_embeddings: torch.Tensor | None = None
+        self._corpus_embeddings = corpus_embeddings
+        self.last_timing: dict[str, float] = {}
 
     @property
     def corpus_embeddings(self) -> torch.Tensor:
@@ -260,8 +277,13 @@ class CLIREvaluator(InformationRetrievalEvaluator):
 
     def compute_all_metrics(self, model: SentenceTransformer) -> dict[str, float]:
         """Unprefixed :func:`compute_metrics` of ``model``'s queries against the cached teacher corpus embeddings."""
+        corpus = self.corpus_embeddings
+        began = time.perf_counter()
         query_embeddings = self.embed_inputs(model, self.queries, encode_fn_name="query", prompt=self.query_prompt)
-        run = retrieve(query_embeddings, self.corpus_embeddings, self.queries_ids, self.corpus_ids, top_k=self.top_k)
+        encoded = time.perf_counter()
+        run = retrieve(query_embeddings, corpus, self.queries_ids, self.corpus_ids, top_k=self.top_k)
+        self.last_timing = search_timing(corpus.nelement() * corpus.element_size(), len(self.queries), began, encoded,
+                                         time.perf_counter())
         return compute_metrics(self.qrels, run)
 
     def __call__(

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .collation import content_mask, special_token_ids
 from .errors import OpticalInputError
-from .evaluation import CLIREvaluator, Run, compute_metrics
+from .evaluation import CLIREvaluator, Run, compute_metrics, search_timing
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -301,8 +301,8 @@ class MaxSimCLIREvaluator(CLIREvaluator):
     """:class:`optical_hf.evaluation.CLIREvaluator` with late-interaction scoring: the evaluated model's (student's)
     query token states against the ``doc_model``'s (teacher's) passage token states, ranked by MaxSim.
 
-    The teacher's :class:`TokenIndex` is built once, at the first call, and cached in :attr:`index`; each call encodes
-    the queries, ranks the ``top_k`` passages exactly (:func:`maxsim_topk`) and scores them with ``pytrec_eval``.
+    The teacher's :class:`TokenIndex` is built once, at the first call, and cached in :attr:`index` (or given
+    prebuilt); each call encodes the queries, ranks the ``top_k`` passages exactly (:func:`maxsim_topk`) and scores them with ``pytrec_eval``.
     Metric keys, CSV file (``clir_evaluation_{name}_results.csv``), model-card storage and primary metric
     (``mrr@10``) are CLIREvaluator's. Index memory and query latency are logged at each call and kept in
     :attr:`last_timing` (``index_bytes``, ``index_tokens``, ``encode_ms_per_query``, ``search_ms_per_query``).
@@ -313,6 +313,8 @@ class MaxSimCLIREvaluator(CLIREvaluator):
         query_tokens / doc_tokens: tokens taking part on each side, ``"content"`` (default, :data:`DEFAULT_TOKENS`)
             or ``"all"`` (:data:`TOKEN_SELECTIONS`).
         query_chunk_size / token_chunk_size: chunking of :func:`maxsim_topk`.
+        index: a prebuilt index of exactly ``data.corpus``'s documents (e.g. :meth:`TokenIndex.load`), built by
+            ``doc_model`` with ``doc_tokens``; default: built at the first call.
     """
 
     def __init__(
@@ -325,15 +327,19 @@ class MaxSimCLIREvaluator(CLIREvaluator):
         query_chunk_size: int = 64,
         token_chunk_size: int = 8192,
         name: str = "clir-maxsim",
+        index: TokenIndex | None = None,
         **kwargs: Any,
     ):
         _check_tokens(query_tokens, "query_tokens")
         _check_tokens(doc_tokens, "doc_tokens")
         super().__init__(data, doc_model, name=name, **kwargs)
+        if index is not None and sorted(index.ids) != sorted(self.corpus_ids):
+            stray = sorted(set(index.ids) ^ set(self.corpus_ids))[:3]
+            raise ValueError(f"MaxSimCLIREvaluator {name!r}: the index's {index.num_passages} passage ids are not the "
+                             f"corpus's {len(self.corpus_ids)} document ids (e.g. {stray or 'a repeated id'})")
         self.query_tokens, self.doc_tokens = query_tokens, doc_tokens
         self.chunking = {"query_chunk_size": query_chunk_size, "token_chunk_size": token_chunk_size}
-        self._index: TokenIndex | None = None
-        self.last_timing: dict[str, float] = {}
+        self._index = index
 
     @property
     def index(self) -> TokenIndex:
@@ -355,12 +361,8 @@ class MaxSimCLIREvaluator(CLIREvaluator):
                                      show_progress_bar=self.show_progress_bar)
         encoded = time.perf_counter()
         run = maxsim_retrieve(states, index, self.queries_ids, top_k=self.top_k, **self.chunking)
-        searched = time.perf_counter()
-        self.last_timing = {
-            "index_bytes": index.memory_bytes, "index_tokens": len(index.vectors),
-            "encode_ms_per_query": 1000 * (encoded - began) / len(states),
-            "search_ms_per_query": 1000 * (searched - encoded) / len(states),
-        }
+        self.last_timing = {**search_timing(index.memory_bytes, len(states), began, encoded, time.perf_counter()),
+                            "index_tokens": len(index.vectors)}
         logger.info("MaxSim: index of %d passages, %d tokens, %.1f MiB fp16; %.2f ms/query encoding, %.2f ms/query "
                     "search", index.num_passages, len(index.vectors), index.memory_bytes / 2**20,
                     self.last_timing["encode_ms_per_query"], self.last_timing["search_ms_per_query"])

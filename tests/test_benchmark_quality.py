@@ -87,3 +87,16 @@ def test_quality_benchmark_on_a_copy_of_the_layout(quality, model_dirs, tmp_path
     with pytest.raises(SystemExit, match=r"'mse' already labels another configuration .* \(differs in lr\)"):
         quality.main([*argv, "--lr", "1e-3"])  # one label, one configuration: the tables pool it over seeds
     assert trained == []
+
+
+def test_floor_and_oracle_alone_are_reported(quality, model_dirs, tmp_path):
+    model = tmp_path / "model"
+    sentence_transformer(model_dirs["student"]).save(str(model))
+    records = quality.main(["--data-dir", str(_data_dir(tmp_path / "data")), "--e5-path", str(model), "--langs", "xx",
+                            "--doc-max-length", "32", "--methods", "--output-dir", str(tmp_path / "out"),
+                            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    assert sorted(r["system"] for r in records) == ["floor", "oracle"]
+    report = (tmp_path / "out" / "quality.md").read_text(encoding="utf-8")
+    floor, oracle = (next(r["metrics"]["mrr@10"] for r in records if r["system"] == s) for s in ("floor", "oracle"))
+    assert "| system | xx | mean |" in report
+    assert f"| floor | {floor:.3f} | {floor:.3f} |" in report and f"| oracle | {oracle:.3f} | {oracle:.3f} |" in report

@@ -215,10 +215,10 @@ def test_clir_evaluator_caches_documents_and_prefixes_metrics(teacher, student, 
     with mock.patch.object(teacher, "encode", wraps=teacher.encode) as teacher_encode:
         perfect = evaluator(teacher, output_path=str(tmp_path), epoch=1, steps=10)
         other = evaluator(student, output_path=str(tmp_path), epoch=2, steps=20)
-    # one call for the queries of the first evaluation, one for the corpus; none for the corpus again
+    # the corpus first (outside the timed query search), then the queries of the first evaluation; not the corpus again
     assert teacher_encode.call_count == 2
     assert [encoded_texts(call) for call in teacher_encode.call_args_list] == [
-        [DOCS["d1"], DOCS["d3"]], list(DOCS.values())
+        list(DOCS.values()), [DOCS["d1"], DOCS["d3"]]
     ]
     assert evaluator.primary_metric == "toy_mrr@10"
     assert set(perfect) == {f"toy_{key}" for key in ("mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100")}
@@ -228,6 +228,20 @@ def test_clir_evaluator_caches_documents_and_prefixes_metrics(teacher, student, 
     with open(tmp_path / "clir_evaluation_toy_results.csv", newline="") as handle:
         table = list(csv.reader(handle))
     assert table[0][:3] == ["epoch", "steps", "mrr@10"] and [row[1] for row in table[1:]] == ["10", "20"]
+
+
+def test_clir_evaluator_uses_precomputed_corpus_embeddings_and_times_the_search(teacher):
+    data = RetrievalData(queries={"q1": DOCS["d1"], "q3": DOCS["d3"]}, corpus=dict(DOCS), qrels=QRELS)
+    embeddings = teacher.encode(list(DOCS.values()), convert_to_tensor=True)
+    evaluator = CLIREvaluator(data, teacher, name="", write_csv=False, corpus_embeddings=embeddings)
+    with mock.patch.object(teacher, "encode", wraps=teacher.encode) as teacher_encode:
+        metrics = evaluator(teacher)
+    assert [encoded_texts(call) for call in teacher_encode.call_args_list] == [[DOCS["d1"], DOCS["d3"]]]  # queries only
+    assert metrics["mrr@10"] == pytest.approx(1.0)
+    assert evaluator.last_timing["index_bytes"] == embeddings.nelement() * 4
+    assert evaluator.last_timing["encode_ms_per_query"] > 0 and evaluator.last_timing["search_ms_per_query"] > 0
+    with pytest.raises(ValueError, match=r"corpus_embeddings of shape \(2, \d+\) for 5 documents"):
+        CLIREvaluator(data, teacher, corpus_embeddings=embeddings[:2])
 
 
 def test_clir_evaluator_rejects_empty_corpus(teacher):

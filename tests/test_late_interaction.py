@@ -27,6 +27,7 @@ from optical_hf.export import save_student
 from optical_hf.late_interaction import (
     MaxSimCLIREvaluator,
     TokenIndex,
+    build_index,
     encode_token_states,
     evaluate_clir_maxsim,
     maxsim_retrieve,
@@ -229,6 +230,19 @@ def test_maxsim_evaluator_on_a_hand_checkable_ranking():
     assert evaluator.primary_metric == "compass_mrr@10"
     assert evaluator.last_timing["index_bytes"] == evaluator.index.memory_bytes == 4 * 2 * 2 + 4 * 8
     assert evaluator.last_timing["search_ms_per_query"] >= 0
+
+
+def test_maxsim_evaluator_searches_a_prebuilt_index_of_its_corpus():
+    teacher, student = token_model(TEACHER_VECTORS), token_model(STUDENT_VECTORS)
+    built = MaxSimCLIREvaluator(COMPASS, teacher, name="", write_csv=False)(student)
+    index = build_index(teacher, list(COMPASS.corpus.values()), list(COMPASS.corpus))
+    evaluator = MaxSimCLIREvaluator(COMPASS, teacher, name="", write_csv=False, index=index)
+    with mock.patch.object(teacher, "encode", wraps=teacher.encode) as teacher_encode:
+        assert evaluator(student) == built
+    assert teacher_encode.call_count == 0 and evaluator.index is index
+    other = build_index(teacher, ["north", "east"], ["n", "e"])
+    with pytest.raises(ValueError, match=r"2 passage ids are not the corpus's 3 document ids \(e.g. \['e', 'ew', 'ne'\]\)"):
+        MaxSimCLIREvaluator(COMPASS, teacher, index=other)
 
 
 def test_maxsim_evaluator_runs_inside_sentence_transformers_training(tmp_path, model_dirs):
