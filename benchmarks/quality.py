@@ -276,14 +276,15 @@ def retrieval_metrics(
     model: SentenceTransformer, teacher: SentenceTransformer, setting: Setting, data: RetrievalData, docs: Any,
     scoring: str, use_translations: bool = False,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Metrics of ``model`` encoding the queries of ``data`` (or their translations) against the cached teacher
-    ``docs`` (:func:`doc_index`), by the library's evaluator of ``scoring``.
+    """Metrics of ``model`` encoding the queries of ``data`` (or their translations) against the cached ``docs`` of
+    ``teacher`` (:func:`doc_index`), by the library's evaluator of ``scoring`` (``teacher`` is its ``doc_model``).
 
     Returns:
         The metrics and the search cost: ``index_mib`` (fp32 embeddings, or the fp16 token index),
         ``encode_ms_per_query`` and ``search_ms_per_query`` (wall time on this machine).
     """
-    common = {"query_prompt": setting.query_prompt, "name": "", "write_csv": False, "use_translations": use_translations}
+    common = {"query_prompt": setting.query_prompt, "name": "", "write_csv": False,
+              "use_translations": use_translations}
     tokens = SCORINGS[scoring]
     if tokens is None:
         evaluator = CLIREvaluator(data, teacher, corpus_embeddings=docs, **common)
@@ -517,8 +518,9 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                     if not store.get(key):
                         metrics, search = retrieval_metrics(teacher, teacher, setting, data, docs[scoring], scoring,
                                                             use_translations=system == "oracle")
-                        store.add({"key": key, **base, "system": system, "command": command, "queries": len(data.queries),
-                                   "pool_passages": len(data.corpus), "metrics": metrics, "search": search})
+                        store.add({"key": key, **base, "system": system, "command": command,
+                                   "queries": len(data.queries), "pool_passages": len(data.corpus),
+                                   "metrics": metrics, "search": search})
                     references[scoring, system] = store.get(key)["metrics"]
                 logger.info("[%s %s] %s floor %s %.4f, oracle %.4f", name, lang, scoring, PRIMARY,
                             references[scoring, "floor"][PRIMARY], references[scoring, "oracle"][PRIMARY])
@@ -593,7 +595,7 @@ def main_table(records: list[dict[str, Any]], setting: str) -> list[str]:
     students = [r for r in records if r["setting"] == setting and "pairs" in r]
     langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
     systems = list(dict.fromkeys(r["system"] for r in students))
-    largest = {r["lang"]: max(q["pairs"] for q in students if q["lang"] == r["lang"]) for r in students}
+    largest = {lang: max(r["pairs"] for r in students if r["lang"] == lang) for lang in {r["lang"] for r in students}}
     refs = {(lang, s): _reference(records, setting, lang, s) for lang in langs for s in ("floor", "oracle")}
     header = ["system", *[f"{lang} ({largest[lang]} pairs)" if lang in largest else lang for lang in langs], "mean"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]

@@ -135,7 +135,9 @@ def compute_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Ma
     return metrics
 
 
-def search_timing(index_bytes: int, num_queries: int, began: float, encoded: float, searched: float) -> dict[str, float]:
+def search_timing(
+    index_bytes: int, num_queries: int, began: float, encoded: float, searched: float
+) -> dict[str, float]:
     """The search cost of one evaluation, from ``time.perf_counter()`` stamps taken before encoding the queries,
     after encoding them and after ranking: ``index_bytes`` (the document index in memory), ``encode_ms_per_query``
     and ``search_ms_per_query`` (wall time on this machine)."""
@@ -205,12 +207,13 @@ class CLIREvaluator(InformationRetrievalEvaluator):
     model being evaluated (the student), the corpus by a frozen ``doc_model`` (the teacher).
 
     The corpus is encoded by ``doc_model`` (``encode_document``) once, at the first call, and cached in
-    :attr:`corpus_embeddings` (or given precomputed); each call encodes the queries with the evaluated model (``encode_query``), ranks the
-    ``top_k`` documents by cosine with ``semantic_search`` (:func:`retrieve`) and scores them with ``pytrec_eval``
-    (:func:`compute_metrics`). Metric keys are prefixed by ``name`` (``"{name}_mrr@10"``, ...); the primary metric is
-    ``mrr@10``. Metrics are stored in the model card data and, when ``output_path`` is given, appended to
-    ``clir_evaluation_{name}_results.csv``. Queries without a relevant document are skipped, as in the parent class.
-    Index memory and query latency of the last call are kept in :attr:`last_timing` (:func:`search_timing`).
+    :attr:`corpus_embeddings` (or given precomputed); each call encodes the queries with the evaluated model
+    (``encode_query``), ranks the ``top_k`` documents by cosine with ``semantic_search`` (:func:`retrieve`) and scores
+    them with ``pytrec_eval`` (:func:`compute_metrics`). Metric keys are prefixed by ``name``
+    (``"{name}_mrr@10"``, ...); the primary metric is ``mrr@10``. Metrics are stored in the model card data and, when
+    ``output_path`` is given, appended to ``clir_evaluation_{name}_results.csv``. Queries without a relevant document
+    are skipped, as in the parent class. Index memory and query latency of the last call are kept in
+    :attr:`last_timing` (:func:`search_timing`).
 
     Args:
         data: the retrieval task (e.g. :func:`optical_hf.corpora.load_afriqa_gold`); graded qrels are kept for nDCG.
@@ -244,7 +247,9 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         corpus_embeddings: torch.Tensor | None = None,
     ):
         _check_corpus(data)
-        if corpus_embeddings is not None and (corpus_embeddings.ndim != 2 or len(corpus_embeddings) != len(data.corpus)):
+        if corpus_embeddings is not None and (
+            corpus_embeddings.ndim != 2 or len(corpus_embeddings) != len(data.corpus)
+        ):
             raise ValueError(f"CLIREvaluator {name!r}: corpus_embeddings of shape {tuple(corpus_embeddings.shape)} "
                              f"for {len(data.corpus)} documents; expected ({len(data.corpus)}, dim)")
         qids, texts = _query_texts(data, use_translations)

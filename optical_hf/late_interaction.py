@@ -302,7 +302,8 @@ class MaxSimCLIREvaluator(CLIREvaluator):
     query token states against the ``doc_model``'s (teacher's) passage token states, ranked by MaxSim.
 
     The teacher's :class:`TokenIndex` is built once, at the first call, and cached in :attr:`index` (or given
-    prebuilt); each call encodes the queries, ranks the ``top_k`` passages exactly (:func:`maxsim_topk`) and scores them with ``pytrec_eval``.
+    prebuilt); each call encodes the queries, ranks the ``top_k`` passages exactly (:func:`maxsim_topk`) and scores
+    them with ``pytrec_eval``.
     Metric keys, CSV file (``clir_evaluation_{name}_results.csv``), model-card storage and primary metric
     (``mrr@10``) are CLIREvaluator's. Index memory and query latency are logged at each call and kept in
     :attr:`last_timing` (``index_bytes``, ``index_tokens``, ``encode_ms_per_query``, ``search_ms_per_query``).

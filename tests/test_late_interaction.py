@@ -241,7 +241,8 @@ def test_maxsim_evaluator_searches_a_prebuilt_index_of_its_corpus():
         assert evaluator(student) == built
     assert teacher_encode.call_count == 0 and evaluator.index is index
     other = build_index(teacher, ["north", "east"], ["n", "e"])
-    with pytest.raises(ValueError, match=r"2 passage ids are not the corpus's 3 document ids \(e.g. \['e', 'ew', 'ne'\]\)"):
+    stray = r"2 passage ids are not the corpus's 3 document ids \(e.g. \['e', 'ew', 'ne'\]\)"
+    with pytest.raises(ValueError, match=stray):
         MaxSimCLIREvaluator(COMPASS, teacher, index=other)
 
 
