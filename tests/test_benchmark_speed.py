@@ -40,6 +40,18 @@ def test_make_costs_pads_with_zero_cost(speed):
         assert cost[i, :rows, :cols].min() > -1e-6
 
 
+def test_paired_ratio_is_the_median_of_round_ratios_with_its_order_statistic_interval(speed):
+    # 25 rounds: the distribution-free 95% interval of a median is [8th, 18th] order statistic (coverage 95.7%)
+    slow_phase = [3.0 if r < 12 else 1.0 for r in range(25)]  # the machine is 3x slower in the first 12 rounds
+    ratio = speed.paired_ratio([(1.0 + r / 100) * d for r, d in enumerate(slow_phase)], slow_phase)
+    assert ratio["paired_median"] == pytest.approx(1.12)
+    assert (ratio["low"], ratio["high"]) == (pytest.approx(1.07), pytest.approx(1.17))
+    assert 0.95 < ratio["coverage"] < 0.96
+    assert ratio["ratio_of_medians"] != pytest.approx(1.12)  # the slow phases do not cancel across rounds
+    two = speed.paired_ratio([2.0, 6.0], [1.0, 2.0])  # too few rounds for 95%: the full range, coverage stated
+    assert (two["low"], two["high"], two["coverage"]) == (2.0, 3.0, 0.5)
+
+
 def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
     results = speed.main([
         "--quick", "--threads", "1", "--output-dir", str(tmp_path),
@@ -70,7 +82,8 @@ def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
     steps = saved["training"]["steps"]
     assert set(steps) == {"ot_envelope", "ot_cached_teacher", "ot_autodiff", "mse_precomputed_labels",
                           "mse_teacher_online", "mse_two_column_precomputed_labels"}
-    assert "ot_cached_teacher/mse_precomputed_labels" in saved["training"]["time_ratios"]
+    cached = saved["training"]["time_ratios"]["ot_cached_teacher/mse_precomputed_labels"]
+    assert cached["low"] <= cached["paired_median"] <= cached["high"]
     assert any(target.startswith("OT step with cached teacher <= 1.05x") for target in saved["targets"])
     assert all(row["finite"] and row["median_ms"] > 0 and row["peak_mem_mb"] > 0 for row in steps.values())
     assert saved["training"]["setup"]["batch_size"] == 4
