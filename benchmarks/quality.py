@@ -100,6 +100,11 @@ DEFAULT_CACHE = Path("~/.cache/optical-bench/quality").expanduser()
 
 METHODS = ("mse", "ot")
 SCORINGS = {"dense": None, "maxsim": "all", "maxsim-content": "content"}
+DEFAULT_MARGINS = [("ot [recipe]", f"{other}") for other in (
+    "mse [lr2e-4]", "ot [recipe-no-ot]", "ot [recipe-hard-align]", "ot [recipe-semi-relaxed-r1]", "ot [maxsim-kd]",
+    "ot [paper-ot]",
+)]
+"""The report's margin tables: the shipped recipe against MSE, its ablation and the other late-interaction objectives."""
 """Scoring modes: dense cosine of sentence embeddings, or MaxSim over the tokens named (``TOKEN_SELECTIONS``)."""
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100")
 PRIMARY = "mrr@10"
@@ -388,6 +393,14 @@ def parse_budget(value: str) -> int | None:
     return pairs
 
 
+def parse_comparison(value: str) -> tuple[str, str]:
+    """``"ot [recipe] vs mse [lr2e-4]"`` -> ``("ot [recipe]", "mse [lr2e-4]")``."""
+    first, sep, second = value.partition(" vs ")
+    if not (sep and first.strip() and second.strip()):
+        raise argparse.ArgumentTypeError(f"expected 'SYSTEM vs SYSTEM', got {value!r}")
+    return first.strip(), second.strip()
+
+
 def parse_override(value: str) -> tuple[str, Any]:
     """``KEY=VALUE`` of ``--loss``: the value is read as JSON (``0.5``, ``true``) or else kept as a string."""
     key, sep, raw = value.partition("=")
@@ -618,6 +631,42 @@ def main_table(records: list[dict[str, Any]], setting: str) -> list[str]:
     return lines
 
 
+def _largest_budget_scores(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> dict[int, float]:
+    """``{seed: MRR@10}`` of ``system`` on ``lang`` at the language's largest budget."""
+    runs = _students(records, setting, lang)
+    largest = max((r["pairs"] for r in runs), default=None)
+    return {r["seed"]: r["metrics"][PRIMARY] for r in runs if r["system"] == system and r["pairs"] == largest}
+
+
+def margin_table(records: list[dict[str, Any]], setting: str, comparisons: Sequence[tuple[str, str]]) -> list[str]:
+    """Markdown rows, one per comparison ``(a, b)`` with both systems run: MRR@10 of ``a`` minus ``b`` per language.
+
+    A cell compares like with like: the mean over the seeds run for both systems (same bitext sample and seed) of
+    the difference at the language's largest budget, followed by the per-seed differences when there are several;
+    ``-`` when no seed ran for both. ``wins`` counts the languages where ``a`` is ahead; ``mean`` is the mean
+    difference over those languages.
+    """
+    langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
+    lines = []
+    for a, b in comparisons:
+        margins, cells = [], []
+        for lang in langs:
+            first, second = (_largest_budget_scores(records, setting, lang, s) for s in (a, b))
+            paired = sorted(set(first) & set(second))
+            if not paired:
+                cells.append("-")
+                continue
+            margins.append(statistics.fmean(first[k] - second[k] for k in paired))
+            seeds = ", ".join(f"s{k} {first[k] - second[k]:+.3f}" for k in paired) if len(paired) > 1 else ""
+            cells.append(f"{margins[-1]:+.3f}" + (f" ({seeds})" if seeds else ""))
+        if margins:
+            wins = f"{sum(m > 0 for m in margins)}/{len(margins)}"
+            lines.append(f"| {a} − {b} | " + " | ".join(cells) + f" | {wins} | {statistics.fmean(margins):+.3f} |")
+    if not lines:
+        return []
+    return ["| comparison | " + " | ".join(langs) + " | wins | mean |", "|---|" + "---:|" * (len(langs) + 2), *lines]
+
+
 def budget_table(records: list[dict[str, Any]], setting: str, lang: str) -> list[str]:
     """Markdown rows, one per budget (pairs) of ``lang``: each system's MRR@10 (mean ± sd over seeds)."""
     runs = _students(records, setting, lang)
@@ -637,8 +686,10 @@ def _pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.0f}%"
 
 
-def render_markdown(records: list[dict[str, Any]], machine: dict[str, Any], title: str) -> str:
-    """The report of every stored record: commands, protocol, main table, budget curves, every run's config."""
+def render_markdown(
+    records: list[dict[str, Any]], machine: dict[str, Any], title: str, comparisons: Sequence[tuple[str, str]] = (),
+) -> str:
+    """The report of every stored record: commands, protocol, main table, margins, budget curves, every run."""
     commands = list(dict.fromkeys(r["command"] for r in records))
     lines = [f"# {title}", "", "Commands that produced these records (each skips runs already stored):", "",
              *[f"- `{c}`" for c in commands], "",
@@ -657,6 +708,9 @@ def render_markdown(records: list[dict[str, Any]], machine: dict[str, Any], titl
         table = main_table(records, setting)
         if len(table) > 2:
             lines += [f"## {setting}, split {split}: MRR@10 (gap closed) at each language's largest budget", "", *table, ""]
+        margins = margin_table(records, setting, comparisons)
+        if margins:
+            lines += [f"### {setting}: margins (MRR@10 difference)", "", *margins, ""]
         costs = [r["search"] for r in records if r["setting"] == setting and "search" in r]
         if costs:
             median = {k: statistics.median(c[k] for c in costs) for k in costs[0]}
@@ -744,6 +798,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--report-only", action="store_true", help="render the report from the stored records")
+    parser.add_argument("--margins", nargs="*", type=parse_comparison, default=DEFAULT_MARGINS, metavar="'A vs B'",
+                        help="systems compared in the report's margin tables, as they are named there "
+                             "(default: the shipped recipe against MSE, itself without OT and the other objectives)")
     args = parser.parse_args(argv)
     if not (args.data_dir / "afriqa" / "gold_passages").is_dir():
         parser.error(f"--data-dir {args.data_dir}: no afriqa/gold_passages folder there")
@@ -767,7 +824,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         run(args, store, shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]))
     report = args.output_dir / f"{args.output_name}.md"
     title = f"optical_hf retrieval-quality benchmark: {args.output_name} (AfriQA gold pool)"
-    report.write_text(render_markdown(store.records, machine_info(args.device), title) + "\n", encoding="utf-8")
+    report.write_text(render_markdown(store.records, machine_info(args.device), title, args.margins) + "\n",
+                      encoding="utf-8")
     for setting in dict.fromkeys(r["setting"] for r in store.records):
         print(f"\n{setting} (MRR@10)\n" + "\n".join(main_table(store.records, setting)))
     print(f"\n{len(store.records)} records in {store.path}; report {report}")

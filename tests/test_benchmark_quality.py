@@ -100,3 +100,22 @@ def test_floor_and_oracle_alone_are_reported(quality, model_dirs, tmp_path):
     floor, oracle = (next(r["metrics"]["mrr@10"] for r in records if r["system"] == s) for s in ("floor", "oracle"))
     assert "| system | xx | mean |" in report
     assert f"| floor | {floor:.3f} | {floor:.3f} |" in report and f"| oracle | {oracle:.3f} | {oracle:.3f} |" in report
+
+
+def test_margins_compare_the_seeds_both_systems_ran_at_the_largest_budget(quality):
+    def run(lang: str, system: str, seed: int, mrr: float, pairs: int = 100) -> dict:
+        return {"setting": "e5", "lang": lang, "system": system, "pairs": pairs, "seed": seed,
+                "metrics": {"mrr@10": mrr}}
+
+    records = [
+        run("xx", "a", 0, 0.50), run("xx", "a", 1, 0.54), run("xx", "b", 0, 0.47), run("xx", "b", 1, 0.53),
+        run("xx", "b", 0, 0.90, pairs=10),  # a smaller budget: not compared
+        run("yy", "a", 0, 0.40), run("yy", "a", 1, 0.60), run("yy", "b", 0, 0.45),  # seed 1 has no partner
+        run("zz", "a", 0, 0.30),  # b never ran on zz
+    ]
+    header, rule, row = quality.margin_table(records, "e5", [("a", "b"), ("a", "missing")])
+    assert header == "| comparison | xx | yy | zz | wins | mean |"
+    assert row == "| a − b | +0.020 (s0 +0.030, s1 +0.010) | -0.050 | - | 1/2 | -0.015 |"
+    assert quality.parse_comparison(" ot [recipe] vs mse [lr2e-4] ") == ("ot [recipe]", "mse [lr2e-4]")
+    with pytest.raises(Exception, match="expected 'SYSTEM vs SYSTEM'"):
+        quality.parse_comparison("ot [recipe], mse")
