@@ -104,7 +104,7 @@ DEFAULT_MARGINS = [("ot [recipe]", f"{other}") for other in (
     "mse [lr2e-4]", "ot [recipe-no-ot]", "ot [recipe-hard-align]", "ot [recipe-semi-relaxed-r1]", "ot [maxsim-kd]",
     "ot [paper-ot]",
 )]
-"""The report's margin tables: the shipped recipe against MSE, its ablation and the other late-interaction objectives."""
+"""The report's margin tables: the shipped recipe against MSE, its ablation and the late-interaction objectives."""
 """Scoring modes: dense cosine of sentence embeddings, or MaxSim over the tokens named (``TOKEN_SELECTIONS``)."""
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100")
 PRIMARY = "mrr@10"
@@ -242,8 +242,8 @@ def doc_index(
 ) -> Any:
     """The teacher's passages of ``corpus`` (in its order), encoded once and cached on disk: ``(num_docs, dim)``
     normalised embeddings for ``dense`` scoring, a :class:`optical_hf.late_interaction.TokenIndex` (fp16 token states
-    of the tokens :data:`SCORINGS` names) for the MaxSim modes. The cache key covers the model folder and its weight files, the prompt, the max length, the pool's
-    doc ids and the scoring."""
+    of the tokens :data:`SCORINGS` names) for the MaxSim modes. The cache key covers the model folder and its weight
+    files, the prompt, the max length, the pool's doc ids and the scoring."""
     key = {
         "model": setting.model_path,
         "weights": _weights_stamp(setting.model_path),
