@@ -100,12 +100,12 @@ DEFAULT_CACHE = Path("~/.cache/optical-bench/quality").expanduser()
 
 METHODS = ("mse", "ot")
 SCORINGS = {"dense": None, "maxsim": "all", "maxsim-content": "content"}
-DEFAULT_MARGINS = [("ot [recipe]", f"{other}") for other in (
+"""Scoring modes: dense cosine of sentence embeddings, or MaxSim over the tokens named (``TOKEN_SELECTIONS``)."""
+DEFAULT_MARGINS = [("ot [recipe]", other) for other in (
     "mse [lr2e-4]", "ot [recipe-no-ot]", "ot [recipe-hard-align]", "ot [recipe-semi-relaxed-r1]", "ot [maxsim-kd]",
     "ot [paper-ot]",
 )]
 """The report's margin tables: the shipped recipe against MSE, its ablation and the late-interaction objectives."""
-"""Scoring modes: dense cosine of sentence embeddings, or MaxSim over the tokens named (``TOKEN_SELECTIONS``)."""
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100")
 PRIMARY = "mrr@10"
 
@@ -618,8 +618,7 @@ def main_table(records: list[dict[str, Any]], setting: str) -> list[str]:
     for system in systems:
         cells, means = [], []
         for lang in langs:
-            values = [r["metrics"][PRIMARY] for r in students
-                      if r["lang"] == lang and r["system"] == system and r["pairs"] == largest.get(lang)]
+            values = list(_largest_budget_scores(records, setting, lang, system).values())
             floor, oracle = refs[lang, "floor"], refs[lang, "oracle"]
             if values:
                 means.append(statistics.fmean(values))

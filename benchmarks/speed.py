@@ -352,8 +352,9 @@ def training_steps(
     Variants: OTDistillationLoss (envelope and autodiff gradients; the frozen teacher's forward runs inside the step,
     as in training without a cache); OTDistillationLoss (envelope) with the teacher's token states and sentence
     embeddings from a TeacherCache, looked up by the collator; MSELoss on the source column with precomputed teacher
-    labels (the label column of Reimers & Gurevych); MSELoss with the teacher forward inside the step; MSELoss on both columns (source and English target
-    through the student, as sentence-transformers' multilingual distillation example does) with precomputed labels.
+    labels (the label column of Reimers & Gurevych); MSELoss with the teacher forward inside the step; MSELoss on
+    both columns (source and English target through the student, as sentence-transformers' multilingual
+    distillation example does) with precomputed labels.
 
     Returns the step callables, the loss callables, the student's parameters and a description of the setup.
     """
