@@ -825,6 +825,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     title = f"optical_hf retrieval-quality benchmark: {args.output_name} (AfriQA gold pool)"
     report.write_text(render_markdown(store.records, machine_info(args.device), title, args.margins) + "\n",
                       encoding="utf-8")
+    if args.margins is not DEFAULT_MARGINS:  # the defaults name systems that a new store does not have yet
+        students = {r["system"] for r in store.records if "pairs" in r}
+        for name in sorted({name for pair in args.margins for name in pair} - students):
+            logger.warning("--margins: %r names no trained student in %s (the margin tables compare trained "
+                           "students), so its comparisons have no row", name, store.path)
     for setting in dict.fromkeys(r["setting"] for r in store.records):
         print(f"\n{setting} (MRR@10)\n" + "\n".join(main_table(store.records, setting)))
     print(f"\n{len(store.records)} records in {store.path}; report {report}")

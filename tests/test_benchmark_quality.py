@@ -89,17 +89,24 @@ def test_quality_benchmark_on_a_copy_of_the_layout(quality, model_dirs, tmp_path
     assert trained == []
 
 
-def test_floor_and_oracle_alone_are_reported(quality, model_dirs, tmp_path):
+def test_floor_and_oracle_alone_are_reported(quality, model_dirs, tmp_path, caplog):
     model = tmp_path / "model"
     sentence_transformer(model_dirs["student"]).save(str(model))
-    records = quality.main(["--data-dir", str(_data_dir(tmp_path / "data")), "--e5-path", str(model), "--langs", "xx",
-                            "--doc-max-length", "32", "--methods", "--output-dir", str(tmp_path / "out"),
-                            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    argv = ["--data-dir", str(_data_dir(tmp_path / "data")), "--e5-path", str(model), "--langs", "xx",
+            "--doc-max-length", "32", "--methods", "--output-dir", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    records = quality.main(argv)
     assert sorted(r["system"] for r in records) == ["floor", "oracle"]
     report = (tmp_path / "out" / "quality.md").read_text(encoding="utf-8")
     floor, oracle = (next(r["metrics"]["mrr@10"] for r in records if r["system"] == s) for s in ("floor", "oracle"))
     assert "| system | xx | mean |" in report
     assert f"| floor | {floor:.3f} | {floor:.3f} |" in report and f"| oracle | {oracle:.3f} | {oracle:.3f} |" in report
+
+    # --margins naming no trained student (a reference, a misspelling): no row, and a warning naming each
+    quality.main([*argv, "--report-only", "--margins", "floor vs oracel"])
+    assert "margins (MRR@10 difference)" not in (tmp_path / "out" / "quality.md").read_text(encoding="utf-8")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "benchmarks.quality" and r.levelname == "WARNING"]
+    assert len(warnings) == 2 and "'floor' names no trained student" in warnings[0] and "'oracel'" in warnings[1]
 
 
 def test_margins_compare_the_seeds_both_systems_ran_at_the_largest_budget(quality):
