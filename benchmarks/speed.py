@@ -66,7 +66,6 @@ from optical_hf import (
     build_teacher_cache,
     load_bitext,
 )
-from optical_hf.losses import distillation_losses
 from optical_hf.ot import sinkhorn, uniform_weights
 
 logger = logging.getLogger("benchmarks.speed")
@@ -363,8 +362,9 @@ def training_steps(
     distillation example does) with precomputed labels.
 
     Also the two objectives alone, each a forward + backward on the same fixed (detached) student outputs of the
-    source column: the cached OT loss's marginals, OT term and contrastive term (what ``OTDistillationLoss`` runs
-    after the student's forward, the fp16 cache read included) and MSE against the precomputed labels.
+    source column: the cached OT loss's ``compute_loss_from_outputs`` (what ``OTDistillationLoss`` runs after the
+    student's forward: the fp16 cache read, marginals, OT and contrastive terms) and MSE against the precomputed
+    labels (``MSELoss.compute_loss_from_embeddings``).
 
     Returns the step callables, the loss callables, the objective callables, the student's parameters and a
     description of the setup.
@@ -424,13 +424,8 @@ def training_steps(
     ot_loss = ot_losses["envelope"]
 
     def ot_objective() -> None:
-        tokens = outputs["token_embeddings"].detach().requires_grad_()
-        sentence = outputs["sentence_embedding"].detach().requires_grad_()
-        terms = distillation_losses(
-            tokens, ot_loss._marginal(source, "student"), target["token_embeddings"].float(),
-            ot_loss._marginal(target, "teacher"), ot_loss.config, sentence, target["sentence_embedding"].float(),
-        )
-        sum(terms.values()).backward()
+        fixed = {k: outputs[k].detach().requires_grad_() for k in ("token_embeddings", "sentence_embedding")}
+        sum(ot_loss.compute_loss_from_outputs(source, fixed, target).values()).backward()
 
     def mse_objective() -> None:
         sentence = outputs["sentence_embedding"].detach().requires_grad_()

@@ -427,8 +427,21 @@ class OTDistillationLoss(nn.Module):
                 "was tokenized by the student. Pass `data_collator=OTDistillationDataCollator(student.preprocess, "
                 "teacher.preprocess)` to the trainer."
             )
+        return self.compute_loss_from_outputs(source, self.model(source), target)
+
+    def compute_loss_from_outputs(
+        self, source: dict[str, Tensor], student_out: dict[str, Tensor], target: dict[str, Any],
+    ) -> dict[str, Tensor]:
+        """The objective's terms given the student's outputs: what :meth:`forward` runs after the student's forward.
+
+        Args:
+            source: the student's features of the low-resource column (``attention_mask``, ``input_ids``, ...).
+            student_out: the student's outputs on ``source``: ``token_embeddings`` ``(batch, n, dim)`` and
+                ``sentence_embedding`` ``(batch, dim)``.
+            target: the English column's features, with the teacher's outputs already in them when the collator
+                looked them up in a TeacherCache (else the teacher runs here, under ``no_grad``).
+        """
         target = {k: v for k, v in target.items() if k != "task"}
-        student_out = self.model(source)
         if "token_embeddings" in target:  # looked up in a TeacherCache by the collator
             teacher_out = {k: target[k].float() for k in ("token_embeddings", "sentence_embedding") if k in target}
         else:
