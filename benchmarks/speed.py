@@ -544,6 +544,13 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------------- report
+def _positive_int(value: str) -> int:
+    """argparse type of the repeat counts: a median needs at least one timed run."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_model = None
     try:
@@ -559,11 +566,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tol", type=float, default=1e-4, help="marginal tolerance in the equal-tolerance setting")
     parser.add_argument("--max-iters", type=int, default=1000, help="iteration cap in the equal-tolerance setting")
     parser.add_argument("--reg", type=float, default=0.05, help="entropic regularisation epsilon")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
-    parser.add_argument("--tol-repeats", type=int, default=3, help="timed runs in the equal-tolerance setting")
-    parser.add_argument("--train-repeats", type=int, default=25,
+    parser.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per measurement (median reported)")
+    parser.add_argument("--tol-repeats", type=_positive_int, default=3,
+                        help="timed runs in the equal-tolerance setting")
+    parser.add_argument("--train-repeats", type=_positive_int, default=25,
                         help="timed runs of each training step (steps vary by 10-20%% on a shared machine)")
-    parser.add_argument("--objective-repeats", type=int, default=200,
+    parser.add_argument("--objective-repeats", type=_positive_int, default=200,
                         help="timed runs of each objective alone (tens of milliseconds each)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed runs before timing (OT core: the first is the run that records the plans)")

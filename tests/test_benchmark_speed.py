@@ -64,6 +64,13 @@ def test_objective_overhead_is_the_median_round_difference_over_the_mse_step(spe
         pytest.approx(1.032), pytest.approx(1.027), pytest.approx(1.037))
 
 
+@pytest.mark.parametrize("flag", ["--repeats", "--tol-repeats", "--train-repeats", "--objective-repeats"])
+def test_repeat_counts_below_one_are_refused_naming_the_flag(speed, flag, capsys):
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--parts", "ot", flag, "0"])
+    assert f"argument {flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
 def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
     results = speed.main([
         "--quick", "--threads", "1", "--output-dir", str(tmp_path),
