@@ -27,8 +27,9 @@ its two limits are stated in :func:`sinkhorn`.
 ``eps_b = reg * <a_b (x) w_b, C_b>``, the detached cost of the independent coupling (the marginal-weighted mean cost,
 which is also the ``eps -> inf`` value of ``<P, C>``), so one ``reg`` means the same for any cost and embedding scale.
 
-Host synchronisation: each call reads back one small tensor once, after solving (whether an unmasked cost entry was
-NaN/inf, and the final marginal errors, for the convergence warning); ``tol`` adds one read per convergence check.
+Host synchronisation: each call reads back one small tensor after solving (whether an unmasked cost entry was NaN/inf,
+and the final marginal errors, for the convergence warning), one number per OT problem before iterating (the kernel's
+span, which picks the scaling or the log domain, see ``_solve``), and ``tol`` adds one read per convergence check.
 
 Why this is written here rather than taken from POT: ``ot.solve_batch`` needs every problem of the batch to have the
 same size, so padding can only be expressed as zero weights (a pair with no real token on a side then comes out NaN);
@@ -242,24 +243,108 @@ def _absolute_reg(problem: _Problem, reg: float, relative_reg: bool) -> torch.Te
     return torch.where(problem.solvable, eps, 1.0)
 
 
-def _log_kernels(problem: _Problem, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``K = -C / eps`` masked for the row update ``(batch, n, m)`` and, transposed, for the column update.
+def _log_kernel(problem: _Problem, eps: torch.Tensor) -> torch.Tensor:
+    """``(batch, n, m)`` log kernel ``-C / eps`` with ``-inf`` on the padded target columns (the row update's mask)."""
+    return (-problem.cost / eps.view(-1, 1, 1)).masked_fill(~problem.target_mask.unsqueeze(1), float("-inf"))
+
+
+def _scaling_shift(rows: torch.Tensor, problem: _Problem, max_span: float | None = None) -> torch.Tensor | None:
+    """``(batch,)`` detached max of the log kernel ``rows`` over each pair's real entries, or ``None`` when the scaling
+    domain is unsafe: some pair's kernel spans more than ``max_span`` (default ``log(dtype max) / 3``: 29.6 in fp32,
+    236 in fp64) between its largest and smallest real entry, or holds a non-finite one. Within that span the kernel
+    and the scalings stay far from overflow and underflow. One host read."""
+    with torch.no_grad():
+        real = problem.source_mask.unsqueeze(2) & problem.target_mask.unsqueeze(1)
+        top = rows.masked_fill(~real, float("-inf")).amax(dim=(1, 2))
+        bottom = rows.masked_fill(~real, float("inf")).amin(dim=(1, 2))
+        span = (top - bottom).max().item()
+    limit = math.log(torch.finfo(rows.dtype).max) / 3 if max_span is None else max_span
+    return top if span <= limit else None
+
+
+def _log_iterations(
+    problem: _Problem, rows: torch.Tensor, eps: torch.Tensor, n_iters: int, tol: float | None, check_every: int,
+    symmetric: bool, relax: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Log-domain updates ``u = log a - LSE_j(K + v)``, ``v = log b - relax * LSE_i(K + u)``, stable for any ``eps``.
 
     Each update masks only the dimension it reduces over, with ``-inf``: every row (column) keeps at least one finite
     entry, so no ``-inf - (-inf)`` appears in values or gradients. The column kernel is a contiguous transposed copy so
     that both reductions run over the last dimension.
     """
-    log_kernel = -problem.cost / eps.view(-1, 1, 1)
-    rows = log_kernel.masked_fill(~problem.target_mask.unsqueeze(1), float("-inf"))
-    cols = log_kernel.masked_fill(~problem.source_mask.unsqueeze(2), float("-inf")).transpose(1, 2).contiguous()
-    return rows, cols
+    log_a, log_b = (w.clamp_min(torch.finfo(w.dtype).tiny).log() for w in (problem.a, problem.b))
+    cols = (-problem.cost / eps.view(-1, 1, 1)).masked_fill(~problem.source_mask.unsqueeze(2), float("-inf"))
+    cols = cols.transpose(1, 2).contiguous()
+    v = torch.zeros_like(problem.b)
+    for it in range(n_iters):
+        if symmetric:
+            v = u = 0.5 * (v + log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2))
+        else:
+            u = log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2)
+            v = log_b - relax * torch.logsumexp(cols + u.unsqueeze(1), dim=2)
+        if tol is not None and (it + 1) % check_every == 0:
+            with torch.no_grad():
+                row_sums = torch.exp(rows + u.unsqueeze(2) + v.unsqueeze(1)).sum(dim=2)
+            if _converged(row_sums, problem, tol):
+                return u, v, it + 1
+    return u, v, n_iters
+
+
+def _scaling_iterations(
+    problem: _Problem, rows: torch.Tensor, shift: torch.Tensor, n_iters: int, tol: float | None, check_every: int,
+    symmetric: bool, relax: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The same iterates in the scaling domain (Sinkhorn & Knopp 1967; Cuturi, NeurIPS 2013), returned as log
+    potentials: ``u = a / K v``, ``v = b / (K^T u)^relax`` with ``K = exp(rows - shift)``, a multiply-and-sum per
+    update instead of a log-sum-exp (several passes and an ``exp`` over the ``(batch, n, m)`` matrix).
+
+    Safe only for a kernel of bounded span (:func:`_scaling_shift`). Padded rows and columns of ``K`` are 0, so their
+    scalings are ``0 / tiny = 0``. The symmetric update is the geometric mean ``u = sqrt(u * a / K u)``.
+    """
+    tiny = torch.finfo(problem.a.dtype).tiny
+    kernel = (rows - shift.view(-1, 1, 1)).masked_fill(~problem.source_mask.unsqueeze(2), float("-inf")).exp()
+    kernel_t = kernel.transpose(1, 2).contiguous()
+
+    def times(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:  # (batch, n, m) x (batch, m) -> (batch, n)
+        # A multiply-and-sum rather than a batched mat-vec `bmm`, which is slower on CPU for these thin products.
+        return (matrix * vector.unsqueeze(1)).sum(dim=2).clamp_min(tiny)
+
+    v = torch.ones_like(problem.b)
+    iterations = n_iters
+    for it in range(n_iters):
+        if symmetric:
+            v = u = torch.sqrt(v * problem.a / times(kernel, v))
+        else:
+            u = problem.a / times(kernel, v)
+            column = times(kernel_t, u)
+            v = problem.b / (column if isinstance(relax, float) else column.pow(relax))
+        if tol is not None and (it + 1) % check_every == 0:
+            with torch.no_grad():
+                row_sums = u * times(kernel, v)
+            if _converged(row_sums, problem, tol):
+                iterations = it + 1
+                break
+    log_u, log_v = u.clamp_min(tiny).log(), v.clamp_min(tiny).log()
+    if symmetric:  # u K u = u' K' u' with K' = K e^-shift, u' = u e^(shift / 2)
+        return log_u - 0.5 * shift.unsqueeze(1), log_v - 0.5 * shift.unsqueeze(1), iterations
+    return log_u - shift.unsqueeze(1), log_v, iterations
+
+
+def _converged(row_sums: torch.Tensor, problem: _Problem, tol: float) -> bool:
+    """Whether every pair's L1 row-marginal error is below ``tol`` (one host read)."""
+    return ((row_sums - problem.a) * problem.source_mask).abs().sum(dim=1).max().item() < tol
 
 
 def _solve(
     problem: _Problem, eps: torch.Tensor, n_iters: int, tol: float | None, check_every: int, grad: str,
     symmetric: bool = False, rho: torch.Tensor | None = None,
 ) -> OTResult:
-    """Log-domain Sinkhorn, ``u = log a - LSE_j(K + v)``, ``v = log b - LSE_i(K + u)``; no host sync except ``tol``.
+    """Sinkhorn, ``u = log a - LSE_j(K + v)``, ``v = log b - LSE_i(K + u)`` in the log potentials ``u, v``.
+
+    The iterations run in the scaling domain when the kernel's span allows it (:func:`_scaling_shift`: a large
+    ``eps`` such as the shipped recipe's relative ``reg=1``) and in the log domain otherwise (a small ``eps``): the same
+    iterates up to rounding, so iteration counts and plans agree. The scaling domain is cheaper per iteration (two
+    multiply-and-sums instead of two log-sum-exps over the matrix); ``benchmarks/speed.py`` times the objective.
 
     ``symmetric=True`` (a problem ``OT(a, a)`` with a symmetric cost) uses the averaged update of Feydy et al. (2019),
     ``u <- (u + log a - LSE_j(K + u)) / 2``, ``v = u``: the plain alternating updates oscillate on these problems and
@@ -270,21 +355,12 @@ def _solve(
     log_a, log_b = problem.a.clamp_min(tiny).log(), problem.b.clamp_min(tiny).log()
     relax = 1.0 if rho is None else (rho / (rho + eps)).unsqueeze(1)
     with torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled()):
-        rows, cols = _log_kernels(problem, eps)
-        v = torch.zeros_like(problem.b)
-        iterations = n_iters
-        for it in range(n_iters):
-            if symmetric:
-                v = u = 0.5 * (v + log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2))
-            else:
-                u = log_a - torch.logsumexp(rows + v.unsqueeze(1), dim=2)
-                v = log_b - relax * torch.logsumexp(cols + u.unsqueeze(1), dim=2)
-            if tol is not None and (it + 1) % check_every == 0:
-                with torch.no_grad():
-                    row_sums = torch.exp(rows + u.unsqueeze(2) + v.unsqueeze(1)).sum(dim=2)
-                    if ((row_sums - problem.a) * problem.source_mask).abs().sum(dim=1).max().item() < tol:
-                        iterations = it + 1
-                        break
+        rows = _log_kernel(problem, eps)
+        shift = _scaling_shift(rows, problem)
+        if shift is None:
+            u, v, iterations = _log_iterations(problem, rows, eps, n_iters, tol, check_every, symmetric, relax)
+        else:
+            u, v, iterations = _scaling_iterations(problem, rows, shift, n_iters, tol, check_every, symmetric, relax)
         log_plan = (rows + u.unsqueeze(2) + v.unsqueeze(1)).masked_fill(~problem.pair_mask, float("-inf"))
         plan = log_plan.exp()
         # KL(P | a (x) b) = sum P log(P / (a_i b_j)) - sum P + 1, over the real pairs (0 log 0 = 0).
@@ -403,8 +479,8 @@ def sinkhorn(
     Returns:
         :class:`OTResult` (``plan`` ``(batch, n, m)``, ``cost`` and ``value`` ``(batch,)``, ``reg``, ``n_iters``,
         ``marginal_error``). A pair with no real token on one side gets a zero plan, cost and value. A final L1
-        marginal error above :data:`UNCONVERGED_L1` logs a warning once per process. One host sync per call, plus
-        one per check with ``tol``.
+        marginal error above :data:`UNCONVERGED_L1` logs a warning once per process. Two host syncs per call (the domain
+        choice and the report), plus one per check with ``tol``.
 
     Example::
 
@@ -473,8 +549,8 @@ def sinkhorn_divergence(
         return_result: return a :class:`DivergenceResult` with diagnostics instead of the tensor.
 
     Returns:
-        ``(batch,)`` divergences (0 for a pair with no real token on a side), or a :class:`DivergenceResult`. One host
-        sync per call (plus ``tol`` checks); an unconverged solve warns once per process as in :func:`sinkhorn`.
+        ``(batch,)`` divergences (0 for a pair with no real token on a side), or a :class:`DivergenceResult`. Four host
+        syncs per call (a domain choice per problem and the report; plus ``tol`` checks); an unconverged solve warns once per process as in :func:`sinkhorn`.
     """
     _check_options(reg, n_iters, grad, check_every, tol)
     with torch.autocast(device_type=x.device.type, enabled=False):

@@ -6,7 +6,9 @@ reg -> 0), positivity, padding invariance; pairwise costs."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import ot
 import pytest
@@ -83,17 +85,22 @@ def assert_finite(*tensors):
         assert torch.isfinite(t).all(), f"non-finite values in tensor of shape {tuple(t.shape)}"
 
 
-def count_iterations(monkeypatch) -> list[int]:
-    """Count Sinkhorn iterations (each is two ``torch.logsumexp`` calls) of the next solves."""
-    calls = [0]
-    logsumexp = torch.logsumexp
+@pytest.fixture(params=["log", "scaling"])
+def domain(request, monkeypatch) -> str:
+    """Run the Sinkhorn iterations in one domain whatever the kernel's span (the solver picks one by the span)."""
+    if request.param == "log":
+        monkeypatch.setattr(ot_module, "_scaling_shift", lambda rows, problem: None)
+    else:
+        monkeypatch.setattr(ot_module, "_scaling_shift", functools.partial(ot_module._scaling_shift, max_span=math.inf))
+    return request.param
 
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return logsumexp(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "logsumexp", counting)
-    return calls
+def assert_reports_iterations_run(result: OTResult, cost, source_mask, target_mask, **kwargs) -> None:
+    """``result.n_iters`` is the number of iterations run: the same solve without ``tol``, stopped after exactly that
+    many, gives the same plan bit for bit (the convergence checks read the state but never change it)."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("tol", "check_every", "n_iters")}
+    replay = sinkhorn(cost, source_mask, target_mask, n_iters=result.n_iters, **kwargs)
+    assert torch.equal(replay.plan, result.plan), f"the plan is not the one of {result.n_iters} iterations"
 
 
 # 1. Agreement with POT's per-pair log-domain Sinkhorn.
@@ -101,7 +108,7 @@ def count_iterations(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("kind", ["cosine", "uniform"])
 @pytest.mark.parametrize("reg", [0.05, 0.5])
-def test_matches_pot_sinkhorn_log_per_pair(kind, reg):
+def test_matches_pot_sinkhorn_log_per_pair(domain, kind, reg):
     cost, source_mask, target_mask = padded_instance(kind)
     res = sinkhorn(cost, source_mask, target_mask, reg=reg, n_iters=1000)
 
@@ -133,7 +140,7 @@ def test_matches_pot_solve_batch_unpadded(kind):
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, PLAN_ATOL_F64), (torch.float32, PLAN_ATOL_F32)])
-def test_pot_backend_matches_torch_backend_with_padding(dtype, atol):
+def test_pot_backend_matches_torch_backend_with_padding(domain, dtype, atol):
     cost, source_mask, target_mask = padded_instance("cosine", dtype=dtype)
     cost.requires_grad_(True)
     # Converged solutions are compared (this float32 instance needs ~1000 iterations): before convergence the iterates
@@ -171,7 +178,7 @@ def test_small_reg_approaches_exact_emd(kind):
 # 4. Non-uniform marginal weights.
 
 
-def test_weights_match_pot_and_marginals():
+def test_weights_match_pot_and_marginals(domain):
     cost, source_mask, target_mask = padded_instance("cosine")
     g = torch.Generator().manual_seed(7)
     # Weights on padded positions are arbitrary (here large): they must be ignored.
@@ -214,7 +221,7 @@ def test_uniform_marginals_without_weights():
 # 5. Gradients.
 
 
-def test_gradcheck_autodiff_with_padding():
+def test_gradcheck_autodiff_with_padding(domain):
     lengths = ((3, 4), (2, 3))
     cost = make_cost("cosine", batch=2, n=3, m=4).requires_grad_(True)
     source_mask, target_mask = random_masks(lengths, 3, 4, torch.Generator().manual_seed(3))
@@ -231,7 +238,7 @@ def regularised_objective(plan: torch.Tensor, cost: torch.Tensor, reg: float) ->
     return (plan * cost).sum(dim=(1, 2)) + reg * torch.special.xlogy(plan, plan).sum(dim=(1, 2))
 
 
-def test_envelope_gradient_is_the_plan_and_the_gradient_of_the_regularised_objective():
+def test_envelope_gradient_is_the_plan_and_the_gradient_of_the_regularised_objective(domain):
     cost, source_mask, target_mask = padded_instance("cosine")
     reg, n_iters = 0.1, 1000
     cost.requires_grad_(True)
@@ -324,7 +331,7 @@ SOLVER_MODES = [("torch", "envelope"), ("torch", "autodiff"), ("pot", "envelope"
 
 @pytest.mark.parametrize("empty_side", ["source", "target", "both"])
 @pytest.mark.parametrize("backend, grad_mode", SOLVER_MODES)
-def test_pair_without_real_tokens_is_zero_and_isolated(empty_side, backend, grad_mode):
+def test_pair_without_real_tokens_is_zero_and_isolated(domain, empty_side, backend, grad_mode):
     cost, source_mask, target_mask = padded_instance("cosine", dtype=torch.float32)
     empty = 1
     if empty_side in ("source", "both"):
@@ -346,7 +353,7 @@ def test_pair_without_real_tokens_is_zero_and_isolated(empty_side, backend, grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_cost_is_solved_in_float32(dtype):
+def test_low_precision_cost_is_solved_in_float32(domain, dtype):
     cost, source_mask, target_mask = padded_instance("cosine", dtype=torch.float32)
     reg = 0.1
     res = sinkhorn(cost.to(dtype), source_mask, target_mask, reg=reg, n_iters=200)
@@ -387,7 +394,7 @@ def test_under_bfloat16_autocast(grad_mode):
 
 
 @pytest.mark.parametrize("backend, grad_mode", SOLVER_MODES)
-def test_nan_in_padded_costs_does_not_leak(backend, grad_mode):
+def test_nan_in_padded_costs_does_not_leak(domain, backend, grad_mode):
     cost, source_mask, target_mask = padded_instance("uniform", dtype=torch.float32)
     pair_mask = source_mask[:, :, None] & target_mask[:, None, :]
     poisoned = cost.masked_fill(~pair_mask, float("nan")).requires_grad_(True)
@@ -404,32 +411,31 @@ def test_nan_in_padded_costs_does_not_leak(backend, grad_mode):
 # 7. Early stopping and input validation.
 
 
-def test_tol_stops_early_and_matches_full_run(monkeypatch):
+def test_tol_stops_early_and_matches_full_run(domain):
     cost, source_mask, target_mask = padded_instance("cosine", dtype=torch.float32)
     full = sinkhorn(cost, source_mask, target_mask, reg=0.05, n_iters=2000)
-    calls = count_iterations(monkeypatch)
-    early = sinkhorn(cost, source_mask, target_mask, reg=0.05, n_iters=2000, tol=1e-6, check_every=10)
+    kwargs = dict(reg=0.05, n_iters=2000, tol=1e-6, check_every=10)
+    early = sinkhorn(cost, source_mask, target_mask, **kwargs)
 
-    assert calls[0] % 2 == 0 and 0 < calls[0] // 2 < 2000, f"expected an early stop, ran {calls[0] // 2} iterations"
-    assert (calls[0] // 2) % 10 == 0, "stops only at a check (every `check_every` iterations)"
+    assert 0 < early.n_iters < 2000, f"expected an early stop, ran {early.n_iters} iterations"
+    assert early.n_iters % 10 == 0, "stops only at a check (every `check_every` iterations)"
+    assert_reports_iterations_run(early, cost, source_mask, target_mask, **kwargs)
     torch.testing.assert_close(early.plan, full.plan, atol=1e-6, rtol=0)
     torch.testing.assert_close(early.cost, full.cost, atol=1e-6, rtol=0)
     torch.testing.assert_close(early.plan.sum(dim=2), uniform_weights(source_mask), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("empty_side", ["source", "target"])
-def test_tol_stops_early_with_an_empty_pair_in_the_batch(monkeypatch, empty_side):
+def test_tol_stops_early_with_an_empty_pair_in_the_batch(domain, empty_side):
     """A pair with no real token on one side has nothing to converge; it must not keep the batch iterating."""
     cost, source_mask, target_mask = padded_instance("cosine", dtype=torch.float32)
     kwargs = dict(reg=0.05, n_iters=2000, tol=1e-6, check_every=10)
-    calls = count_iterations(monkeypatch)
-    sinkhorn(cost, source_mask, target_mask, **kwargs)
-    iterations_without = calls[0] // 2
+    iterations_without = sinkhorn(cost, source_mask, target_mask, **kwargs).n_iters
     (source_mask if empty_side == "source" else target_mask)[1] = False
-    calls[0] = 0
     res = sinkhorn(cost, source_mask, target_mask, **kwargs)
 
-    assert calls[0] // 2 == iterations_without < 2000
+    assert res.n_iters == iterations_without < 2000
+    assert_reports_iterations_run(res, cost, source_mask, target_mask, **kwargs)
     assert torch.all(res.plan[1] == 0) and res.cost[1].item() == 0.0
 
 
@@ -471,12 +477,37 @@ def test_two_dimensional_cost_raises():
         sinkhorn(torch.rand(3, 5))
 
 
+def test_domain_follows_the_kernel_span(monkeypatch):
+    """The span of the log kernel, (max C - min C) / eps over the real pairs, picks the domain: scaling up to 29.6 in
+    fp32 and 236 in fp64, log above."""
+    ran = []
+    for name in ("_scaling_iterations", "_log_iterations"):
+        original = getattr(ot_module, name)
+        monkeypatch.setattr(ot_module, name, functools.partial(lambda f, n, *a: ran.append(n) or f(*a), original, name))
+    cost, source_mask, target_mask = padded_instance("cosine", dtype=torch.float32)
+    span = (cost.amax() - cost.amin()).item()  # at least the span over the real pairs, and not far above it
+    for reg in (span / 10, span / 1000, span / 100):
+        sinkhorn(cost, source_mask, target_mask, reg=reg, n_iters=5)
+    sinkhorn(cost.double(), source_mask, target_mask, reg=span / 100, n_iters=5)
+    assert ran == ["_scaling_iterations", "_log_iterations", "_log_iterations", "_scaling_iterations"]
+
+
+def test_scaling_domain_would_overflow_where_the_span_rule_refuses_it(monkeypatch):
+    """Why the rule exists: at eps = 1e-3 on costs in [0, 2] in fp32 the kernel underflows and the scalings blow up."""
+    cost, source_mask, target_mask = padded_instance("cosine", dtype=torch.float32)
+    chosen = sinkhorn(cost, source_mask, target_mask, reg=1e-3, n_iters=3000)
+    monkeypatch.setattr(ot_module, "_scaling_shift", functools.partial(ot_module._scaling_shift, max_span=math.inf))
+    forced = sinkhorn(cost, source_mask, target_mask, reg=1e-3, n_iters=3000)
+    assert chosen.marginal_error.max() < ot_module.UNCONVERGED_L1
+    assert forced.marginal_error.max() > 1.0
+
+
 # 8. Batch invariance.
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 @pytest.mark.parametrize("grad_mode", ["envelope", "autodiff"])
-def test_padded_batch_equals_each_pair_alone(dtype, atol, grad_mode):
+def test_padded_batch_equals_each_pair_alone(domain, dtype, atol, grad_mode):
     cost, source_mask, target_mask = padded_instance("cosine", dtype=dtype)
     # Few iterations, far from convergence: padding must not change the iterates themselves.
     res = sinkhorn(cost, source_mask, target_mask, reg=0.05, n_iters=20, grad=grad_mode)
@@ -504,16 +535,17 @@ def test_nonfinite_cost_between_real_tokens_raises(bad):
 # 9. Convergence diagnostics.
 
 
-def test_result_reports_iterations_and_marginal_error(monkeypatch):
+def test_result_reports_iterations_and_marginal_error(domain):
     cost, source_mask, target_mask = padded_instance("cosine")
     a = uniform_weights(source_mask, dtype=torch.float64)
     few = sinkhorn(cost, source_mask, target_mask, reg=0.01, n_iters=3)
     assert few.n_iters == 3
     torch.testing.assert_close(few.marginal_error, (few.plan.sum(dim=2) - a).abs().sum(dim=1), atol=1e-12, rtol=0)
     assert few.marginal_error.max() > ot_module.UNCONVERGED_L1, "3 iterations at reg 0.01 must not converge"
-    calls = count_iterations(monkeypatch)
-    early = sinkhorn(cost, source_mask, target_mask, reg=0.1, n_iters=5000, tol=1e-10, check_every=10)
-    assert early.n_iters == calls[0] // 2 < 5000 and early.n_iters % 10 == 0
+    kwargs = dict(reg=0.1, n_iters=5000, tol=1e-10, check_every=10)
+    early = sinkhorn(cost, source_mask, target_mask, **kwargs)
+    assert early.n_iters < 5000 and early.n_iters % 10 == 0
+    assert_reports_iterations_run(early, cost, source_mask, target_mask, **kwargs)
     assert early.marginal_error.max() < 1e-10
     assert few.reg.shape == (BATCH,) and torch.all(few.reg == 0.01)
 
@@ -590,7 +622,7 @@ def weighted_means(x, mask, weights):
     return torch.einsum("bn,bnd->bd", uniform_weights(mask, weights, x.dtype), x)
 
 
-def test_divergence_large_reg_is_the_squared_distance_of_the_means():
+def test_divergence_large_reg_is_the_squared_distance_of_the_means(domain):
     x, x_mask, x_w, y, y_mask, y_w = token_clouds()
     divergence = sinkhorn_divergence(x, x_mask, y, y_mask, reg=1e5, x_weights=x_w, y_weights=y_w, n_iters=20)
     expected = (weighted_means(x, x_mask, x_w) - weighted_means(y, y_mask, y_w)).pow(2).sum(dim=1)
@@ -609,7 +641,7 @@ def test_small_reg_matches_exact_sqeuclidean_ot():
 
 @pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
 @pytest.mark.parametrize("reg", [0.01, 0.1, 1.0])
-def test_divergence_is_nonnegative_and_zero_on_identical_inputs(cost, reg):
+def test_divergence_is_nonnegative_and_zero_on_identical_inputs(domain, cost, reg):
     x, x_mask, x_w, y, y_mask, y_w = token_clouds(seed=2)
     kwargs = dict(reg=reg, cost=cost, n_iters=3000, tol=1e-12)
     result = sinkhorn_divergence(x, x_mask, y, y_mask, x_weights=x_w, y_weights=y_w, return_result=True, **kwargs)
@@ -635,7 +667,7 @@ def test_sqeuclidean_ot_with_weights_bounds_the_squared_distance_of_the_means():
 
 
 @pytest.mark.parametrize("grad_mode", ["envelope", "autodiff"])
-def test_divergence_padded_batch_equals_each_pair_alone(grad_mode):
+def test_divergence_padded_batch_equals_each_pair_alone(domain, grad_mode):
     x, x_mask, x_w, y, y_mask, y_w = token_clouds(seed=3)
     x_nan = x.masked_fill(~x_mask[..., None], float("nan"))  # padding may hold anything
     kwargs = dict(reg=0.05, n_iters=20, grad=grad_mode)
@@ -649,7 +681,7 @@ def test_divergence_padded_batch_equals_each_pair_alone(grad_mode):
         torch.testing.assert_close(padded[k], alone[0], atol=1e-12, rtol=0)
 
 
-def test_divergence_gradient_and_empty_pairs():
+def test_divergence_gradient_and_empty_pairs(domain):
     x, x_mask, _, y, y_mask, _ = token_clouds(seed=4)
     x_mask[1] = False
     x.requires_grad_(True)
@@ -676,7 +708,7 @@ def weighted_instance(seed=0):
 
 
 @pytest.mark.parametrize("rho", [0.02, 0.3, 3.0])
-def test_semi_relaxed_matches_pot_unbalanced_per_pair(rho):
+def test_semi_relaxed_matches_pot_unbalanced_per_pair(domain, rho):
     cost, source_mask, target_mask, source_weights, target_weights = weighted_instance()
     reg = 0.05
     res = sinkhorn(cost, source_mask, target_mask, reg=reg, rho=rho, source_weights=source_weights,
@@ -698,7 +730,7 @@ def test_semi_relaxed_matches_pot_unbalanced_per_pair(rho):
         torch.testing.assert_close(res.value[k], log["total_cost"], atol=COST_ATOL_F64, rtol=0)
 
 
-def test_semi_relaxed_limits_are_balanced_ot_and_the_row_softmax():
+def test_semi_relaxed_limits_are_balanced_ot_and_the_row_softmax(domain):
     cost, source_mask, target_mask = padded_instance("cosine")
     source_mask[3] = False  # a pair with no source token: zero plan and value
     reg = 0.05
