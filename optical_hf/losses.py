@@ -332,12 +332,14 @@ class OTDistillationLoss(nn.Module):
 
         Each training row is ``(low-resource sentence, English translation)``. The student embeds the first column
         token by token, the teacher (frozen, under ``torch.no_grad()``, never seen by the optimizer) embeds the
-        second; by default the cost between tokens is ``1 - cosine``, the marginals are uniform over content tokens
-        (padding, special and prompt tokens excluded, see the module docstring for why), the plan is entropic OT
-        solved by log-domain Sinkhorn in fp32, and the loss is the batch mean of ``<P, C>``. With
-        ``marginals="pooling"`` each side's OT weights are those of its own ``Pooling`` module (its ``pooling_mode``
-        and ``include_prompt``). Optional sentence-level and contrastive terms between the pooled embeddings are
-        added with ``sentence_weight`` and ``contrastive_weight``, and late-interaction terms (semi-relaxed OT,
+        second. The default objective (``OTLossConfig()``, the recipe that won on our dev benchmark) is the Sinkhorn
+        divergence between the two token clouds with the squared Euclidean cost, each side's OT weights those of its
+        own ``Pooling`` module (``marginals="pooling"``: its ``pooling_mode`` and ``include_prompt``), relative
+        ``reg=1``, at weight 0.1, plus an in-batch contrastive term between the pooled embeddings at weight 1.
+        ``cost="cosine", marginals="content", debias=False`` is the paper's ``<P, C>`` with uniform weights over
+        content tokens (padding, special and prompt tokens excluded, see the module docstring for why). The plans
+        are solved by Sinkhorn in fp32 (:mod:`optical_hf.ot`). A sentence-level term between the pooled embeddings
+        is added with ``sentence_weight``, and late-interaction terms (semi-relaxed OT,
         hard token alignment, MaxSim score distillation) with ``transport``, ``hard_alignment_weight`` and
         ``maxsim_distill_weight``. Returns the enabled terms of :func:`distillation_losses` (``{"ot": ...,
         "sentence": ..., ...}``) so the trainer logs each component.
@@ -373,13 +375,12 @@ class OTDistillationLoss(nn.Module):
         Example::
 
             from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-            from optical_hf import NonFiniteLossCallback, OTDistillationDataCollator, OTDistillationLoss, OTLossConfig
-            from optical_hf import load_bitext
+            from optical_hf import NonFiniteLossCallback, OTDistillationDataCollator, OTDistillationLoss, load_bitext
 
             teacher = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
             student = SentenceTransformer("intfloat/multilingual-e5-small")
             train = load_bitext("train.sw", "train.en")  # columns "source" (Swahili), "target" (English)
-            loss = OTDistillationLoss(student, teacher, config=OTLossConfig(reg=0.1))
+            loss = OTDistillationLoss(student, teacher)  # the default recipe, OTLossConfig()
             trainer = SentenceTransformerTrainer(
                 model=student, train_dataset=train, loss=loss, callbacks=[NonFiniteLossCallback()],
                 data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess),

@@ -1,4 +1,4 @@
-"""Batched, masked entropic optimal transport (log-domain Sinkhorn) and the Sinkhorn divergence.
+"""Batched, masked entropic optimal transport (Sinkhorn, in the scaling or the log domain) and the Sinkhorn divergence.
 
 For each pair ``b`` of a batch, :func:`sinkhorn` solves
 
@@ -87,6 +87,7 @@ class OTResult:
         marginal_error: ``(batch,)`` L1 error of the row marginals after the last iteration (the column marginals are
             exact after the last column update; a semi-relaxed problem's row marginals are its exact side); 0 for a
             pair with no real token on a side.
+        domain: ``"scaling"`` or ``"log"``: where the iterations ran (the kernel's span decides, see ``_solve``).
     """
 
     plan: torch.Tensor
@@ -95,6 +96,7 @@ class OTResult:
     reg: torch.Tensor
     n_iters: int
     marginal_error: torch.Tensor
+    domain: Literal["scaling", "log"]
 
 
 @dataclass
@@ -372,7 +374,7 @@ def _solve(
     linear = (plan * problem.cost).sum(dim=(1, 2))
     return OTResult(
         plan=plan, cost=linear, value=linear + eps * kl + penalty, reg=eps, n_iters=iterations,
-        marginal_error=row_error,
+        marginal_error=row_error, domain="log" if shift is None else "scaling",
     )
 
 
@@ -592,4 +594,4 @@ def _pot_sinkhorn(problem: _Problem, *, reg: float, n_iters: int, tol: float | N
     error = (plan.sum(dim=2) - a).abs().sum(dim=1) * problem.solvable
     value = torch.where(problem.solvable, res.value.detach(), 0.0)
     return OTResult(plan=plan, cost=linear, value=value, reg=eps, n_iters=int(res.log["n_iter"]) + 1,
-                    marginal_error=error)
+                    marginal_error=error, domain="log")

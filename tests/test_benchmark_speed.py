@@ -81,9 +81,11 @@ def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
 
     (config,) = saved["ot_core"]
     assert set(config["equal_iters"]) == {
-        "ours_envelope", "ours_autodiff", "pot_solve_batch_envelope",
+        "ours_envelope", "ours_autodiff", "pot_solve_batch_envelope", "pot_solve_batch_scaling_envelope",
         "pot_sinkhorn_log_loop_envelope", "pot_sinkhorn_log_loop_autodiff",
     }
+    assert config["equal_iters"]["pot_solve_batch_scaling_envelope"]["domain"] == "scaling"
+    assert config["equal_iters"]["ours_envelope"]["domain"] in ("scaling", "log")
     for setting in ("equal_iters", "equal_tol"):
         for name, row in config[setting].items():
             assert row["finite"], (setting, name)
@@ -92,7 +94,7 @@ def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
     assert {row["iters_max"] for row in equal_iters.values()} == {5}  # --quick runs 5 iterations everywhere
     assert equal_iters["ours_autodiff"]["peak_mem_mb"] > equal_iters["ours_envelope"]["peak_mem_mb"]
     # --quick: tol 1e-3 within 500 iterations; ours and POT with the L1-guaranteeing tol reach it, on the same plan
-    for name in ("ours_envelope", "pot_solve_batch_envelope_l1"):
+    for name in ("ours_envelope", "pot_solve_batch_envelope_l1", "pot_solve_batch_scaling_envelope_l1"):
         assert equal_tol[name]["iters_max"] < 500
         assert max(equal_tol[name]["row_marginal_l1_max"], equal_tol[name]["col_marginal_l1_max"]) < 1e-3
     assert equal_tol["pot_solve_batch_envelope_l1"]["tol_passed"] < equal_tol["pot_solve_batch_envelope"]["tol_passed"]

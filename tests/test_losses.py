@@ -345,6 +345,35 @@ def test_default_tolerance_stops_early_at_the_value_of_the_full_solve(monkeypatc
     assert early.item() == pytest.approx(full.item(), rel=1e-4)
 
 
+def test_default_recipe_runs_in_the_scaling_domain_at_the_log_domain_values(monkeypatch):
+    """The default objective's Sinkhorn solves take the cheaper scaling-domain iterations; forced into the log domain,
+    the same solves give the same terms and gradients (fp32 rounding apart)."""
+    import optical_hf.ot as ot
+
+    g = torch.Generator().manual_seed(3)
+    student = (3 * torch.randn(8, 12, 16, generator=g)).requires_grad_(True)
+    teacher = 3 * torch.randn(8, 15, 16, generator=g)
+    s_weights, t_weights = torch.ones(8, 12), torch.ones(8, 15)
+    s_weights[:, 9:] = 0  # padding
+    t_weights[2:, 11:] = 0
+
+    def objective():
+        losses = distillation_losses(student, s_weights, teacher, t_weights, OTLossConfig(), student.mean(dim=1),
+                                     teacher.mean(dim=1))
+        (grad,) = torch.autograd.grad(sum(losses.values()), student)
+        return {k: v.item() for k, v in losses.items()}, grad
+
+    domains, run = [], ot._scaling_iterations
+    monkeypatch.setattr(ot, "_scaling_iterations", lambda *a: domains.append("scaling") or run(*a))
+    scaling_terms, scaling_grad = objective()
+    assert domains == ["scaling"] * 3
+    monkeypatch.setattr(ot, "_scaling_shift", lambda rows, problem: None)
+    log_terms, log_grad = objective()
+    assert domains == ["scaling"] * 3, "the log domain was forced"
+    assert scaling_terms == pytest.approx(log_terms, rel=1e-5)
+    torch.testing.assert_close(scaling_grad, log_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_trains_with_debiased_sqeuclidean_pooling_ot(model_dirs, bitext, tmp_path):
     student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
     _, logs = _train(student, teacher, bitext, tmp_path, steps=10, cost="sqeuclidean", marginals="pooling",
