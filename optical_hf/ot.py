@@ -205,6 +205,11 @@ class _Problem:
         """``(batch,)`` bool: the pair has at least one real token on each side."""
         return self.pair_mask.flatten(1).any(dim=1)
 
+    def log_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log a`` and ``log b``, finite (``log tiny``) on padded tokens."""
+        tiny = torch.finfo(self.a.dtype).tiny
+        return self.a.clamp_min(tiny).log(), self.b.clamp_min(tiny).log()
+
     def independent_cost(self) -> torch.Tensor:
         """``(batch,)`` detached ``<a (x) b, C>``: the cost scale that relative ``reg`` multiplies."""
         with torch.no_grad():
@@ -274,7 +279,7 @@ def _log_iterations(
     entry, so no ``-inf - (-inf)`` appears in values or gradients. The column kernel is a contiguous transposed copy so
     that both reductions run over the last dimension.
     """
-    log_a, log_b = (w.clamp_min(torch.finfo(w.dtype).tiny).log() for w in (problem.a, problem.b))
+    log_a, log_b = problem.log_weights()
     cols = (-problem.cost / eps.view(-1, 1, 1)).masked_fill(~problem.source_mask.unsqueeze(2), float("-inf"))
     cols = cols.transpose(1, 2).contiguous()
     v = torch.zeros_like(problem.b)
@@ -353,8 +358,7 @@ def _solve(
     converge far more slowly. ``rho`` (``(batch,)``, absolute) relaxes the column marginals:
     ``v = log b - rho / (rho + eps) * LSE_i(K + u)`` (derived in :func:`sinkhorn`).
     """
-    tiny = torch.finfo(problem.a.dtype).tiny
-    log_a, log_b = problem.a.clamp_min(tiny).log(), problem.b.clamp_min(tiny).log()
+    log_a, log_b = problem.log_weights()
     relax = 1.0 if rho is None else (rho / (rho + eps)).unsqueeze(1)
     with torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled()):
         rows = _log_kernel(problem, eps)
