@@ -1,4 +1,4 @@
-"""Batched, masked entropic optimal transport (Sinkhorn, in the scaling or the log domain) and the Sinkhorn divergence.
+"""Batched, masked entropic optimal transport (Sinkhorn, scaling or log domain) and the Sinkhorn divergence.
 
 For each pair ``b`` of a batch, :func:`sinkhorn` solves
 
@@ -250,11 +250,6 @@ def _absolute_reg(problem: _Problem, reg: float, relative_reg: bool) -> torch.Te
     return torch.where(problem.solvable, eps, 1.0)
 
 
-def _log_kernel(problem: _Problem, eps: torch.Tensor) -> torch.Tensor:
-    """``(batch, n, m)`` log kernel ``-C / eps`` with ``-inf`` on the padded target columns (the row update's mask)."""
-    return (-problem.cost / eps.view(-1, 1, 1)).masked_fill(~problem.target_mask.unsqueeze(1), float("-inf"))
-
-
 def _scaling_shift(rows: torch.Tensor, problem: _Problem, max_span: float | None = None) -> torch.Tensor | None:
     """``(batch,)`` detached max of the log kernel ``rows`` over each pair's real entries, or ``None`` when the scaling
     domain is unsafe: some pair's kernel spans more than ``max_span`` (default ``log(dtype max) / 3``: 29.6 in fp32,
@@ -270,8 +265,8 @@ def _scaling_shift(rows: torch.Tensor, problem: _Problem, max_span: float | None
 
 
 def _log_iterations(
-    problem: _Problem, rows: torch.Tensor, eps: torch.Tensor, n_iters: int, tol: float | None, check_every: int,
-    symmetric: bool, relax: torch.Tensor | float,
+    problem: _Problem, log_kernel: torch.Tensor, rows: torch.Tensor, n_iters: int, tol: float | None,
+    check_every: int, symmetric: bool, relax: torch.Tensor | float,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Log-domain updates ``u = log a - LSE_j(K + v)``, ``v = log b - relax * LSE_i(K + u)``, stable for any ``eps``.
 
@@ -280,8 +275,7 @@ def _log_iterations(
     that both reductions run over the last dimension.
     """
     log_a, log_b = problem.log_weights()
-    cols = (-problem.cost / eps.view(-1, 1, 1)).masked_fill(~problem.source_mask.unsqueeze(2), float("-inf"))
-    cols = cols.transpose(1, 2).contiguous()
+    cols = log_kernel.masked_fill(~problem.source_mask.unsqueeze(2), float("-inf")).transpose(1, 2).contiguous()
     v = torch.zeros_like(problem.b)
     for it in range(n_iters):
         if symmetric:
@@ -361,10 +355,11 @@ def _solve(
     log_a, log_b = problem.log_weights()
     relax = 1.0 if rho is None else (rho / (rho + eps)).unsqueeze(1)
     with torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled()):
-        rows = _log_kernel(problem, eps)
+        log_kernel = -problem.cost / eps.view(-1, 1, 1)
+        rows = log_kernel.masked_fill(~problem.target_mask.unsqueeze(1), float("-inf"))  # the row update's mask
         shift = _scaling_shift(rows, problem)
         if shift is None:
-            u, v, iterations = _log_iterations(problem, rows, eps, n_iters, tol, check_every, symmetric, relax)
+            u, v, iterations = _log_iterations(problem, log_kernel, rows, n_iters, tol, check_every, symmetric, relax)
         else:
             u, v, iterations = _scaling_iterations(problem, rows, shift, n_iters, tol, check_every, symmetric, relax)
         log_plan = (rows + u.unsqueeze(2) + v.unsqueeze(1)).masked_fill(~problem.pair_mask, float("-inf"))
@@ -556,7 +551,8 @@ def sinkhorn_divergence(
 
     Returns:
         ``(batch,)`` divergences (0 for a pair with no real token on a side), or a :class:`DivergenceResult`. Four host
-        syncs per call (a domain choice per problem and the report; plus ``tol`` checks); an unconverged solve warns once per process as in :func:`sinkhorn`.
+        syncs per call (a domain choice per problem and the report; plus ``tol`` checks); an unconverged solve warns
+        once per process as in :func:`sinkhorn`.
     """
     _check_options(reg, n_iters, grad, check_every, tol)
     with torch.autocast(device_type=x.device.type, enabled=False):

@@ -18,8 +18,9 @@ from torch.nn.functional import cosine_similarity
 import optical_hf.ot as ot_module
 from optical_hf.ot import OTResult, pairwise_cost, sinkhorn, sinkhorn_divergence, uniform_weights
 
-# Tolerances. In float64 both solvers run the same log-domain fixed-point iteration, so once converged (marginal error
-# far below 1e-10) plans agree to rounding: 1e-8 absolute on plan entries of size ~1/(n*m) ~ 1e-2 leaves a wide margin.
+# Tolerances. In float64 both solvers run the same fixed-point iteration (ours in either domain), so once converged
+# (marginal error far below 1e-10) plans agree to rounding: 1e-8 absolute on plan entries of size ~1/(n*m) ~ 1e-2
+# leaves a wide margin.
 PLAN_ATOL_F64 = 1e-8
 COST_ATOL_F64 = 1e-8
 # Same iteration count and the same update order as ot.solve_batch: the two agree to rounding even before convergence.
