@@ -11,37 +11,63 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .errors import NonFiniteLossError
 
-__all__ = ["NonFiniteLossCallback", "gradient_norm"]
+__all__ = ["NonFiniteLossCallback"]
 
 _ADVICE = "lower the learning rate, or check the loss settings (e.g. the OT epsilon) and the data"
-
-
-def gradient_norm(model: nn.Module) -> float | None:
-    """L2 norm of all the gradients held by ``model``'s parameters (``None`` when none holds one)."""
-    grads = [param.grad for param in model.parameters() if param.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
 class NonFiniteLossCallback(TrainerCallback):
     """Stop training with :class:`NonFiniteLossError` at the first step whose gradients or logged loss are not finite.
 
-    Before every optimizer step (after the Trainer's gradient clipping) the norm of the gradients is checked: a NaN or
-    infinite loss makes them non-finite, so training stops at the step it happens, before NaN reaches the weights or
-    a checkpoint. Each logged ``loss`` and ``grad_norm`` is checked too (a backstop for set-ups whose gradients do not
-    live on the parameters, such as DeepSpeed ZeRO). :class:`OTDistillationTrainer` installs it by default; add it to
-    other Trainers with ``callbacks=[NonFiniteLossCallback()]``.
+    Before every optimizer step the norm of that step's gradients is checked, as they were before the Trainer clipped
+    them: a NaN or infinite loss makes them non-finite, and so do finite gradients too large for the norm to be
+    represented (the Trainer's clipping would then scale them to zero or NaN, and the step would silently train
+    nothing). Training stops at the step it happens, before the weights or a checkpoint get it. The norms are taken by
+    a post-accumulate-grad hook on each trainable parameter (one norm per parameter and micro-batch, one host read per
+    optimizer step), because callbacks run after the clipping. Each logged ``loss`` and ``grad_norm`` is checked too
+    (a backstop for set-ups whose gradients do not live on the parameters, such as DeepSpeed ZeRO).
+    :class:`OTDistillationTrainer` installs it by default; add it to other Trainers with
+    ``callbacks=[NonFiniteLossCallback()]``.
     """
 
-    def on_pre_optimizer_step(
+    def __init__(self) -> None:
+        self._norms: dict[int, torch.Tensor] = {}
+        self._hooks: list[Any] = []
+
+    def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        norm = gradient_norm(model) if model is not None else None
-        if norm is not None and not math.isfinite(norm):
+        self._remove_hooks()
+        for param in model.parameters() if model is not None else ():
+            if param.requires_grad:
+                self._hooks.append(param.register_post_accumulate_grad_hook(self._record))
+
+    def _record(self, param: torch.Tensor) -> None:
+        self._norms[id(param)] = torch.linalg.vector_norm(param.grad.detach())
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._norms = [], {}
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        norms, self._norms = self._norms, {}
+        if not norms:
+            return
+        norm = float(torch.linalg.vector_norm(torch.stack([value.float().cpu() for value in norms.values()])))
+        if not math.isfinite(norm):
+            self._remove_hooks()
             raise NonFiniteLossError(
                 f"training step {state.global_step + 1}: the gradient norm is {norm} (the loss or the gradients are "
-                f"NaN or infinite); stopped before this step's optimizer update, so the weights stay finite: {_ADVICE}"
+                f"NaN or infinite, or too large to represent); stopped before this step's optimizer update, so the "
+                f"weights stay as they were: {_ADVICE}"
             )
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._remove_hooks()
 
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -6,7 +6,9 @@
 
 Expected failures print one ``optical-hf: error: ...`` message on stderr, without a traceback, and exit with
 :data:`EXIT_BAD_INPUT` (bad file, flag value, model path..., or a training whose loss became NaN) or
-:data:`EXIT_PUSH_FAILED` (the Hub upload failed; the message says how to retry). ``optical-hf --debug COMMAND ...`` or
+:data:`EXIT_PUSH_FAILED` (the Hub upload failed; the message says how to retry). Ctrl-C prints one line, what was kept
+(the previous student folder, the last complete checkpoint) and the command that resumes, and exits with
+:data:`EXIT_INTERRUPTED` (130). ``optical-hf --debug COMMAND ...`` or
 ``OPTICAL_HF_DEBUG=1`` shows the traceback instead. Any other exception is a bug (ours or a library's) and keeps its
 traceback.
 """
@@ -19,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 PROG = "optical-hf"
 EXIT_PUSH_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 #: Errors reported as bad input: the library's checks of the user's input (OpticalInputError, which BitextError and
 #: CorpusFormatError are), a user path that is missing or unusable, and a training whose loss or gradients became NaN
 #: (the usual causes are flag values: learning rate, OT epsilon).
@@ -64,7 +68,37 @@ def _distill(argv: list[str]) -> None:
     )
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    run(distill_args, loss_config, training_args)
+    try:
+        run(distill_args, loss_config, training_args)
+    except KeyboardInterrupt:
+        raise Interrupted(_kept_after_interrupt(Path(training_args.output_dir), argv)) from None
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the message says what was kept and how to go on; ``optical-hf`` exits with :data:`EXIT_INTERRUPTED`."""
+
+
+def _kept_after_interrupt(output_dir: Path, argv: list[str]) -> str:
+    """What an interrupted ``distill`` left in ``output_dir`` and the command that goes on from there."""
+    from .export import is_student_folder
+    from .recipe import last_complete_checkpoint
+
+    kept = []
+    if output_dir.is_dir() and is_student_folder(output_dir):
+        kept.append(f"the previous student in {output_dir} is unchanged")
+    try:
+        checkpoint = last_complete_checkpoint(output_dir)
+    except OpticalInputError:
+        checkpoint = None
+    rest = [arg for i, arg in enumerate(argv) if not (arg.startswith("--resume_from_checkpoint")
+                                                       or (i and argv[i - 1] == "--resume_from_checkpoint"))]
+    if checkpoint is None:
+        kept.append("no complete checkpoint was saved yet (see --save_strategy); start again with: "
+                    + shlex.join([PROG, "distill", *rest]))
+    else:
+        kept.append(f"the last complete checkpoint is {checkpoint}; resume with: "
+                    + shlex.join([PROG, "distill", *rest, "--resume_from_checkpoint", "latest"]))
+    return "interrupted: " + "; ".join(kept)
 
 
 def _card_defaults(model: str) -> StudentCardInfo | None:
@@ -258,6 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _evaluate(args)
             else:
                 _push(args)
+    except Interrupted as interrupted:
+        print(f"{PROG}: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted: nothing was changed", file=sys.stderr)  # evaluate writes last; push is one commit
+        return EXIT_INTERRUPTED
     except Exception as err:
         status = _exit_status(err)
         if status is None or debug:

@@ -103,15 +103,18 @@ def _trec_order(ranking: Mapping[str, float]) -> list[tuple[str, float]]:
     return sorted(ranking.items(), key=lambda item: (item[1], item[0]), reverse=True)
 
 
-def compute_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Ranking metrics of ``run`` against ``qrels``, averaged over queries, computed by ``pytrec_eval``.
+def per_query_metrics(
+    qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Ranking metrics of ``run`` against ``qrels`` for each query, computed by ``pytrec_eval``.
 
     Every query of ``qrels`` with at least one relevant (relevance > 0) document counts; a query missing from ``run``
     scores 0. ``mrr@10`` is trec_eval's ``recip_rank`` on the run cut to its top 10; ``map`` and ``recall@100`` are
-    bounded by the depth of ``run`` (100 documents for :func:`retrieve`'s default).
+    bounded by the depth of ``run`` (100 documents for :func:`retrieve`'s default). Paired significance tests
+    between two systems compare these values query by query.
 
     Returns:
-        ``{"mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100"}`` -> mean over queries.
+        ``{qid: {"mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100"}}``, queries in ``qrels`` order.
     """
     judged = {
         qid: {docid: int(relevance) for docid, relevance in judgements.items()}
@@ -127,12 +130,25 @@ def compute_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Ma
     other_measures = {measure for name, measure in TREC_MEASURES.items() if name != "mrr@10"}
     per_query_top = pytrec_eval.RelevanceEvaluator(judged, {mrr_measure}).evaluate(top_run)
     per_query_full = pytrec_eval.RelevanceEvaluator(judged, other_measures).evaluate(full_run)
+    return {
+        qid: {name: (per_query_top if measure == mrr_measure else per_query_full).get(qid, {}).get(measure, 0.0)
+              for name, measure in TREC_MEASURES.items()}
+        for qid in judged
+    }
 
-    metrics: dict[str, float] = {}
-    for name, measure in TREC_MEASURES.items():
-        per_query = per_query_top if measure == mrr_measure else per_query_full
-        metrics[name] = sum(per_query.get(qid, {}).get(measure, 0.0) for qid in judged) / len(judged)
-    return metrics
+
+def compute_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """:func:`per_query_metrics` averaged over the judged queries.
+
+    Returns:
+        ``{"mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100"}`` -> mean over queries.
+    """
+    return mean_metrics(per_query_metrics(qrels, run))
+
+
+def mean_metrics(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The mean over queries of :func:`per_query_metrics`' values."""
+    return {name: sum(values[name] for values in per_query.values()) / len(per_query) for name in TREC_MEASURES}
 
 
 def search_timing(
@@ -213,7 +229,8 @@ class CLIREvaluator(InformationRetrievalEvaluator):
     (``"{name}_mrr@10"``, ...); the primary metric is ``mrr@10``. Metrics are stored in the model card data and, when
     ``output_path`` is given, appended to ``clir_evaluation_{name}_results.csv``. Queries without a relevant document
     are skipped, as in the parent class. Index memory and query latency of the last call are kept in
-    :attr:`last_timing` (:func:`search_timing`).
+    :attr:`last_timing` (:func:`search_timing`), its per-query metrics in :attr:`last_per_query`
+    (:func:`per_query_metrics`).
 
     Args:
         data: the retrieval task (e.g. :func:`optical_hf.corpora.load_afriqa_gold`); graded qrels are kept for nDCG.
@@ -269,6 +286,7 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         self.primary_metric = "mrr@10"
         self._corpus_embeddings = corpus_embeddings
         self.last_timing: dict[str, float] = {}
+        self.last_per_query: dict[str, dict[str, float]] = {}
 
     @property
     def corpus_embeddings(self) -> torch.Tensor:
@@ -289,7 +307,8 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         run = retrieve(query_embeddings, corpus, self.queries_ids, self.corpus_ids, top_k=self.top_k)
         self.last_timing = search_timing(corpus.nelement() * corpus.element_size(), len(self.queries), began, encoded,
                                          time.perf_counter())
-        return compute_metrics(self.qrels, run)
+        self.last_per_query = per_query_metrics(self.qrels, run)
+        return mean_metrics(self.last_per_query)
 
     def __call__(
         self, model: SentenceTransformer, output_path: str | None = None, epoch: float = -1, steps: int = -1

@@ -7,7 +7,9 @@ killed between the two renames is finished or undone by the next save or trainin
 
 Saving never deletes what optical_hf did not write: the destination must be missing, empty, a previous student folder
 (recognised by its ``.optical_hf_student`` marker or ``optical_hf.json``) or hold only what a Trainer writes there
-during training (``checkpoint-*``, ``runs/``, ``eval/``, carried over into the new folder). Any other folder is refused.
+during training (``checkpoint-*``, ``runs/``, ``eval/``). Any other folder is refused. The marker lists the files the
+save wrote (its manifest); when a student folder is saved again, every other file in it (a Trainer's outputs, files a
+user added) is carried over untouched into the new folder.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import glob
+import json
 import logging
 import os
 import secrets
@@ -40,7 +43,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-# Empty file that marks a folder written by save_student (with or without a model card).
+# Marks a folder written by save_student; holds its manifest, {"files": [the relative paths the save wrote]}.
 STUDENT_MARKER = ".optical_hf_student"
 # What a Trainer writes into its output_dir during training: accepted in a destination and carried into the new folder.
 TRAINER_OUTPUTS = ("checkpoint-*", "runs", "eval")
@@ -171,11 +174,12 @@ def save_student(
     (the base model sentence-transformers recorded when it loaded ``model`` from the Hub, and ``teacher``, the Hub id
     of the English teacher, when given). Every student folder holds the empty marker file ``.optical_hf_student``.
 
-    ``output_dir`` may be missing, empty, a previous student folder (replaced as a whole) or a folder holding only a
-    Trainer's outputs (``checkpoint-*``, ``runs/``, ``eval/``); those outputs are carried over untouched into the new
+    ``output_dir`` may be missing, empty, a previous student folder or a folder holding only a Trainer's outputs
+    (``checkpoint-*``, ``runs/``, ``eval/``). The files of a previous save (listed in its marker's manifest) are
+    replaced; every other file there (Trainer outputs, a user's own files) is carried over untouched into the new
     folder. Any other folder raises :class:`~optical_hf.errors.OpticalInputError` and nothing is written: the
-    student is never saved over files optical_hf did not write. The folder's permissions follow the umask. One save
-    per folder at a time.
+    student is never saved over files optical_hf did not write. Files and folders are created with the permissions
+    the umask gives (``0o666`` / ``0o777`` masked). One save per folder at a time.
 
     Returns:
         The folder written.
@@ -193,11 +197,43 @@ def save_student(
         if has_adapters(adapter_model):
             _save_adapter(adapter_model, staging / ADAPTER_DIR)
         write_model_card(staging, card)
-        (staging / STUDENT_MARKER).touch()
+        _finish_staging(staging)
         _swap_in(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _finish_staging(staging: Path) -> None:
+    """Give everything in ``staging`` the umask's permissions (some writers create files ``0o600``, as
+    ``tempfile.mkstemp`` does) and write the marker with the manifest of the files written."""
+    mask = _umask()
+    written = []
+    for path in sorted(staging.rglob("*")):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        if path.is_file():
+            written.append(path.relative_to(staging).as_posix())
+    marker = staging / STUDENT_MARKER
+    marker.write_text(json.dumps({"files": written}, indent=1) + "\n", encoding="utf-8")
+    marker.chmod(0o666 & ~mask)
+
+
+def _manifest(folder: Path) -> set[str] | None:
+    """The files a save wrote into ``folder`` (its marker's manifest); None for a folder without one (a student
+    saved by an earlier version, whose marker is empty, or a folder with an OPTICAL card only)."""
+    try:
+        files = json.loads((folder / STUDENT_MARKER).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return set(files) | {STUDENT_MARKER}
 
 
 def is_student_folder(folder: Path) -> bool:
@@ -270,8 +306,32 @@ def _swap_in(staging: Path, output_dir: Path) -> None:
 
 
 def _retire(old: Path, output_dir: Path) -> None:
-    """Move the Trainer outputs of the replaced folder ``old`` into ``output_dir`` (unless there already), delete it."""
-    for path in old.iterdir():
-        if _is_trainer_output(path.name) and not (output_dir / path.name).exists():
-            path.rename(output_dir / path.name)
+    """Carry what optical_hf did not write in the replaced folder ``old`` into ``output_dir``, then delete ``old``.
+
+    Trainer outputs (``checkpoint-*``, ``runs/``, ``eval/``) move as whole folders, unless ``output_dir`` has its own.
+    Any other file not in ``old``'s manifest (a user's file, at any depth) moves to the same relative path; if the
+    new save wrote a file of that name, the user's file is kept beside it as ``NAME.user-PID`` with a warning. For a
+    folder without a manifest, the files the new save wrote, ``adapter/`` and the card files count as optical_hf's.
+    """
+    ours = _manifest(old)
+    if ours is None:
+        ours = {path.relative_to(output_dir).as_posix() for path in output_dir.rglob("*")}
+        ours |= {STUDENT_MARKER, CARD_INFO_NAME, "README.md"}
+        ours |= {path.relative_to(old).as_posix() for path in (old / ADAPTER_DIR).rglob("*")}
+    for entry in old.iterdir():
+        if _is_trainer_output(entry.name):
+            if not (output_dir / entry.name).exists():
+                entry.rename(output_dir / entry.name)
+            continue
+        for path in [entry] if not entry.is_dir() or entry.is_symlink() else sorted(entry.rglob("*")):
+            relative = path.relative_to(old).as_posix()
+            if (path.is_dir() and not path.is_symlink()) or relative in ours:
+                continue
+            target = output_dir / relative
+            if target.exists() or target.is_symlink():
+                kept = target.with_name(f"{target.name}.user-{os.getpid()}")
+                logger.warning("Keeping your file %s as %s: the new student has a file of that name", target, kept)
+                target = kept
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
     shutil.rmtree(old)

@@ -12,6 +12,7 @@ modified, so a failed upload can simply be retried.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import shlex
@@ -61,6 +62,10 @@ JUNK_PATTERNS = [
     "trainer_state.json",
 ]
 # Root-level transformer weights and config, replaced by the adapter + the base model in an adapter-only push.
+# Files a sentence-transformers folder needs to load (configs, weights, tokenizer), in fnmatch syntax.
+LOAD_PATTERNS = [
+    "*.json", "*.safetensors", "*.bin", "*.model", "vocab*", "merges.txt", "tokenizer*", "*/*.json",
+]
 FULL_MODEL_PATTERNS = [
     "config.json",
     "model.safetensors",
@@ -115,7 +120,8 @@ def push_student(
     repo mirrors the student folder; ``.gitattributes`` is kept).
 
     Raises:
-        ValueError: bad ``repo_id``/``base_model``, or ``folder`` is not a student folder.
+        ValueError: bad ``repo_id``/``base_model``, or ``folder`` is not a student folder, or a file it needs to load
+            is missing or a symlink to outside the folder (checked before anything is sent).
         HubPushError: the Hub or the network failed; the message says how to retry.
     """
     folder = Path(folder).expanduser().resolve()
@@ -139,6 +145,7 @@ def push_student(
             f"An adapter-only push needs base_model, the Hub id the adapter in {folder / ADAPTER_DIR} applies to; "
             f"{folder / CARD_INFO_NAME} has none."
         )
+    files = _files_to_upload(folder, adapter_only=adapter_only)  # refuses a folder that would not load, before the Hub
     retry_command = _retry_command(
         folder, repo_id, adapter_only=adapter_only, base_model=base_model, private=private, revision=revision,
         endpoint=endpoint,
@@ -149,7 +156,7 @@ def push_student(
     except (*_HUB_ERRORS, ValueError) as err:
         raise _push_error(err, folder, repo_id, api.endpoint, retry_command) from err
     info = dataclasses.replace(info, model_id=repo_id, base_model=hub_base_model)
-    operations = _operations(folder, info, adapter_only=adapter_only)  # the card needs the repo id the Hub gave
+    operations = _operations(folder, info, files, adapter_only=adapter_only)  # the card needs the repo id the Hub gave
     try:
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
@@ -171,13 +178,16 @@ def push_student(
     return commit.commit_url
 
 
-def _operations(folder: Path, info: StudentCardInfo, *, adapter_only: bool) -> list[CommitOperationAdd]:
-    """The files of the push: the folder's files, the card re-rendered for ``info.model_id`` and the card info."""
+def _operations(
+    folder: Path, info: StudentCardInfo, files: list[str], *, adapter_only: bool
+) -> list[CommitOperationAdd]:
+    """The files of the push: ``files`` (:func:`_files_to_upload`), the card re-rendered for ``info.model_id`` and
+    the card info."""
     model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
     card = render_model_card(info, model, adapter_only=adapter_only)
     operations = [
         CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path))
-        for path in _files_to_upload(folder, adapter_only=adapter_only)
+        for path in files
     ]
     operations.append(CommitOperationAdd(path_in_repo=MODEL_CARD_NAME, path_or_fileobj=str(card).encode("utf-8")))
     operations.append(CommitOperationAdd(path_in_repo=CARD_INFO_NAME, path_or_fileobj=info.to_json().encode("utf-8")))
@@ -221,22 +231,30 @@ def _stale_file_deletions(
 def _files_to_upload(folder: Path, *, adapter_only: bool) -> list[str]:
     """Relative POSIX paths of the files of ``folder`` uploaded as they are (README and card info are re-rendered).
 
-    A symlink that points outside ``folder`` is skipped with a warning (its target is not part of the student).
+    A symlink that points outside ``folder`` is skipped with a warning (its target is not part of the student), unless
+    the model needs it to load (:data:`LOAD_PATTERNS`): then, as when the config or the weights of a full push are
+    missing, the push is refused with a ``ValueError`` naming the file, since the repo would not load.
     """
     ignore = [*JUNK_PATTERNS, f"{ADAPTER_DIR}/", STUDENT_MARKER, MODEL_CARD_NAME, CARD_INFO_NAME]
     if adapter_only:
         ignore.extend(FULL_MODEL_PATTERNS)
     paths = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    return [path for path in filter_repo_objects(paths, ignore_patterns=ignore) if _inside(folder, path)]
-
-
-def _inside(folder: Path, path: str) -> bool:
-    """Whether ``folder/path`` resolves inside ``folder`` (``folder`` is resolved); warns when it does not."""
-    target = (folder / path).resolve()
-    if target.is_relative_to(folder):
-        return True
-    logger.warning("Not uploading %s: it is a symlink to %s, outside %s", folder / path, target, folder)
-    return False
+    uploads = []
+    for path in filter_repo_objects(paths, ignore_patterns=ignore):
+        target = (folder / path).resolve()
+        if target.is_relative_to(folder):
+            uploads.append(path)
+        elif any(fnmatch.fnmatchcase(path, pattern) for pattern in LOAD_PATTERNS):
+            raise ValueError(f"{folder / path} is a symlink to {target}, outside {folder}: the pushed repo would lack "
+                             "it and not load; copy the file into the folder instead of linking it")
+        else:
+            logger.warning("Not uploading %s: it is a symlink to %s, outside %s", folder / path, target, folder)
+    if not adapter_only:
+        for needed in ("config.json", "model.safetensors|pytorch_model.bin|model.safetensors.index.json"):
+            if not any(name in uploads for name in needed.split("|")):
+                raise ValueError(f"{folder / needed.split('|')[0]} is missing: the pushed repo would not load "
+                                 "(save the student again with optical_hf.save_student)")
+    return uploads
 
 
 def _adapter_operations(folder: Path, base_model: str) -> list[CommitOperationAdd]:

@@ -24,10 +24,12 @@ scanned exactly in seconds.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import pickle
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +38,8 @@ from torch import Tensor
 
 from .collation import content_mask, special_token_ids
 from .errors import OpticalInputError
-from .evaluation import CLIREvaluator, Run, compute_metrics, search_timing
+from .fingerprint import model_fingerprint
+from .evaluation import CLIREvaluator, Run, mean_metrics, per_query_metrics, search_timing
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -51,6 +54,8 @@ TOKEN_SELECTIONS = ("all", "content")
 """Tokens taking part in MaxSim: every real token, or only content tokens (no special, no prompt tokens)."""
 DEFAULT_TOKENS = "content"
 """The default token selection on both sides (measured: see the module docstring)."""
+INDEX_FORMAT = 2
+"""Version of :meth:`TokenIndex.save`'s file layout (2: with ``built_by`` and a checksum)."""
 ENCODE_BLOCK = 1024
 """Texts encoded per ``encode`` call, so that only one block's padded token states are alive at a time."""
 
@@ -69,17 +74,21 @@ def _check_tokens(tokens: str, name: str) -> None:
 
 @dataclass
 class TokenIndex:
-    """Passage token vectors for MaxSim: L2-normalised, fp16, concatenated.
+    """Passage token vectors for MaxSim: L2-normalised, fp16, concatenated, every value finite.
 
     Attributes:
         vectors: ``(total_tokens, dim)`` fp16; passage ``i`` is ``vectors[offsets[i]:offsets[i + 1]]``.
         offsets: ``(num_passages + 1,)`` int64, starting at 0, strictly increasing (no passage is empty).
         ids: ``num_passages`` passage ids.
+        built_by: what encoded the passages (:func:`build_index` fills it): ``{"model": name or path,
+            "fingerprint": model_fingerprint, "prompt": document prompt, "tokens": token selection}``; ``{}`` for an
+            index made from token states directly. :func:`check_index` compares it with the model in use.
     """
 
     vectors: Tensor
     offsets: Tensor
     ids: list[str]
+    built_by: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.vectors.dtype != torch.float16 or self.vectors.ndim != 2:
@@ -90,12 +99,19 @@ class TokenIndex:
                 or offsets[-1] != len(self.vectors) or bool((offsets.diff() <= 0).any())):
             raise ValueError(f"TokenIndex.offsets must be (num_passages + 1,) from 0 to {len(self.vectors)} with no "
                              f"empty passage, got {offsets.tolist()[:10]}... for {len(self.ids)} ids")
+        bad = ~torch.isfinite(self.vectors).all(dim=1)
+        if bool(bad.any()):
+            passages = torch.searchsorted(offsets, bad.nonzero()[:, 0], right=True) - 1
+            names = [self.ids[i] for i in passages.unique().tolist()]
+            raise ValueError(f"TokenIndex: {int(bad.sum())} token vector(s) are NaN or infinite, in passage(s) "
+                             f"{names[:3]}{' ...' if len(names) > 3 else ''}")
 
     @classmethod
     def from_token_states(cls, states: Sequence[Tensor], ids: Sequence[str] | None = None) -> TokenIndex:
         """Index per-passage token states ``(n_tokens_i, dim)`` (any float dtype): normalised, then stored in fp16.
 
-        ``ids`` default to ``"0", "1", ...``; a passage without tokens is an error naming it.
+        ``ids`` default to ``"0", "1", ...``; a passage without tokens, or with a NaN or infinite state, is an error
+        naming it.
         """
         ids = [str(i) for i in range(len(states))] if ids is None else list(ids)
         if len(ids) != len(states) or not states:
@@ -117,15 +133,60 @@ class TokenIndex:
         """Bytes held by the index tensors: ``total_tokens * dim * 2`` (fp16) + ``8 * (num_passages + 1)`` (offsets)."""
         return sum(tensor.nelement() * tensor.element_size() for tensor in (self.vectors, self.offsets))
 
+    def checksum(self) -> str:
+        """SHA-256 of the vectors, offsets and ids: :meth:`load` recomputes it to detect a damaged file."""
+        digest = hashlib.sha256()
+        for tensor in (self.vectors, self.offsets):
+            digest.update(tensor.contiguous().view(torch.uint8).numpy())
+        digest.update("\n".join(self.ids).encode("utf-8"))
+        return digest.hexdigest()
+
     def save(self, path: str | Path) -> None:
-        """Write the index to ``path`` with ``torch.save``."""
-        torch.save({"vectors": self.vectors, "offsets": self.offsets, "ids": self.ids}, path)
+        """Write the index, what built it and its checksum to ``path`` with ``torch.save``."""
+        torch.save({"format": INDEX_FORMAT, "vectors": self.vectors, "offsets": self.offsets, "ids": self.ids,
+                    "built_by": self.built_by, "dim": self.vectors.shape[1], "dtype": str(self.vectors.dtype),
+                    "checksum": self.checksum()}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> TokenIndex:
-        """Read an index written by :meth:`save`."""
-        state = torch.load(path, weights_only=True)
-        return cls(state["vectors"], state["offsets"], list(state["ids"]))
+        """Read an index written by :meth:`save`; a file that is not one, lacks a key, or whose checksum or values
+        are wrong (a damaged file) is an :class:`OpticalInputError` naming it."""
+        try:
+            state = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            raise OpticalInputError(f"{path}: not a TokenIndex file ({type(err).__name__}: {err})") from err
+        if not isinstance(state, dict) or state.get("format") != INDEX_FORMAT:
+            raise OpticalInputError(f"{path}: not a TokenIndex file of format {INDEX_FORMAT} (written by "
+                                    "TokenIndex.save); build the index again")
+        missing = [key for key in ("vectors", "offsets", "ids", "built_by", "checksum") if key not in state]
+        if missing:
+            raise OpticalInputError(f"{path}: the TokenIndex file lacks {', '.join(missing)}; build the index again")
+        try:
+            index = cls(state["vectors"], state["offsets"], list(state["ids"]), dict(state["built_by"]))
+        except (TypeError, ValueError) as err:
+            raise OpticalInputError(f"{path}: damaged TokenIndex ({' '.join(str(err).split())}); build it again") from err
+        if index.checksum() != state["checksum"]:
+            raise OpticalInputError(f"{path}: the TokenIndex checksum does not match its content (the file is "
+                                    "damaged); build the index again")
+        return index
+
+
+def check_index(index: TokenIndex, model: SentenceTransformer, *, prompt: str | None, tokens: str,
+                where: str = "the index") -> None:
+    """Raise :class:`OpticalInputError` saying what differs when ``index`` was not built by ``model`` (its
+    :func:`~optical_hf.fingerprint.model_fingerprint`) with the document ``prompt`` and token selection ``tokens``
+    in use now. An index without ``built_by`` (made from token states directly) is not checked."""
+    if not index.built_by:
+        return
+    expected = {"fingerprint": model_fingerprint(model), "prompt": prompt, "tokens": tokens}
+    differs = [f"{key} {index.built_by.get(key)!r} (in use: {value!r})" for key, value in expected.items()
+               if index.built_by.get(key) != value]
+    dim = model.get_embedding_dimension()
+    if dim is not None and index.vectors.shape[1] != dim:
+        differs.append(f"dim {index.vectors.shape[1]} (in use: {dim})")
+    if differs:
+        raise OpticalInputError(f"{where} was built by {index.built_by.get('model')!r} with other settings than the "
+                                f"document model in use: {'; '.join(differs)}; build the index again with it")
 
 
 def _normalise(states: Tensor) -> Tensor:
@@ -284,6 +345,8 @@ def build_index(
 ) -> TokenIndex:
     """:class:`TokenIndex` of ``passages`` encoded by ``model`` (the teacher, ``encode_document``), fp16 block by
     block (only ``ENCODE_BLOCK`` passages' float32 token states are alive at a time)."""
+    if not passages:
+        raise OpticalInputError("build_index: the corpus is empty (no passage to index)")
     blocks = [
         TokenIndex.from_token_states(encode_token_states(
             model, passages[start:start + ENCODE_BLOCK], side="document", prompt=prompt, tokens=tokens,
@@ -294,7 +357,10 @@ def build_index(
     lengths = torch.cat([block.offsets.diff() for block in blocks])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     ids = [str(i) for i in range(len(passages))] if ids is None else list(ids)
-    return TokenIndex(torch.cat([block.vectors for block in blocks]), offsets, ids)
+    built_by = {"model": str(getattr(model, "model_card_data", None) and model.model_card_data.base_model
+                             or getattr(model[0], "name_or_path", None) or type(model).__name__),
+                "fingerprint": model_fingerprint(model), "prompt": prompt, "tokens": tokens}
+    return TokenIndex(torch.cat([block.vectors for block in blocks]), offsets, ids, built_by)
 
 
 class MaxSimCLIREvaluator(CLIREvaluator):
@@ -338,6 +404,9 @@ class MaxSimCLIREvaluator(CLIREvaluator):
             stray = sorted(set(index.ids) ^ set(self.corpus_ids))[:3]
             raise ValueError(f"MaxSimCLIREvaluator {name!r}: the index's {index.num_passages} passage ids are not the "
                              f"corpus's {len(self.corpus_ids)} document ids (e.g. {stray or 'a repeated id'})")
+        if index is not None:
+            check_index(index, doc_model, prompt=self.corpus_prompt, tokens=doc_tokens,
+                        where=f"MaxSimCLIREvaluator {name!r}: the index")
         self.query_tokens, self.doc_tokens = query_tokens, doc_tokens
         self.chunking = {"query_chunk_size": query_chunk_size, "token_chunk_size": token_chunk_size}
         self._index = index
@@ -367,7 +436,8 @@ class MaxSimCLIREvaluator(CLIREvaluator):
         logger.info("MaxSim: index of %d passages, %d tokens, %.1f MiB fp16; %.2f ms/query encoding, %.2f ms/query "
                     "search", index.num_passages, len(index.vectors), index.memory_bytes / 2**20,
                     self.last_timing["encode_ms_per_query"], self.last_timing["search_ms_per_query"])
-        return compute_metrics(self.qrels, run)
+        self.last_per_query = per_query_metrics(self.qrels, run)
+        return mean_metrics(self.last_per_query)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "scoring": "maxsim", "query_tokens": self.query_tokens,

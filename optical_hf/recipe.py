@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 DEMO_BITEXT = Path(__file__).parent / "resources" / "demo_bitext_en_sw.tsv"
 PACKAGED_TEACHER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 FRONT_ENDS = ("sentence-transformers", "trainer")
+DEFAULT_MAX_LENGTH = 128
+# An ISO 639-1/639-3 code, optionally with script or region subtags (sw, hau, swh_Latn, sw-KE): no path characters.
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
 # DistillArguments flags that take one value per --language.
 PER_LANGUAGE = ("bitext", "bitext_target", "eval_bitext", "eval_bitext_target", "dataset_config", "source_lang")
 
@@ -124,7 +128,9 @@ class DistillArguments(TeacherCacheArguments):
     front_end: str = field(default="sentence-transformers", metadata={
         "help": "sentence-transformers (OTDistillationLoss + SentenceTransformerTrainer) or trainer "
                 "(OTDistillationTrainer on the student's transformer; one --language).", "choices": FRONT_ENDS})
-    max_length: int = field(default=128, metadata={"help": "Maximum tokens per sentence."})
+    max_length: int | None = field(default=None, metadata={
+        "help": f"Maximum tokens per sentence (default: {DEFAULT_MAX_LENGTH}, or the models' position limit when "
+                "smaller; a larger value than that limit is refused)."})
     query_prompt: str | None = field(default=None, metadata={
         "help": "The student's query prompt: prefix of the low-resource side of the bitext in training and of queries "
                 "at inference (saved as the student's 'query' prompt, which encode_query applies), e.g. 'query: ' for "
@@ -158,6 +164,11 @@ class DistillArguments(TeacherCacheArguments):
                     f"--{name}: {len(values)} value(s) for {len(self.language)} --language ({' '.join(self.language)}); "
                     "give one per language, in the same order"
                 )
+        for language in self.language:
+            if not LANGUAGE_CODE.fullmatch(language):
+                raise OpticalInputError(
+                    f"--language {language!r}: not an ISO 639 language code (2-3 lowercase letters, optionally "
+                    "followed by a script or region such as swh_Latn or sw-KE)")
         if len(set(self.language)) != len(self.language):
             raise OpticalInputError(f"--language {' '.join(self.language)}: a language is repeated")
         if len(self.language) > 1 and not self.bitext:
@@ -173,6 +184,10 @@ class DistillArguments(TeacherCacheArguments):
             raise OpticalInputError("--push_adapter_only needs --lora (there is no adapter to push otherwise)")
         if self.eval_size < 1:
             raise OpticalInputError(f"--eval_size must be >= 1, got {self.eval_size}")
+        if self.max_length is not None and (
+                isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1):
+            raise OpticalInputError(f"--max_length must be an integer >= 1, got {self.max_length!r}")
+        check_finite(self)
         for target, source in (("bitext_target", "bitext"), ("eval_bitext_target", "eval_bitext")):
             if getattr(self, target) and not getattr(self, source):
                 raise OpticalInputError(f"--{target} needs --{source} (the low-resource side, line-aligned with it)")
@@ -188,6 +203,46 @@ class DistillArguments(TeacherCacheArguments):
         modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=modules)
+
+
+def check_finite(options: Any) -> None:
+    """Raise :class:`OpticalInputError` naming the flag of any float field of the dataclass ``options`` (training
+    arguments, :class:`DistillArguments`) that is NaN or infinite; checked before anything is loaded or written."""
+    for option in dataclasses.fields(options):
+        value = getattr(options, option.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OpticalInputError(f"--{option.name} must be a finite number, got {value}")
+
+
+def position_limit(name: str) -> int | None:
+    """The most tokens model ``name`` (folder or Hub id) can embed, read from its ``config.json`` alone (no weights):
+    ``max_position_embeddings``, less the ``pad_token_id + 1`` positions RoBERTa-style models reserve. None when the
+    config cannot be read or has no such field (the model's own loading then reports the problem)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if "roberta" in config.model_type or config.model_type == "camembert":
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
+def resolve_max_length(max_length: int | None, models: dict[str, str]) -> int:
+    """``--max_length``, checked against the position limit of each of ``models`` (``{flag: name}``) before any is
+    loaded; when not given, :data:`DEFAULT_MAX_LENGTH` or the smallest limit if that is smaller."""
+    limits = {flag: (name, limit) for flag, name in models.items() if (limit := position_limit(name)) is not None}
+    if max_length is None:
+        return min([DEFAULT_MAX_LENGTH, *(limit for _, limit in limits.values())])
+    for flag, (name, limit) in limits.items():
+        if max_length > limit:
+            raise OpticalInputError(f"--max_length {max_length}: {flag} {name} embeds at most {limit} tokens "
+                                    f"(max_position_embeddings in its config.json); use --max_length {limit} or less")
+    return max_length
 
 
 def build_parser() -> HfArgumentParser:
@@ -357,6 +412,12 @@ def run(
     if training_args.should_log:  # --log_level passive (the default) then means INFO on the main process
         transformers.utils.logging.set_verbosity_info()
     setup_logging(training_args.get_process_log_level())  # --log_level, --log_level_replica (WARNING by default)
+    # Every option is checked before anything is loaded or written.
+    check_finite(training_args)
+    packaged = packaged_teacher_path() if args.teacher is None or args.student is None else None
+    teacher_name = args.teacher or packaged
+    student_name = args.student or teacher_name
+    args.max_length = resolve_max_length(args.max_length, {"--teacher": teacher_name, "--student": student_name})
     set_seed(training_args.seed)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the final folder ourselves
     if push and training_args.hub_strategy != "end":
@@ -367,9 +428,6 @@ def run(
     token, training_args.hub_token = training_args.hub_token, None  # checkpoints pickle training_args: keep it out
     with training_args.main_process_first(desc="checking --output_dir"):
         prepare_output_dir(training_args.output_dir)
-    packaged = packaged_teacher_path() if args.teacher is None or args.student is None else None
-    teacher_name = args.teacher or packaged
-    student_name = args.student or teacher_name
     teacher = load_sentence_transformer(teacher_name, "--teacher")
     student = load_sentence_transformer(student_name, "--student")
     teacher.max_seq_length = student.max_seq_length = args.max_length

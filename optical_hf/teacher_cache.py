@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import OpticalInputError
+from .fingerprint import hash_tensor
+
 __all__ = [
+    "DamagedCacheError",
     "TeacherCache",
     "build_teacher_cache",
     "default_cache_dir",
@@ -49,11 +54,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with a checksum of the tensors
+_TENSORS = ("offsets", "input_ids", "token_embeddings", "sentence_embeddings")
 
 Encoder = Callable[[list[str]], dict[str, Any]]
 """Runs the teacher on a batch of texts: ``input_ids`` and ``attention_mask`` ``(batch, m)``, ``token_embeddings``
 ``(batch, m, dim)``, optionally ``sentence_embedding`` ``(batch, dim)`` and ``prompt_length`` (int)."""
+
+
+class DamagedCacheError(ValueError):
+    """A teacher cache file that cannot be used as it is; :func:`load_or_encode` encodes it again."""
 
 
 def default_cache_dir() -> Path:
@@ -155,6 +165,7 @@ class TeacherCache:
             "input_ids": self.input_ids, "token_embeddings": self.token_embeddings,
             "sentence_embeddings": self.sentence_embeddings, "prompt": self.prompt,
             "max_length": self.max_length, "prompt_length": self.prompt_length, "fingerprint": self.fingerprint,
+            "checksum": self.checksum(),
         }
         try:
             torch.save(state, tmp)
@@ -163,28 +174,48 @@ class TeacherCache:
             tmp.unlink(missing_ok=True)
             raise
 
+    def checksum(self) -> str:
+        """blake2b of the texts and every tensor: :meth:`load` recomputes it to detect a damaged file."""
+        hasher = hashlib.blake2b(digest_size=16)
+        for text in self.texts:
+            hasher.update(text.encode() + b"\0")
+        for name in _TENSORS:
+            if (tensor := getattr(self, name)) is not None:
+                hash_tensor(hasher, name, tensor)
+        return hasher.hexdigest()
+
     @classmethod
     def load(cls, path: Path) -> TeacherCache:
-        """Read a cache written by :meth:`save`, memory-mapped."""
-        state = torch.load(path, mmap=True, weights_only=True)
-        if state.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: teacher cache format {state.get('format_version')}, expected {FORMAT_VERSION}")
-        return cls(
-            state["texts"], state["offsets"], state["input_ids"], state["token_embeddings"],
-            state["sentence_embeddings"], state["prompt"], state["max_length"], state["prompt_length"],
-            state["fingerprint"],
-        )
+        """Read a cache written by :meth:`save`, memory-mapped.
+
+        Raises:
+            DamagedCacheError: ``path`` is not a complete cache file of this format (truncated, overwritten, of an
+                earlier version), or its content does not match its checksum (a damaged file).
+        """
+        try:
+            state = torch.load(path, mmap=True, weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            raise DamagedCacheError(f"{path}: not a complete teacher cache file ({' '.join(str(err).split())})") from err
+        if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+            version = state.get("format_version") if isinstance(state, dict) else None
+            raise DamagedCacheError(f"{path}: teacher cache format {version}, expected {FORMAT_VERSION}")
+        try:
+            cache = cls(
+                state["texts"], state["offsets"], state["input_ids"], state["token_embeddings"],
+                state["sentence_embeddings"], state["prompt"], state["max_length"], state["prompt_length"],
+                state["fingerprint"],
+            )
+            expected = state["checksum"]
+        except KeyError as err:
+            raise DamagedCacheError(f"{path}: the teacher cache file lacks {err}") from err
+        if cache.checksum() != expected:
+            raise DamagedCacheError(f"{path}: the teacher cache does not match its checksum (the file is damaged)")
+        return cache
 
 
 def distinct_texts(texts: Iterable[str]) -> list[str]:
     """The distinct texts, sorted (the cache key does not depend on the order or repetition of the bitext)."""
     return sorted(set(texts))
-
-
-def _hash_tensor(hasher: Any, name: str, tensor: Tensor) -> None:
-    data = tensor.detach().cpu().contiguous()
-    hasher.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-    hasher.update(data.reshape(-1).view(torch.uint8).numpy())
 
 
 def _model_description(model: nn.Module) -> str:
@@ -228,7 +259,7 @@ def teacher_fingerprint(
     hasher.update(_model_description(teacher).encode())
     hasher.update(_tokenizer_description(tokenizer).encode())
     for name, tensor in teacher.state_dict().items():
-        _hash_tensor(hasher, name, tensor)
+        hash_tensor(hasher, name, tensor)
     for text in texts:
         hasher.update(text.encode() + b"\0")
     return hasher.hexdigest()
@@ -278,14 +309,41 @@ def load_or_encode(
     texts: list[str], encode: Encoder, prompt: str | None, max_length: int | None, fingerprint: str,
     cache_dir: str | Path | None = None, batch_size: int = 64,
 ) -> TeacherCache:
-    """The cache stored under ``fingerprint`` in ``cache_dir``; encoded and saved first if absent."""
-    path = Path(cache_dir or default_cache_dir()).expanduser() / f"{fingerprint}.pt"
+    """The cache stored under ``fingerprint`` in ``cache_dir``; encoded and saved first if absent.
+
+    A damaged cache file (truncated, overwritten, not matching its checksum) is named in a warning, deleted and
+    encoded again. A folder that cannot be written when the cache must be built is an
+    :class:`~optical_hf.errors.OpticalInputError`, raised before the teacher runs.
+    """
+    folder = Path(cache_dir or default_cache_dir()).expanduser()
+    path = folder / f"{fingerprint}.pt"
     if path.is_file():
-        logger.info("Teacher outputs of %d texts read from %s", len(texts), path)
-    else:
-        logger.info("Encoding %d distinct texts with the teacher once; cache: %s", len(texts), path)
-        encode_teacher_outputs(texts, encode, prompt, max_length, fingerprint, batch_size).save(path)
+        try:
+            cache = TeacherCache.load(path)
+        except DamagedCacheError as err:
+            logger.warning("Discarding the damaged teacher cache %s and encoding it again: %s", path, err)
+            path.unlink()
+        else:
+            logger.info("Teacher outputs of %d texts read from %s", len(texts), path)
+            return cache
+    _check_writable(folder)
+    logger.info("Encoding %d distinct texts with the teacher once; cache: %s", len(texts), path)
+    encode_teacher_outputs(texts, encode, prompt, max_length, fingerprint, batch_size).save(path)
     return TeacherCache.load(path)
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise :class:`OpticalInputError` unless a file can be created in ``folder`` (created if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise OpticalInputError(
+            f"teacher cache folder {folder} cannot be written ({err.strerror or err}): pass a writable folder with "
+            "--teacher_cache_dir, or run the teacher at every step with --cache_teacher false"
+        ) from err
 
 
 def _sentence_transformer_encoder(teacher: SentenceTransformer, prompt: str | None) -> Encoder:

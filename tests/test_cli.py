@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import datasets
 import huggingface_hub.constants
@@ -31,7 +32,7 @@ import optical_hf
 import optical_hf.cli
 import optical_hf.evaluation
 from optical_hf import BitextError, recipe
-from optical_hf.cli import EXIT_BAD_INPUT, EXIT_PUSH_FAILED, main
+from optical_hf.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PUSH_FAILED, main
 from optical_hf.corpora import flores_pairs, load_afriqa_gold, load_beir
 from optical_hf.evaluation import bitext_retrieval, evaluate_clir
 from optical_hf.export import save_student
@@ -261,6 +262,27 @@ def test_evaluate_unknown_model_path(flag, model_dirs, data, tmp_path, capsys):
 def test_inconsistent_options_exit_2(argv, expected, capsys):
     assert cli(*argv) == EXIT_BAD_INPUT
     assert expected in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--max_length", "0"], "--max_length must be an integer >= 1, got 0"),
+    (["--max_length", "-5"], "--max_length must be an integer >= 1, got -5"),
+    (["--max_length", "100000"], "--max_length 100000: --teacher {teacher} embeds at most 64 tokens"),
+    (["--language", "sw", "x/../../../escaped", "--bitext", "a.tsv", "b.tsv"],
+     "--language 'x/../../../escaped': not an ISO 639 language code"),
+    (["--language", "../../evil"], "--language '../../evil': not an ISO 639 language code"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--weight_decay", "inf"], "--weight_decay must be a finite number, got inf"),
+    (["--lora_dropout", "nan"], "--lora_dropout must be a finite number, got nan"),
+], ids=["max_length-0", "max_length-negative", "max_length-above-positions", "language-path", "language-parent",
+        "learning_rate-nan", "weight_decay-inf", "lora_dropout-nan"])
+def test_distill_checks_every_option_before_loading_or_writing(extra, expected, model_dirs, data, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.setattr(recipe, "load_sentence_transformer", lambda *args: pytest.fail("a model was loaded"))
+    out = tmp_path / "run" / "student"
+    assert cli(*_distill_argv(model_dirs, data["tsv"], out), *extra) == EXIT_BAD_INPUT
+    assert expected.format(teacher=model_dirs["teacher"]) in error_line(capsys.readouterr().err)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []  # nothing created, not even the output folder
 
 
 def test_an_error_from_inside_a_model_is_not_reported_as_bad_input(model_dirs, data, monkeypatch):
@@ -536,6 +558,52 @@ def test_distill_stops_at_a_nan_loss_without_saving_or_pushing(front_end, model_
     weights = list(out.rglob("*.safetensors"))
     assert weights and all(torch.isfinite(tensor).all() for path in weights for tensor in load_file(path).values())
     assert hub.uploaded_files(REPO_ID) == set()
+
+
+@pytest.mark.parametrize("front_end", ["sentence-transformers", "trainer"])
+@pytest.mark.parametrize("flags", [["--ot_weight", "1e30"], ["--contrastive_temperature", "1e-30"]],
+                         ids=["ot_weight", "temperature"])
+def test_distill_stops_at_a_gradient_norm_too_large_to_represent(flags, front_end, model_dirs, data, tmp_path, capsys):
+    out = tmp_path / "student"
+    argv = _distill_argv(model_dirs, data["tsv"], out, "--front_end", front_end, "--logging_steps", 100, *flags)
+    assert cli(*argv) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert "training step 1: the gradient norm is inf" in error_line(captured.err)
+    assert "Student saved" not in captured.out and not (out / "model.safetensors").exists()
+
+
+def test_ctrl_c_prints_what_was_kept_and_a_resume_command_that_works(model_dirs, data, tmp_path, monkeypatch, capsys):
+    from optical_hf.callbacks import NonFiniteLossCallback
+
+    out = tmp_path / "student"
+    argv = [str(arg) for arg in _distill_argv(model_dirs, data["tsv"], out, "--save_strategy", "steps",
+                                              "--save_steps", 1)]
+    real = NonFiniteLossCallback.on_pre_optimizer_step
+
+    def ctrl_c_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise KeyboardInterrupt
+        return real(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(NonFiniteLossCallback, "on_pre_optimizer_step", ctrl_c_at_step_3)
+    assert cli(*argv) == EXIT_INTERRUPTED
+    line = error_line(capsys.readouterr().err.replace("optical-hf: interrupted", "optical-hf: error: interrupted"))
+    resume = f"optical-hf distill {shlex.join(argv[1:])} --resume_from_checkpoint latest"
+    assert line == f"optical-hf: error: interrupted: the last complete checkpoint is {out / 'checkpoint-2'}; resume " \
+                   f"with: {resume}"
+    monkeypatch.setattr(NonFiniteLossCallback, "on_pre_optimizer_step", real)
+    assert cli(*shlex.split(resume)[1:]) == 0
+    assert (out / "model.safetensors").is_file()
+
+
+def test_ctrl_c_before_any_checkpoint_says_so(model_dirs, data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(recipe, "load_sentence_transformer", mock.Mock(side_effect=KeyboardInterrupt))
+    out = tmp_path / "student"
+    assert cli(*_distill_argv(model_dirs, data["tsv"], out)) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("optical-hf: interrupted: no complete checkpoint was saved yet (see --save_strategy); "
+                          "start again with: optical-hf distill --teacher")
 
 
 def test_distill_push_to_hub_follows_the_trainer_hub_flags(model_dirs, data, tmp_path, monkeypatch, capsys, hub):

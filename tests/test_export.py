@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from pathlib import Path
@@ -69,13 +70,31 @@ def test_a_folder_of_trainer_outputs_is_accepted_and_they_are_kept(model, tmp_pa
     assert (output_dir / "modules.json").is_file()
 
 
-def test_a_student_saved_without_card_is_recognised_and_replaced(model, tmp_path):
+def test_a_re_save_replaces_its_own_files_and_keeps_the_users(model, tmp_path):
     output_dir = save_student(model, tmp_path / "student")
     assert (output_dir / STUDENT_MARKER).is_file() and (output_dir / "optical_hf.json").is_file()
-    (output_dir / "stale.txt").write_text("left over", encoding="utf-8")
+    assert "model.safetensors" in json.loads((output_dir / STUDENT_MARKER).read_text(encoding="utf-8"))["files"]
+    (output_dir / "notes.txt").write_text("mine", encoding="utf-8")
+    (output_dir / "1_Pooling" / "why.md").write_text("pooling notes", encoding="utf-8")
+    (output_dir / "model.safetensors").write_bytes(b"overwritten by the save")  # optical_hf's file: replaced
     save_student(model, output_dir)
-    assert not (output_dir / "stale.txt").exists()
-    SentenceTransformer(str(output_dir), device="cpu")
+    assert (output_dir / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert (output_dir / "1_Pooling" / "why.md").read_text(encoding="utf-8") == "pooling notes"
+    SentenceTransformer(str(output_dir), device="cpu")  # the new weights
+    save_student(model, output_dir)  # the carried files are still the user's at the next save
+    assert (output_dir / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["student"]
+
+
+def test_a_student_of_an_earlier_version_keeps_the_users_files_but_not_its_adapter(model, tmp_path):
+    output_dir = save_student(model, tmp_path / "student")
+    (output_dir / STUDENT_MARKER).write_text("", encoding="utf-8")  # earlier versions wrote an empty marker
+    (output_dir / "adapter").mkdir()
+    (output_dir / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (output_dir / "notes.txt").write_text("mine", encoding="utf-8")
+    save_student(model, output_dir)
+    assert (output_dir / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert not (output_dir / "adapter").exists()
 
 
 def test_the_folder_permissions_follow_the_umask(model, tmp_path):
@@ -85,6 +104,11 @@ def test_the_folder_permissions_follow_the_umask(model, tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE(output_dir.stat().st_mode) == 0o755
+    modes = {path.relative_to(output_dir).as_posix(): stat.S_IMODE(path.stat().st_mode)
+             for path in output_dir.rglob("*")}
+    assert modes["model.safetensors"] == 0o644
+    assert {mode for path, mode in modes.items() if (output_dir / path).is_file()} == {0o644}
+    assert {mode for path, mode in modes.items() if (output_dir / path).is_dir()} == {0o755}
 
 
 def _killed_between_renames(model, output_dir: Path) -> Path:

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -247,6 +248,25 @@ def test_symlinks_to_files_outside_the_folder_are_not_uploaded(student, hub, mon
         push_student(folder, REPO_ID, endpoint=hub.endpoint)
     assert hub.uploaded_files(REPO_ID) == student.st_files | {"optical_hf.json", "modules-link.json"}
     assert f"Not uploading {folder / 'notes.txt'}: it is a symlink to {secret}" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["weights-link", "weights-missing", "config-missing"])
+def test_a_folder_that_would_not_load_is_refused_naming_the_file(damage, student, hub, monkeypatch, tmp_path):
+    folder = tmp_path / "student"
+    shutil.copytree(student.folder, folder)
+    name = "config.json" if damage == "config-missing" else "model.safetensors"
+    if damage == "weights-link":
+        outside = tmp_path / "weights.safetensors"
+        (folder / name).rename(outside)
+        (folder / name).symlink_to(outside)
+        expected = f"{folder / name} is a symlink to {outside}, outside {folder}: the pushed repo would lack it"
+    else:
+        (folder / name).unlink()
+        expected = f"{folder / name} is missing: the pushed repo would not load"
+    with online(monkeypatch, hub), pytest.raises(ValueError, match=re.escape(expected)):
+        push_student(folder, REPO_ID, endpoint=hub.endpoint)
+    assert hub.uploaded_files(REPO_ID) == set()
+    assert not hub.repo_dir(REPO_ID).exists()  # refused before the repo was created
 
 
 def test_second_push_deletes_files_the_first_left(student, hub, monkeypatch, tmp_path):

@@ -154,6 +154,56 @@ def test_token_index_is_fp16_reports_its_memory_and_round_trips(tmp_path):
     assert loaded.ids == index.ids and loaded.memory_bytes == index.memory_bytes
 
 
+def test_a_damaged_index_file_is_refused_naming_it(tmp_path):
+    index = TokenIndex.from_token_states(random_states(PASSAGE_LENGTHS), ids=[f"d{i}" for i in range(6)])
+    path = tmp_path / "index.pt"
+    index.save(path)
+    damaged = tmp_path / "damaged.pt"
+    state = torch.load(path, weights_only=True)
+    state["vectors"][3:8] = float("nan")  # what flipped bytes in the vectors do
+    torch.save(state, damaged)
+    with pytest.raises(OpticalInputError, match=rf"{damaged}: damaged TokenIndex \(TokenIndex: 5 token vector\(s\) "
+                                                r"are NaN or infinite, in passage\(s\) \['d1', 'd2'\]"):
+        TokenIndex.load(damaged)
+    state = torch.load(path, weights_only=True)
+    state["vectors"][0, 0] += 0.5  # a finite but changed value
+    torch.save(state, damaged)
+    with pytest.raises(OpticalInputError, match=f"{damaged}: the TokenIndex checksum does not match"):
+        TokenIndex.load(damaged)
+    del state["ids"]
+    torch.save(state, damaged)
+    with pytest.raises(OpticalInputError, match=f"{damaged}: the TokenIndex file lacks ids"):
+        TokenIndex.load(damaged)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(OpticalInputError, match=f"{empty}: not a TokenIndex file"):
+        TokenIndex.load(empty)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an index", encoding="utf-8")
+    with pytest.raises(OpticalInputError, match=f"{notes}: not a TokenIndex file"):
+        TokenIndex.load(notes)
+    with pytest.raises(ValueError, match=r"NaN or infinite, in passage\(s\) \['1'\]"):
+        TokenIndex.from_token_states([torch.ones(2, 8), torch.full((1, 8), float("inf"))])
+
+
+def test_an_index_knows_what_built_it_and_refuses_another_teacher(tmp_path):
+    teacher, other = token_model(TEACHER_VECTORS), token_model(STUDENT_VECTORS)
+    with pytest.raises(OpticalInputError, match="build_index: the corpus is empty"):
+        build_index(teacher, [])
+    index = build_index(teacher, list(COMPASS.corpus.values()), list(COMPASS.corpus), prompt=None, tokens="all")
+    assert set(index.built_by) == {"model", "fingerprint", "prompt", "tokens"}
+    index.save(tmp_path / "index.pt")
+    loaded = TokenIndex.load(tmp_path / "index.pt")
+    assert loaded.built_by == index.built_by
+    MaxSimCLIREvaluator(COMPASS, teacher, index=loaded, doc_tokens="all")  # the same teacher and settings: accepted
+    with pytest.raises(OpticalInputError, match=r"other settings than the document model in use: fingerprint '\w+' "
+                                                r"\(in use: '\w+'\)"):
+        MaxSimCLIREvaluator(COMPASS, other, index=loaded, doc_tokens="all")
+    with pytest.raises(OpticalInputError, match=r"prompt None \(in use: 'passage: '\); tokens 'all' \(in use: "
+                                                r"'content'\)"):
+        MaxSimCLIREvaluator(COMPASS, teacher, index=loaded, doc_prompt="passage: ")
+
+
 def test_search_converts_one_chunk_at_a_time():
     passages, queries = random_states(PASSAGE_LENGTHS), random_states(QUERY_LENGTHS, seed=1)
     index = TokenIndex.from_token_states(passages)

@@ -222,13 +222,13 @@ def test_crash_mid_save_leaves_the_previous_folder_intact(crash, previous, monke
     assert _max_difference(reloaded.state_dict(), model.state_dict()) > 0.4  # still the old weights
 
 
-def test_save_over_an_existing_folder_replaces_it_and_keeps_checkpoints(previous):
+def test_save_over_an_existing_folder_replaces_it_and_keeps_checkpoints_and_user_files(previous):
     model, destination = previous
     checkpoint_before = _snapshot(destination / "checkpoint-4")
-    (destination / "stale.txt").write_text("left over by an older run", encoding="utf-8")
+    (destination / "notes.txt").write_text("the user's own file", encoding="utf-8")
     save_student(model, destination, card=CARD)
     assert _snapshot(destination / "checkpoint-4") == checkpoint_before
-    assert not (destination / "stale.txt").exists()
+    assert (destination / "notes.txt").read_text(encoding="utf-8") == "the user's own file"
     assert {"README.md", "optical_hf.json", "modules.json"} <= {path.name for path in destination.iterdir()}
     assert [path.name for path in destination.parent.iterdir()] == [destination.name]
     reloaded = SentenceTransformer(str(destination), device="cpu")

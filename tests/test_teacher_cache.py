@@ -166,3 +166,39 @@ def test_trainer_reuses_cache_and_trains_without_teacher(model_dirs, bitext, tmp
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # the eval texts are among the train texts
     logs = [log for log in trainer.state.log_history if "loss" in log or "eval_loss" in log]
     assert logs and all(torch.isfinite(torch.tensor(log.get("loss", log.get("eval_loss")))) for log in logs)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan-bytes", "empty"])
+def test_a_damaged_cache_file_is_named_discarded_and_rebuilt(damage, model_dirs, bitext, tmp_path, caplog):
+    teacher = sentence_transformer(model_dirs["teacher"])
+    built = build_teacher_cache(teacher, bitext["target"], cache_dir=tmp_path)
+    path, expected = tmp_path / f"{built.fingerprint}.pt", built.token_embeddings.clone()
+    first_row = built.token_embeddings[0].numpy().tobytes()
+    del built  # its tensors map the file that is damaged below
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # the fp16 token states, overwritten by NaN (0x7e00) where they sit in the file
+        start = data.index(first_row)
+        path.write_bytes(data[:start] + b"\x00\x7e" * 64 + data[start + 128:])
+    counter = ForwardCounter(teacher)
+    with caplog.at_level("WARNING", logger="optical_hf"):
+        rebuilt = build_teacher_cache(teacher, bitext["target"], cache_dir=tmp_path)
+    assert f"Discarding the damaged teacher cache {path}" in caplog.text
+    assert counter.calls > 0 and torch.equal(rebuilt.token_embeddings, expected)
+    assert torch.isfinite(rebuilt.token_embeddings).all()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_error_before_the_teacher_runs(model_dirs, bitext, tmp_path):
+    from optical_hf import OpticalInputError
+
+    teacher = sentence_transformer(model_dirs["teacher"])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    counter = ForwardCounter(teacher)
+    with pytest.raises(OpticalInputError, match=rf"teacher cache folder {blocker / 'cache'} cannot be written .*"
+                                                r"--teacher_cache_dir, or .* --cache_teacher false"):
+        build_teacher_cache(teacher, bitext["target"], cache_dir=blocker / "cache")
+    assert counter.calls == 0
