@@ -78,11 +78,12 @@ class OTLossConfig:
     ``__post_init__`` rejects out-of-range values with an :class:`optical_hf.OpticalInputError` (a ``ValueError``)
     naming the option.
 
-    The defaults are the recipe that won on AfriQA dev (``benchmarks/results/quality.md``, all pairs, seed 0:
-    MRR@10 0.567 vs MSE 0.507 on Hausa, 0.580 vs 0.572 on Zulu; the same recipe without the OT term: 0.557 and 0.553):
-    a debiased squared-Euclidean token OT with pooling marginals (the Sinkhorn divergence, ``reg`` 1.0) at weight 0.1,
-    plus the in-batch contrastive term at weight 1. ``OTLossConfig(cost="cosine", marginals="content", debias=False,
-    reg=0.1, ot_weight=1.0, contrastive_weight=0.0)`` is the plain OPTICAL objective of the paper.
+    The defaults: the in-batch contrastive term at weight 1 plus a debiased squared-Euclidean OT term with pooling
+    marginals (the Sinkhorn divergence) at ``reg`` 1.0, weight 0.1. At that ``reg`` the plans are nearly uniform, so
+    the OT term acts as its large-``reg`` limit: ``dim`` times the squared gap of the pooled token states plus a
+    covariance-matching part, a sentence-level term on raw token states, not a token alignment (measured, with the
+    controls that separate the two: ``benchmarks/README.md``). ``OTLossConfig(cost="cosine", marginals="content",
+    debias=False, reg=0.1, ot_weight=1.0, contrastive_weight=0.0)`` is the plain OPTICAL objective of the paper.
     """
 
     reg: float = field(default=1.0, metadata={"aliases": ["--ot_reg"], "help":
@@ -114,7 +115,9 @@ class OTLossConfig:
         "help": "'content' marginals: give special tokens ([CLS], </s>, ...; not [UNK]) zero mass."})
     exclude_prompt: bool = field(default=True, metadata={
         "help": "'content' marginals: give prompt tokens (e.g. 'query: ') zero mass."})
-    ot_weight: float = field(default=0.1, metadata={"help": "Weight of the token-level OT term."})
+    ot_weight: float = field(default=0.1, metadata={"help": "Weight of the OT term between the token clouds (at large "
+                                                            "reg it matches their pooled means; at small reg it aligns "
+                                                            "tokens)."})
     sentence_weight: float = field(default=0.0, metadata={
         "help": "Weight of the sentence-level term between sentence embeddings (0 disables it)."})
     sentence_loss: Literal["mse", "cosine"] = field(default="mse", metadata={
@@ -332,10 +335,11 @@ class OTDistillationLoss(nn.Module):
 
         Each training row is ``(low-resource sentence, English translation)``. The student embeds the first column
         token by token, the teacher (frozen, under ``torch.no_grad()``, never seen by the optimizer) embeds the
-        second. The default objective (``OTLossConfig()``, the recipe that won on our dev benchmark) is the Sinkhorn
-        divergence between the two token clouds with the squared Euclidean cost, each side's OT weights those of its
-        own ``Pooling`` module (``marginals="pooling"``: its ``pooling_mode`` and ``include_prompt``), relative
-        ``reg=1``, at weight 0.1, plus an in-batch contrastive term between the pooled embeddings at weight 1.
+        second. The default objective (``OTLossConfig()``) is an in-batch contrastive term between the pooled
+        embeddings at weight 1 plus, at weight 0.1, the Sinkhorn divergence between the two token clouds with the
+        squared Euclidean cost, each side's OT weights those of its own ``Pooling`` module (``marginals="pooling"``:
+        its ``pooling_mode`` and ``include_prompt``), at relative ``reg=1``: there its plans are nearly uniform and it
+        matches the clouds' pooled means and covariances (a sentence-level term); small ``reg`` makes it align tokens.
         ``cost="cosine", marginals="content", debias=False`` is the paper's ``<P, C>`` with uniform weights over
         content tokens (padding, special and prompt tokens excluded, see the module docstring for why). The plans
         are solved by Sinkhorn in fp32 (:mod:`optical_hf.ot`). A sentence-level term between the pooled embeddings
