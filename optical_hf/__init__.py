@@ -17,7 +17,6 @@ __version__ = "0.1.0"
 #: Public name -> submodule that defines it.
 _EXPORTS = {
     "CITATION": "losses",
-    "BitextCollator": "collation",
     "BitextError": "data",
     "BitextRetrievalEvaluator": "evaluation",
     "CLIREvaluator": "evaluation",

@@ -44,7 +44,8 @@ class NonFiniteLossCallback(TrainerCallback):
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._record))
 
     def _record(self, param: torch.Tensor) -> None:
-        self._norms[id(param)] = torch.linalg.vector_norm(param.grad.detach())
+        if param.grad is not None:  # DDP may call the hook of a parameter whose gradient lives in its bucket only
+            self._norms[id(param)] = torch.linalg.vector_norm(param.grad.detach())
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
@@ -52,12 +53,15 @@ class NonFiniteLossCallback(TrainerCallback):
         self._hooks, self._norms = [], {}
 
     def on_pre_optimizer_step(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None,
+        **kwargs: Any,
     ) -> None:
-        norms, self._norms = self._norms, {}
+        norms, self._norms = list(self._norms.values()), {}
+        if not norms and model is not None:  # no hook saw a gradient (e.g. DDP's bucket views): the clipped ones
+            norms = [torch.linalg.vector_norm(p.grad.detach()) for p in model.parameters() if p.grad is not None]
         if not norms:
             return
-        norm = float(torch.linalg.vector_norm(torch.stack([value.float().cpu() for value in norms.values()])))
+        norm = float(torch.linalg.vector_norm(torch.stack([value.float().cpu() for value in norms])))
         if not math.isfinite(norm):
             self._remove_hooks()
             raise NonFiniteLossError(

@@ -8,9 +8,8 @@ One rule per concept, shared by :class:`optical_hf.OTDistillationLoss` (sentence
 * the prompt's length (:func:`prompt_length`): sentence-transformers' own rule (``Transformer._get_prompt_length``);
 * pooling weights (``marginals="pooling"``): exactly those a ``Pooling`` module averages with (:func:`pooling_weights`).
 
-The collators: :class:`OTDistillationDataCollator` (sentence-transformers: the English column goes through the
-teacher's tokenizer or the teacher cache) and :class:`BitextCollator` (``transformers.Trainer``: each side with its own
-tokenizer, content masks included).
+The collator of both front ends: :class:`OTDistillationDataCollator` (the English column goes through the teacher's
+tokenizer or the teacher cache).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from .teacher_cache import TeacherCache
 __all__ = [
     "TEACHER_TASK",
     "WEIGHTED_POOLING_MODES",
-    "BitextCollator",
     "OTDistillationDataCollator",
     "content_mask",
     "pooling_setup",
@@ -212,78 +210,3 @@ class OTDistillationDataCollator(SentenceTransformerDataCollator):
         if column_position == self.teacher_column:
             return TEACHER_TASK
         return super()._get_task_for_column(column_name, column_position, router_mapping)
-
-
-class BitextCollator:
-    """Tokenizes each side of a bitext batch with its own tokenizer (the ``transformers.Trainer`` front end).
-
-    Args:
-        student_tokenizer: tokenizer of the student (low-resource side, column ``source_column``).
-        teacher_tokenizer: tokenizer of the teacher (English side, column ``target_column``).
-        max_length: truncation length for both sides.
-        source_prompt / target_prompt: optional prefixes (e.g. e5's ``"query: "``).
-        exclude_special_tokens: give special tokens (not ``[UNK]``) zero OT mass.
-        exclude_prompt: give prompt tokens (:func:`prompt_length` of them) zero OT mass.
-        teacher_cache: cached teacher outputs of the English texts (:class:`optical_hf.OTDistillationTrainer`
-            builds it).
-
-    Returns (``__call__``): ``{side}_input_ids``, ``{side}_attention_mask`` (and ``{side}_token_type_ids`` when the
-    tokenizer makes them) ``(batch, n_side)``, ``{side}_content_mask`` ``(batch, n_side)`` bool and, with a prompt,
-    ``{side}_prompt_length`` (int), for ``side`` in ``("source", "target")``. With a ``teacher_cache`` holding every
-    English text of the batch, the target side comes from the cache instead, with ``target_token_embeddings``
-    ``(batch, m, dim)`` (and ``target_sentence_embedding`` ``(batch, dim)`` when cached) fp16.
-    """
-
-    def __init__(
-        self,
-        student_tokenizer: PreTrainedTokenizerBase,
-        teacher_tokenizer: PreTrainedTokenizerBase,
-        source_column: str = "source",
-        target_column: str = "target",
-        max_length: int = 128,
-        source_prompt: str | None = None,
-        target_prompt: str | None = None,
-        exclude_special_tokens: bool = True,
-        exclude_prompt: bool = True,
-        teacher_cache: TeacherCache | None = None,
-    ) -> None:
-        self.sides = {
-            "source": (student_tokenizer, source_column, source_prompt or ""),
-            "target": (teacher_tokenizer, target_column, target_prompt or ""),
-        }
-        self.max_length = max_length
-        self.exclude_special_tokens = exclude_special_tokens
-        self.exclude_prompt = exclude_prompt
-        self.teacher_cache = teacher_cache
-
-    def tokenize(self, side: str, texts: list[str]) -> dict[str, Any]:
-        """``input_ids``, ``attention_mask`` (and ``token_type_ids``) ``(batch, n)`` of ``texts`` on ``side``, plus
-        ``prompt_length`` (int) when the side has a prompt."""
-        tokenizer, _, prompt = self.sides[side]
-        features: dict[str, Any] = dict(tokenizer(
-            [prompt + text for text in texts], padding=True, truncation=True, max_length=self.max_length,
-            return_tensors="pt",
-        ))
-        if prompt:
-            features["prompt_length"] = prompt_length(tokenizer, prompt, self.max_length)
-        return features
-
-    def _encode(self, side: str, texts: list[str]) -> dict[str, Any]:
-        """The English side from the teacher cache when it holds every text of the batch, else tokenized."""
-        if side == "target" and self.teacher_cache is not None:
-            cached = self.teacher_cache.lookup(texts, self.sides[side][2], self.max_length)
-            if cached is not None:
-                return cached
-        return self.tokenize(side, texts)
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {}
-        for side, (tokenizer, column, _) in self.sides.items():
-            if column not in rows[0]:
-                raise KeyError(f"bitext rows have no column {column!r} (columns: {sorted(rows[0])})")
-            encoded = self._encode(side, [row[column] for row in rows])
-            special = special_token_ids(tokenizer) if self.exclude_special_tokens else []
-            prompt = encoded.get("prompt_length") if self.exclude_prompt else None
-            encoded["content_mask"] = content_mask(encoded["input_ids"], encoded["attention_mask"], special, prompt)
-            batch.update({f"{side}_{key}": value for key, value in encoded.items()})
-        return batch

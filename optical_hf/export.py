@@ -119,12 +119,15 @@ def sentence_transformer_from(
     """Wrap a plain ``AutoModel`` student (adapters merged) and its tokenizer as a SentenceTransformer.
 
     Saves both into a temporary folder and builds ``Transformer`` + ``Pooling`` modules from it, so the result
-    has exactly the weights of ``model``.
+    has exactly the weights of ``model``. Works on every rank of a distributed run (``save_pretrained`` writes the
+    weights on rank 0 only, so the config and weights are written directly).
     """
+    from safetensors.torch import save_model
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"))
         tokenizer.save_pretrained(tmp)
         transformer = Transformer(tmp, max_seq_length=max_seq_length)
     pooling_module = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)

@@ -4,7 +4,7 @@ The teacher is frozen, so its outputs on a sentence are a pure function of (teac
 tokenizer, text, prompt, max length). :func:`build_teacher_cache` encodes every distinct English sentence once and
 stores, per sentence, its token ids, its token states ``(n_tokens, dim)`` and (sentence-transformers teachers) its
 pooled ``sentence_embedding`` ``(dim,)``, in fp16. The collators
-(:class:`optical_hf.OTDistillationDataCollator`, :class:`optical_hf.BitextCollator`) look the rows of a batch up by
+(:class:`optical_hf.OTDistillationDataCollator`, for both front ends) look the rows of a batch up by
 their text and pad them; the losses then skip the teacher forward. The token ids are kept so the marginal masks
 (special and prompt tokens, :func:`optical_hf.losses.content_mask`) are computed exactly as online.
 

@@ -4,9 +4,11 @@ Modelled on TRL's distillation trainers: the teacher lives beside the student (p
 teacher/reference models: by the Accelerator for device placement and mixed precision, as a DeepSpeed engine under
 DeepSpeed, an unsharded copy on each rank under FSDP; never wrapped in DDP, never given to the optimizer), the options
 are one ``TrainingArguments`` subclass (:class:`optical_hf.OTDistillationConfig`, like TRL's ``GKDConfig``) and only
-``compute_loss`` changes. The objective is :func:`optical_hf.losses.distillation_losses`, shared with the
-sentence-transformers front end (:class:`optical_hf.OTDistillationLoss`); batches come from
-:class:`optical_hf.collation.BitextCollator`.
+``compute_loss`` changes. Both front ends train one objective through one core: the student runs as its
+sentence-transformers pipeline (its transformer, trained by this Trainer, then its own ``Pooling``, ``Normalize``
+...), and :meth:`optical_hf.OTDistillationLoss.compute_loss_from_outputs` computes the loss; batches come from the
+same :class:`optical_hf.OTDistillationDataCollator` and the teacher cache from the same
+:func:`optical_hf.build_teacher_cache` as with sentence-transformers' trainer.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,14 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from transformers.trainer_utils import EvalLoopOutput
 
 from .callbacks import NonFiniteLossCallback
-from .collation import WEIGHTED_POOLING_MODES, BitextCollator, pooling_setup, pooling_weights, prompt_length
+from .collation import OTDistillationDataCollator
 from .config import OTDistillationConfig
 from .errors import OpticalInputError
 from .export import has_adapters, merged_copy, save_student, sentence_transformer_from, with_transformer_model
 from .hub import push_student
-from .losses import distillation_losses
+from .losses import OTDistillationLoss
 from .model_card import StudentCardInfo, is_hub_repo_id
-from .teacher_cache import distinct_texts, load_or_encode, teacher_fingerprint
+from .teacher_cache import build_teacher_cache
 
 __all__ = ["OTDistillationTrainer"]
 
@@ -46,9 +47,10 @@ logger = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _side(inputs: dict[str, Any], side: str) -> dict[str, Any]:
-    """One side (``"source"`` or ``"target"``) of a :class:`BitextCollator` batch, without the ``{side}_`` prefix."""
-    prefix = f"{side}_"
+def _column(inputs: dict[str, Any], column: str) -> dict[str, Any]:
+    """The features of one text column of an :class:`OTDistillationDataCollator` batch, without the ``{column}_``
+    prefix (as sentence-transformers' ``collect_features`` splits a batch)."""
+    prefix = f"{column}_"
     return {key[len(prefix):]: value for key, value in inputs.items() if key.startswith(prefix)}
 
 
@@ -82,25 +84,30 @@ class OTDistillationTrainer(Trainer):
             ``remove_unused_columns`` is forced to False (the collator needs the text columns).
         train_dataset / eval_dataset: bitext ``datasets.Dataset`` with ``args.source_column`` / ``args.target_column``.
         processing_class: the student's tokenizer (default: ``AutoTokenizer`` of ``model``).
-        teacher_processing_class: the teacher's tokenizer (default: the teacher SentenceTransformer's, or
-            ``AutoTokenizer`` of the teacher's ``name_or_path``).
+        teacher_processing_class: the tokenizer of an ``AutoModel`` teacher (default: ``AutoTokenizer`` of its
+            ``name_or_path``); a SentenceTransformer teacher has its own.
         peft_config: optional peft config (e.g. ``LoraConfig``) to train adapters only.
-        data_collator: default :class:`optical_hf.collation.BitextCollator` (a replacement must produce its keys).
-
-    Sentence embeddings (``sentence_weight``, ``contrastive_weight``) are each model's own: the student's is
-    ``args.pooling`` of its token states, a SentenceTransformer teacher's is its ``sentence_embedding`` (its own
-    pooling and normalisation), an ``AutoModel`` teacher's is ``args.pooling`` too. With ``marginals="pooling"`` the
-    OT weights of each side are those of the same pooling.
-
-    With ``args.cache_teacher`` (default), the teacher runs once over the English side of ``train_dataset`` and
-    ``eval_dataset`` before training and its token states (and sentence embeddings) are read from that cache at each
-    step (fp16 on disk, see :mod:`optical_hf.teacher_cache`); this needs ``datasets.Dataset`` train/eval sets and the
-    default collator, else the teacher runs online.
+        data_collator: default :class:`optical_hf.OTDistillationDataCollator` over the source and target columns,
+            with ``args.source_prompt`` / ``args.target_prompt``, the same collator as the sentence-transformers
+            front end (a replacement must produce its keys).
         evaluator: sentence-transformers evaluator(s) (e.g. :class:`optical_hf.evaluation.CLIREvaluator`,
             ``MSEEvaluator``; a list runs them in sequence) run at each evaluation, after ``eval_loss``, on the student
             as a SentenceTransformer (:meth:`student_as_sentence_transformer`); their metrics join the evaluation
             metrics with the ``eval_`` prefix (usable as ``metric_for_best_model``). Evaluation needs an
             ``eval_dataset``.
+
+    One objective for both front ends: the student runs as its sentence-transformers pipeline (a SentenceTransformer
+    student's own modules; an ``AutoModel`` student gets ``Transformer`` + ``Pooling(args.pooling)``, the folder it is
+    saved as) and :meth:`optical_hf.OTDistillationLoss.compute_loss_from_outputs` computes the loss, so its sentence
+    embedding (``sentence_weight``, ``contrastive_weight``) and its OT weights (``marginals="pooling"``) are those of
+    its pooling and normalisation, exactly as with sentence-transformers' trainer. An ``AutoModel`` teacher runs as a
+    frozen ``Transformer`` + ``Pooling(args.pooling)`` around it; a SentenceTransformer teacher as itself. Loss components
+    (``ot``, ``contrastive`` ...) are logged as their mean since the last log over all processes.
+
+    With ``args.cache_teacher`` (default), the teacher runs once over the English side of ``train_dataset`` and
+    ``eval_dataset`` before training (:func:`optical_hf.build_teacher_cache`) and its token states (and sentence
+    embeddings) are read from that cache at each step (fp16 on disk, see :mod:`optical_hf.teacher_cache`); this needs
+    ``datasets.Dataset`` train/eval sets and the default collator, else the teacher runs online.
 
     Training stops with :class:`optical_hf.NonFiniteLossError` at the first step whose loss or gradients are NaN or
     infinite (:class:`optical_hf.callbacks.NonFiniteLossCallback`, installed by default), before the optimizer step.
@@ -125,7 +132,7 @@ class OTDistillationTrainer(Trainer):
 
     def __init__(
         self,
-        model: PreTrainedModel | str,
+        model: PreTrainedModel | SentenceTransformer | str,
         teacher: PreTrainedModel | SentenceTransformer | str,
         args: OTDistillationConfig | TrainingArguments | None = None,
         train_dataset: Any = None,
@@ -137,52 +144,68 @@ class OTDistillationTrainer(Trainer):
         evaluator: BaseEvaluator | list[BaseEvaluator] | None = None,
         **kwargs: Any,
     ) -> None:
+        args = _as_config(args)
+        args.remove_unused_columns = False
         if isinstance(model, str):
             model = (SentenceTransformer(model, device="cpu") if is_sentence_transformer_model(model)
                      else AutoModel.from_pretrained(model))
-        self.student_pipeline: SentenceTransformer | None = None
         if isinstance(model, SentenceTransformer):  # keep its own modules; train its transformer's weights
             self.student_pipeline, model = model, _transformer_model(model)
-        if processing_class is None:
-            processing_class = (self.student_pipeline.tokenizer if self.student_pipeline is not None
-                                else AutoTokenizer.from_pretrained(model.name_or_path))
+        else:  # Transformer + Pooling(args.pooling) around the model itself (not a copy)
+            tokenizer = processing_class or AutoTokenizer.from_pretrained(model.name_or_path)
+            self.student_pipeline = with_transformer_model(
+                sentence_transformer_from(model, tokenizer, args.pooling, args.max_length), model)
+        processing_class = processing_class or self.student_pipeline.tokenizer
+        self._teacher_hub_id = _hub_model_id(teacher) if not isinstance(teacher, str) else (
+            teacher if is_hub_repo_id(teacher) and not Path(teacher).expanduser().exists() else None)
         if isinstance(teacher, str):
             teacher = SentenceTransformer(teacher, device="cpu")
-        if teacher_processing_class is None:
-            teacher_processing_class = (
-                teacher.tokenizer if isinstance(teacher, SentenceTransformer)
-                else AutoTokenizer.from_pretrained(teacher.name_or_path)
-            )
+        if not isinstance(teacher, SentenceTransformer):  # Transformer + Pooling(args.pooling) around the model
+            tokenizer = teacher_processing_class or AutoTokenizer.from_pretrained(teacher.name_or_path)
+            teacher = with_transformer_model(
+                sentence_transformer_from(teacher, tokenizer, args.pooling, args.max_length), teacher)
+        teacher.max_seq_length = args.max_length  # the English side's truncation, cached or not
         if peft_config is not None:
             model = get_peft_model(model, peft_config)
-        args = _as_config(args)
-        args.remove_unused_columns = False
+            self.student_pipeline[0].model = model
         self.loss_config = args.loss_config
-        self.teacher_is_sentence_transformer = isinstance(teacher, SentenceTransformer)
-        self._pooling = {"source": (args.pooling, True), "target": (args.pooling, True)}
-        if self.student_pipeline is not None:
-            self._pooling["source"] = _own_pooling(self.student_pipeline)
-        if self.teacher_is_sentence_transformer and self.loss_config.marginals == "pooling":
-            self._pooling["target"] = pooling_setup(teacher, "teacher")
+        # The one objective of both front ends; the Trainer runs the transformer, the loss everything after it.
+        self.loss = OTDistillationLoss(self.student_pipeline, teacher, config=self.loss_config)
+        self._student_head = nn.Sequential(*list(self.student_pipeline.children())[1:])
+        self._columns = (args.source_column, args.target_column)
         if data_collator is None:
-            data_collator = BitextCollator(
-                processing_class, teacher_processing_class, args.source_column, args.target_column, args.max_length,
-                args.source_prompt, args.target_prompt, self.loss_config.exclude_special_tokens,
-                self.loss_config.exclude_prompt,
-            )
+            prompts = {column: prompt for column, prompt in zip(self._columns, (args.source_prompt, args.target_prompt))
+                       if prompt}
+            data_collator = OTDistillationDataCollator(self.student_pipeline.preprocess, prompts=prompts,
+                                                       max_length=args.max_length,
+                                                       teacher_preprocess_fn=teacher.preprocess)
+        train_dataset, eval_dataset = self._bitext_columns(train_dataset), self._bitext_columns(eval_dataset)
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, data_collator=data_collator, **kwargs,
         )
         self.add_callback(NonFiniteLossCallback)
         self.evaluator = SequentialEvaluator(evaluator) if isinstance(evaluator, list) else evaluator
-        self.teacher = self._prepare_teacher(teacher)
-        self._components: dict[str, dict[str, list[Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.teacher = self.loss.teacher = self._prepare_teacher(teacher)
+        self._components: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
         if args.cache_teacher and self._zero3:
             logger.info("Teacher outputs not cached under DeepSpeed ZeRO-3 (its forward gathers partitioned weights on "
                         "every rank at once): the teacher runs at every step")
         elif args.cache_teacher:
             self._cache_teacher_outputs()
+
+    def _bitext_columns(self, dataset: Any) -> Any:
+        """A bitext ``Dataset`` (or a dict of them) reduced to its source and target columns, in that order: the
+        collator reads columns by position (the second is the teacher's)."""
+        if isinstance(dataset, dict):
+            return {name: self._bitext_columns(split) for name, split in dataset.items()}
+        if not isinstance(dataset, Dataset):
+            return dataset
+        missing = [column for column in self._columns if column not in dataset.column_names]
+        if missing:
+            raise OpticalInputError(f"OTDistillationTrainer: the bitext has no column {missing[0]!r} (columns: "
+                                    f"{dataset.column_names}); set source_column / target_column")
+        return dataset.select_columns(list(self._columns))
 
     @property
     def _zero3(self) -> bool:
@@ -209,81 +232,42 @@ class OTDistillationTrainer(Trainer):
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def _cache_teacher_outputs(self) -> None:
-        """Encode the English side of the train and eval sets once (main process first) for the collator to look up."""
+        """Encode the English side of the train and eval sets once (main process first) with
+        :func:`optical_hf.build_teacher_cache`, as the sentence-transformers front end does, for the collator."""
         evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
         sets = [d for d in (self.train_dataset, *evals) if d is not None]
-        if not (isinstance(self.data_collator, BitextCollator) and sets and all(isinstance(d, Dataset) for d in sets)):
+        if not (isinstance(self.data_collator, OTDistillationDataCollator) and sets
+                and all(isinstance(d, Dataset) for d in sets)):
             logger.info("Teacher outputs not cached (needs datasets.Dataset train/eval sets and the default "
-                        "BitextCollator): the teacher runs at every step")
+                        "OTDistillationDataCollator): the teacher runs at every step")
             return
-        collator = self.data_collator
-        tokenizer, column, prompt = collator.sides["target"]
-        texts = distinct_texts(text for dataset in sets for text in dataset[column])
-        fingerprint = teacher_fingerprint(
-            self.accelerator.unwrap_model(self.teacher), tokenizer, texts, front_end="trainer", prompt=prompt or None,
-            max_length=collator.max_length, prompt_length=prompt_length(tokenizer, prompt, collator.max_length),
-            sentence_embedding=self.teacher_is_sentence_transformer,
-        )
+        target = self._columns[1]
         with self.args.main_process_first(desc="teacher cache"):
-            collator.teacher_cache = load_or_encode(
-                texts, self._encode_teacher, prompt or None, collator.max_length, fingerprint,
-                self.args.teacher_cache_dir,
+            self.data_collator.teacher_cache = build_teacher_cache(
+                self.accelerator.unwrap_model(self.teacher), [text for d in sets for text in d[target]],
+                prompt=self.args.target_prompt, cache_dir=self.args.teacher_cache_dir,
             )
-
-    def _encode_teacher(self, texts: list[str]) -> dict[str, Any]:
-        """The teacher on English ``texts`` tokenized as in training: the features plus :meth:`_teacher_forward`."""
-        features = self.data_collator.tokenize("target", texts)
-        return {**features, **self._teacher_forward(features)}
-
-    def _teacher_forward(self, features: dict[str, Any]) -> dict[str, Tensor]:
-        """``token_embeddings`` ``(batch, m, dim)`` of the teacher and, for a SentenceTransformer, its own
-        ``sentence_embedding`` ``(batch, dim)``."""
-        device = self.accelerator.device
-        features = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in features.items()}
-        with torch.no_grad():
-            if self.teacher_is_sentence_transformer:
-                out = self.teacher(_pick(features, (*MODEL_INPUTS, "prompt_length")))
-                return {"token_embeddings": out["token_embeddings"], "sentence_embedding": out["sentence_embedding"]}
-            return {"token_embeddings": self.teacher(**_pick(features, MODEL_INPUTS)).last_hidden_state}
-
-    def _teacher_outputs(self, target: dict[str, Any]) -> dict[str, Tensor]:
-        """The teacher's outputs on the English side: looked up by the collator when cached, else a teacher forward."""
-        if "token_embeddings" in target:
-            return {key: target[key].float() for key in ("token_embeddings", "sentence_embedding") if key in target}
-        return self._teacher_forward(target)
-
-    def _pool(self, tokens: Tensor, features: dict[str, Any], side: str) -> Tensor:
-        """``(batch, dim)``: ``(batch, n, dim)`` token states averaged with the side's pooling weights."""
-        return torch.einsum("bn,bnd->bd", self._pooling_weights(features, side).to(tokens.dtype), tokens)
-
-    def _pooling_weights(self, features: dict[str, Any], side: str) -> Tensor:
-        mode, include_prompt = self._pooling[side]
-        return pooling_weights(features["attention_mask"], mode, features.get("prompt_length"), include_prompt)
-
-    def _marginal(self, features: dict[str, Any], side: str) -> Tensor:
-        """``(batch, n)`` OT weights of one side: its pooling weights or the collator's content mask."""
-        if self.loss_config.marginals == "pooling":
-            return self._pooling_weights(features, side)
-        return features["content_mask"]
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Tensor | tuple[Tensor, dict]:
-        source, target = _side(inputs, "source"), _side(inputs, "target")
-        student_tokens = model(**_pick(source, MODEL_INPUTS)).last_hidden_state
-        teacher = self._teacher_outputs(target)
-        teacher_tokens, teacher_sentence = teacher["token_embeddings"], teacher.get("sentence_embedding")
-        if teacher_sentence is None:
-            teacher_sentence = self._pool(teacher_tokens, target, "target")
-        losses = distillation_losses(
-            student_tokens, self._marginal(source, "source"), teacher_tokens, self._marginal(target, "target"),
-            self.loss_config, self._pool(student_tokens, source, "source"), teacher_sentence,
-        )
-        mode = "train" if model.training else "eval"
-        for name, value in losses.items():
-            self._components[mode][name].append(value.detach())
+        """The student's transformer (``model``, as the Trainer wrapped it) on the low-resource column, the rest of its
+        pipeline (pooling, normalisation ...) on its token states, then
+        :meth:`OTDistillationLoss.compute_loss_from_outputs`: the objective of the sentence-transformers front end."""
+        source, target = (_column(inputs, column) for column in self._columns)
+        tokens = model(**_pick(source, MODEL_INPUTS)).last_hidden_state
+        student_out = self._student_head.to(tokens.device)({**source, "token_embeddings": tokens})
+        losses = self.loss.compute_loss_from_outputs(source, student_out, target)
+        self._track(losses, "train" if model.training else "eval")
         loss = torch.stack(list(losses.values())).sum()
         return (loss, {}) if return_outputs else loss
+
+    def _track(self, losses: dict[str, Tensor], mode: str) -> None:
+        """Add each loss component (detached) and one step to the ``mode`` accumulators that :meth:`log` reports."""
+        sums = self._components[mode]
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0) + value.detach().float()
+        sums["steps"] = sums.get("steps", 0) + 1
 
     def evaluation_loop(
         self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
@@ -313,13 +297,19 @@ class OTDistillationTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean of each loss component since the last log (``ot``, ``sentence``, ``contrastive``; rank-local)."""
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._components[mode].items():
-            if values:
-                logs[f"{prefix}{name}"] = torch.stack(values).mean().item()
-        self._components[mode].clear()
+        """Add the mean of each loss component (``ot``, ``contrastive``, ...) since the last log, summed over the
+        processes as sentence-transformers' trainer does (every process calls ``log``)."""
+        mode = "eval" if "eval_loss" in logs else "train" if "loss" in logs else None
+        sums = self._components[mode] if mode else {}
+        if "steps" in sums:
+            names = sorted(name for name in sums if name != "steps")
+            totals = torch.stack([torch.as_tensor(sums[name], dtype=torch.float32, device=self.args.device)
+                                  for name in (*names, "steps")])
+            totals = self.accelerator.reduce(totals, reduction="sum") if self.accelerator.num_processes > 1 else totals
+            prefix = "eval_" if mode == "eval" else ""
+            logs = {**logs, **{f"{prefix}{name}": round((totals[i] / totals[-1]).item(), 4)
+                               for i, name in enumerate(names)}}
+            sums.clear()
         super().log(logs, start_time)
 
     def _full_student(self) -> nn.Module:
@@ -346,9 +336,7 @@ class OTDistillationTrainer(Trainer):
 
     def _as_sentence_transformer(self, model: nn.Module) -> SentenceTransformer:
         base = merged_copy(model) if has_adapters(model) else model
-        if self.student_pipeline is not None:
-            return with_transformer_model(self.student_pipeline, base)
-        return sentence_transformer_from(base, self.processing_class, self.args.pooling, self.args.max_length)
+        return with_transformer_model(self.student_pipeline, base)
 
     card_info: StudentCardInfo | None = None
     """Model card of the final save (language, teacher, data, metrics ...); without it the card says what the
@@ -406,15 +394,13 @@ class OTDistillationTrainer(Trainer):
 
     def _known_card_info(self) -> StudentCardInfo:
         """Card info from what the trainer knows: Hub ids of the student's base model and the teacher, OT options."""
-        collator = self.data_collator if isinstance(self.data_collator, BitextCollator) else None
-        teacher = self.accelerator.unwrap_model(self.teacher)
         return StudentCardInfo(
-            teacher=_hub_model_id(teacher),
+            teacher=self._teacher_hub_id,
             base_model=_hub_model_id(self.accelerator.unwrap_model(self.model)),
             ot=dataclasses.asdict(self.loss_config),
             training={"front_end": "trainer", "steps": self.state.global_step, "pooling": self.args.pooling,
                       "max_length": self.args.max_length},
-            query_prompt=(collator.sides["source"][2] or None) if collator else None,
+            query_prompt=self.args.source_prompt or None,
         )
 
 
@@ -427,18 +413,6 @@ def _transformer_model(student: SentenceTransformer) -> PreTrainedModel:
             f"{type(transformer).__name__}"
         )
     return transformer.auto_model
-
-
-def _own_pooling(student: SentenceTransformer) -> tuple[str, bool]:
-    """``(pooling_mode, include_prompt)`` of a SentenceTransformer student's ``Pooling``: its sentence embedding in
-    the sentence-level terms and its OT weights with ``marginals="pooling"``."""
-    try:
-        return pooling_setup(student, "student")
-    except OpticalInputError as err:
-        raise OpticalInputError(
-            f"OTDistillationTrainer: a SentenceTransformer student needs one Pooling module with a mode in "
-            f"{WEIGHTED_POOLING_MODES} ({err})"
-        ) from err
 
 
 def _hub_model_id(model: nn.Module) -> str | None:

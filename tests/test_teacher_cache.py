@@ -141,7 +141,7 @@ def test_trainer_cached_loss_matches_online(model_dirs, bitext, tmp_path):
     rows = list(bitext.select(range(16)))
     online_batch, cached_batch = online.data_collator(rows), cached.data_collator(rows)
     assert "target_token_embeddings" in cached_batch
-    for key in ("target_input_ids", "target_attention_mask", "target_content_mask"):
+    for key in ("target_input_ids", "target_attention_mask"):
         assert torch.equal(cached_batch[key], online_batch[key])
     losses = []
     for trainer, batch in ((online, online_batch), (cached, cached_batch)):
@@ -155,7 +155,7 @@ def test_trainer_cached_loss_matches_online(model_dirs, bitext, tmp_path):
 
 def test_trainer_reuses_cache_and_trains_without_teacher(model_dirs, bitext, tmp_path):
     teacher = AutoModel.from_pretrained(model_dirs["teacher"])
-    counter = ForwardCounter(teacher)
+    counter = ForwardCounter(teacher.embeddings)  # its Transformer module may call the model's forward directly
     _trainer(model_dirs, bitext, tmp_path, teacher)
     assert counter.calls > 0
     counter.calls = 0

@@ -14,8 +14,8 @@ from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser, TrainingArguments
 
-import optical_hf.trainer
-from optical_hf import BitextCollator, OTDistillationConfig, OTDistillationTrainer, OTLossConfig, OpticalInputError
+import optical_hf.losses
+from optical_hf import OTDistillationConfig, OTDistillationTrainer, OTLossConfig, OpticalInputError
 from optical_hf.collation import content_mask, special_token_ids
 from optical_hf.evaluation import BitextRetrievalEvaluator, bitext_retrieval
 from optical_hf.losses import distillation_losses
@@ -33,7 +33,7 @@ def _trainer(model_dirs, dataset, tmp_path, student="student", eval_dataset=None
     args.update(kwargs.pop("args", {}))
     teacher = kwargs.pop("teacher", None)
     return OTDistillationTrainer(
-        model=AutoModel.from_pretrained(model_dirs[student]),
+        model=kwargs.pop("model", None) or AutoModel.from_pretrained(model_dirs[student]),
         teacher=AutoModel.from_pretrained(model_dirs["teacher"]) if teacher is None else teacher,
         teacher_processing_class=AutoTokenizer.from_pretrained(model_dirs["teacher"]),
         args=OTDistillationConfig(**args), train_dataset=dataset, eval_dataset=eval_dataset, **kwargs,
@@ -122,22 +122,25 @@ def test_gradient_accumulation_matches_large_batch(model_dirs, bitext, tmp_path)
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
 
 
-def test_collator_masks(model_dirs):
-    student_tok = AutoTokenizer.from_pretrained(model_dirs["student"])
-    teacher_tok = AutoTokenizer.from_pretrained(model_dirs["teacher"])
-    collator = BitextCollator(student_tok, teacher_tok, source_prompt="query: ", target_prompt="query: ")
-    batch = collator([{"source": "kitacwa", "target": "the cat"}, {"source": "kigodwa kieerhtwa", "target": "a big dog"}])
-    kept = teacher_tok.convert_ids_to_tokens(batch["target_input_ids"][1][batch["target_content_mask"][1]])
-    assert kept == ["a", "big", "dog"]
-    # the prompt length is sentence-transformers' own, so the masks are those of the sentence-transformers front end
+def test_the_trainer_collates_like_the_sentence_transformers_front_end(model_dirs, bitext, tmp_path):
+    trainer = _trainer(model_dirs, bitext, tmp_path, args={"source_prompt": "query: ", "target_prompt": "query: ",
+                                                           "marginals": "content"})
+    rows = [{"source": "kitacwa", "target": "the cat"}, {"source": "kigodwa kieerhtwa", "target": "a big dog"}]
+    batch = trainer.data_collator(rows)
     student = sentence_transformer(model_dirs["student"])
-    features = student.preprocess(["kitacwa", "kigodwa kieerhtwa"], prompt="query: ")
+    features = student.preprocess([row["source"] for row in rows], prompt="query: ")
+    assert torch.equal(batch["source_input_ids"], features["input_ids"])
     assert batch["source_prompt_length"] == features["prompt_length"]
-    expected = content_mask(features["input_ids"], features["attention_mask"], special_token_ids(student_tok),
-                            features["prompt_length"])
-    assert torch.equal(batch["source_content_mask"], expected)
-    with pytest.raises(KeyError, match="english"):
-        BitextCollator(student_tok, teacher_tok, target_column="english")([{"source": "x", "target": "y"}])
+    source = {key[len("source_"):]: value for key, value in batch.items() if key.startswith("source_")}
+    expected = content_mask(features["input_ids"], features["attention_mask"],
+                            special_token_ids(student.tokenizer), features["prompt_length"])
+    assert torch.equal(trainer.loss._marginal(source, "student"), expected)
+    target = {key[len("target_"):]: value for key, value in batch.items() if key.startswith("target_")}
+    teacher_tok = AutoTokenizer.from_pretrained(model_dirs["teacher"])
+    kept = teacher_tok.convert_ids_to_tokens(target["input_ids"][1][target["attention_mask"][1].bool()])
+    assert kept[-4:] == ["a", "big", "dog", "[SEP]"]  # the English side with the teacher's own tokenizer
+    with pytest.raises(OpticalInputError, match="the bitext has no column 'english'"):
+        _trainer(model_dirs, bitext, tmp_path, args={"target_column": "english"})
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
@@ -146,14 +149,15 @@ def test_trains_with_debiased_sqeuclidean_pooling_ot(model_dirs, bitext, tmp_pat
     trainer = _trainer(model_dirs, bitext, tmp_path, args={"max_steps": 10, **options})
     batch = trainer.data_collator([bitext[i] for i in range(4)])
     source = {k[len("source_"):]: v for k, v in batch.items() if k.startswith("source_")}
-    weights = trainer._marginal(source, "source")
+    weights = trainer.loss._marginal(source, "student")
     with torch.no_grad():
         tokens = trainer.model(input_ids=source["input_ids"], attention_mask=source["attention_mask"]).last_hidden_state
     pooled = torch.einsum("bn,bnd->bd", weights, tokens)
     mask = source["attention_mask"][..., None]
     expected = tokens[:, 0] if pooling == "cls" else (tokens * mask).sum(1) / mask.sum(1)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(trainer._pool(tokens, source, "source"), expected, atol=1e-5, rtol=1e-5)
+    sentence = trainer._student_head({**source, "token_embeddings": tokens})["sentence_embedding"]
+    torch.testing.assert_close(sentence, expected, atol=1e-5, rtol=1e-5)  # the saved folder's Pooling(args.pooling)
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert {"ot", "contrastive"} <= set(logs[0])
@@ -267,7 +271,7 @@ def test_sentence_transformer_teacher_gives_its_own_sentence_embedding(model_dir
         seen.append(args[6])  # teacher_sentence
         return distillation_losses(*args, **kwargs)
 
-    monkeypatch.setattr(optical_hf.trainer, "distillation_losses", spy)
+    monkeypatch.setattr(optical_hf.losses, "distillation_losses", spy)
     trainer = _trainer(model_dirs, bitext, tmp_path, teacher=teacher, args={
         "sentence_weight": 1.0, "target_prompt": "query: ", "cache_teacher": cache_teacher,
         "teacher_cache_dir": str(tmp_path / "cache")})
@@ -307,7 +311,7 @@ def test_sentence_transformer_student_keeps_its_own_modules(model_dirs, bitext, 
                                   save_strategy="no", marginals="pooling"),
         train_dataset=bitext,
     )
-    assert trainer._pooling["source"] == ("cls", True)  # the student's own pooling is its OT weights
+    assert trainer.loss._pooling["student"] == ("cls", True)  # the student's own pooling is its OT weights
     trainer.train()
     trainer.save_model()
 
@@ -320,3 +324,53 @@ def test_sentence_transformer_student_keeps_its_own_modules(model_dirs, bitext, 
     torch.testing.assert_close(after, trainer.student_as_sentence_transformer().encode(texts, convert_to_tensor=True))
     torch.testing.assert_close(after.norm(dim=-1), torch.ones(4))
     assert not torch.allclose(after, before)  # the trained weights, not the initial ones
+
+
+@pytest.mark.parametrize("config", [{}, PAPER, {"lora": True}, {"sentence_weight": 1.0, "normalize": True}],
+                         ids=["recipe", "paper", "lora", "sentence-term-normalized-student"])
+def test_both_front_ends_train_the_same_objective(config, model_dirs, bitext, tmp_path):
+    """Same weights and batch: the same loss and gradients through OTDistillationLoss (sentence-transformers) and
+    OTDistillationTrainer (transformers.Trainer: an AutoModel student, saved with Pooling(mean); or a
+    SentenceTransformer student with Normalize, whose normalised embedding the sentence term must see)."""
+    from optical_hf import OTDistillationDataCollator, OTDistillationLoss, add_lora
+
+    config = dict(config)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]) if config.pop("lora", False) else None
+    normalize = config.pop("normalize", False)
+
+    def pipeline():
+        transformer = Transformer(str(model_dirs["student_no_dropout"]))
+        modules = [transformer, Pooling(transformer.get_embedding_dimension(), "mean"), *([Normalize()] * normalize)]
+        return SentenceTransformer(modules=modules, device="cpu")
+
+    rows = [bitext[i] for i in range(8)]
+    student, teacher = pipeline(), sentence_transformer(model_dirs["teacher"])
+    if lora is not None:
+        add_lora(student, lora)
+    loss = OTDistillationLoss(student, teacher, config=OTLossConfig(**config))
+    batch = OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess)(rows)
+    features = [{k[len(c) + 1:]: v for k, v in batch.items() if k.startswith(c + "_")} for c in ("source", "target")]
+    student.train()
+    st_loss = torch.stack(list(loss(features).values())).sum()
+    st_loss.backward()
+
+    trainer = _trainer(model_dirs, bitext, tmp_path, student="student_no_dropout", peft_config=lora,
+                       teacher=sentence_transformer(model_dirs["teacher"]),
+                       args={"cache_teacher": False, "pooling": "mean", **config},
+                       **({"model": pipeline()} if normalize else {}))
+    trained = dict(trainer.model.named_parameters())
+    st_params = {name.removeprefix("0.model.").replace("base_model.model.", ""): param
+                 for name, param in student.named_parameters()}
+    names = {name: name.replace("base_model.model.", "") for name in trained}
+    with torch.no_grad():  # the same LoRA initialisation on both sides
+        for name, param in trained.items():
+            param.copy_(st_params[names[name]])
+    trainer.model.train()
+    trainer_loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    trainer_loss.backward()
+
+    torch.testing.assert_close(trainer_loss, st_loss, atol=1e-6, rtol=1e-5)
+    compared = [name for name, param in trained.items() if param.requires_grad]
+    assert compared and (lora is None or all("lora_" in name for name in compared))
+    for name in compared:
+        torch.testing.assert_close(trained[name].grad, st_params[names[name]].grad, atol=1e-6, rtol=1e-4, msg=name)
