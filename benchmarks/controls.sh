@@ -1,27 +1,50 @@
 #!/usr/bin/env bash
-# The controls of the "say what wins" study (benchmarks/README.md), one run at a time; quality.py skips stored runs,
-# so the queue can be stopped and started again. Hausa first: it is the tuning language (learning rate, weights).
-# Usage: bash benchmarks/controls.sh [LANGS...]   (default: hau)
+# The "say what wins" study (benchmarks/README.md): every run of it, one at a time. quality.py skips the runs already
+# stored, so the queue can be stopped and started again; records land in benchmarks/results/quality.jsonl.
+#   bash benchmarks/controls.sh            # everything, in this order
+#   bash benchmarks/controls.sh cross      # one phase: controls | cross | grid | final
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LANGS=("${@:-hau}")
-Q=(python benchmarks/quality.py --langs "${LANGS[@]}" --scoring dense maxsim-content --per-query)
-RECIPE_E100=(--loss reg=100)
-NO_OT=(--loss ot_weight=0)
+PHASES=("${@:-controls cross grid final}")
+Q=(python benchmarks/quality.py --scoring dense maxsim-content --per-query)
+E100=(--loss reg=100)                     # the recipe at its own large-epsilon limit (a pooled mean-matching term)
+E01=(--loss reg=0.1)                      # the recipe with token-level transport (sharp plans)
+NO_OT=(--loss ot_weight=0)                # the contrastive term alone
 PAPER=(--loss cost=cosine marginals=content debias=false reg=0.1 ot_weight=1 contrastive_weight=0)
 step() { echo "=== $(date +%T) $*"; "$@" || echo "=== FAILED: $*"; }
-# the systems at the recipe's learning rate (2e-5) and MSE at its tuned one
-step "${Q[@]}" --methods ot --tag recipe
-step "${Q[@]}" --methods ot --tag recipe-e100 "${RECIPE_E100[@]}"
-step "${Q[@]}" --methods ot --tag recipe-no-ot "${NO_OT[@]}"
-step "${Q[@]}" --methods ot --tag contrastive+sent100 --loss ot_weight=0 sentence_weight=100
-step "${Q[@]}" --methods ot --tag contrastive+sent1000 --loss ot_weight=0 sentence_weight=1000
-step "${Q[@]}" --methods mse --tag lr2e-4 --lr 2e-4
-step "${Q[@]}" --methods ot --tag paper-ot "${PAPER[@]}"
-# the learning-rate grid (2e-5 5e-5 1e-4 2e-4) for every system, on the tuning language
-for lr in 5e-5 1e-4 2e-4; do
-  [ "$lr" = 5e-5 ] || step "${Q[@]}" --methods ot --tag recipe-lr$lr --lr $lr
-  step "${Q[@]}" --methods ot --tag recipe-e100-lr$lr --lr $lr "${RECIPE_E100[@]}"
-  step "${Q[@]}" --methods ot --tag recipe-no-ot-lr$lr --lr $lr "${NO_OT[@]}"
-  step "${Q[@]}" --methods ot --tag paper-ot-lr$lr --lr $lr "${PAPER[@]}"
+for phase in ${PHASES[*]}; do
+  case $phase in
+  controls)  # same-model setting, Hausa (the tuning language), each system at the recipe's learning rate
+    step "${Q[@]}" --langs hau --methods ot --tag recipe
+    step "${Q[@]}" --langs hau --methods ot --tag recipe-e100 "${E100[@]}"
+    step "${Q[@]}" --langs hau --methods ot --tag recipe-no-ot "${NO_OT[@]}"
+    step "${Q[@]}" --langs hau --methods ot --tag contrastive+sent100 --loss ot_weight=0 sentence_weight=100
+    step "${Q[@]}" --langs hau --methods ot --tag contrastive+sent1000 --loss ot_weight=0 sentence_weight=1000
+    step "${Q[@]}" --langs hau --methods mse --tag lr2e-4 --lr 2e-4
+    step "${Q[@]}" --langs hau --methods ot --tag paper-ot "${PAPER[@]}" ;;
+  cross)  # MiniLM teacher, e5-small student: where a token alignment has work to do
+    C=("${Q[@]}" --settings cross --langs hau)
+    step "${C[@]}" --methods ot --tag recipe
+    step "${C[@]}" --methods ot --tag recipe-e100 "${E100[@]}"
+    step "${C[@]}" --methods mse --tag lr2e-4 --lr 2e-4
+    step "${C[@]}" --methods ot --tag recipe-e0.1 "${E01[@]}"
+    step "${C[@]}" --methods ot --tag paper-ot "${PAPER[@]}" ;;
+  grid)  # the learning-rate grid (2e-5 5e-5 1e-4 2e-4) of every system on the tuning language
+    for lr in 5e-5 1e-4 2e-4; do
+      [ "$lr" = 5e-5 ] || step "${Q[@]}" --langs hau --methods ot --tag recipe-lr$lr --lr $lr
+      step "${Q[@]}" --langs hau --methods ot --tag recipe-e100-lr$lr --lr $lr "${E100[@]}"
+      step "${Q[@]}" --langs hau --methods ot --tag recipe-no-ot-lr$lr --lr $lr "${NO_OT[@]}"
+      step "${Q[@]}" --langs hau --methods ot --tag paper-ot-lr$lr --lr $lr "${PAPER[@]}"
+    done ;;
+  final)  # the final table: every dev language at seed 0, seeds 1 and 2 on hau and zul (at the selected rates)
+    for langs in "hau ibo kin twi zul --seeds 0" "hau zul --seeds 1 2"; do
+      # shellcheck disable=SC2086
+      step "${Q[@]}" --langs $langs --methods ot --tag recipe
+      step "${Q[@]}" --langs $langs --methods ot --tag recipe-e100 "${E100[@]}"
+      step "${Q[@]}" --langs $langs --methods ot --tag recipe-no-ot "${NO_OT[@]}"
+      step "${Q[@]}" --langs $langs --methods mse --tag lr2e-4 --lr 2e-4
+      step "${Q[@]}" --langs $langs --methods ot --tag paper-ot "${PAPER[@]}"
+    done ;;
+  *) echo "unknown phase $phase (controls | cross | grid | final)"; exit 2 ;;
+  esac
 done
