@@ -54,6 +54,8 @@ TOKEN_SELECTIONS = ("all", "content")
 """Tokens taking part in MaxSim: every real token, or only content tokens (no special, no prompt tokens)."""
 DEFAULT_TOKENS = "content"
 """The default token selection on both sides (measured: see the module docstring)."""
+SIDES = ("query", "document")
+"""Which encoder of a model :func:`encode_token_states` runs (``encode_query`` or ``encode_document``)."""
 INDEX_FORMAT = 2
 """Version of :meth:`TokenIndex.save`'s file layout (2: with ``built_by`` and a checksum)."""
 ENCODE_BLOCK = 1024
@@ -315,6 +317,8 @@ def encode_token_states(
     Returns:
         One ``(n_tokens_i, dim)`` float32 CPU tensor per text (unnormalised).
     """
+    if side not in SIDES:
+        raise OpticalInputError(f"encode_token_states: side must be one of {SIDES}, got {side!r}")
     _check_tokens(tokens, f"{side} tokens")
     encode = model.encode_query if side == "query" else model.encode_document
     special = special_token_ids(model.tokenizer) if tokens == "content" else []

@@ -137,6 +137,8 @@ def test_maxsim_rejects_bad_inputs():
         maxsim_topk([torch.ones(2, 8), torch.ones(0, 8)], index)
     with pytest.raises(ValueError, match=r"passage\(s\) \['b'\] have no tokens"):
         TokenIndex.from_token_states([torch.ones(1, 8), torch.ones(0, 8)], ids=["a", "b"])
+    with pytest.raises(OpticalInputError, match="side must be one of \\('query', 'document'\\), got 'passage'"):
+        encode_token_states(token_model(TEACHER_VECTORS), ["north"], side="passage")
 
 
 # ---- the fp16 index -----------------------------------------------------------------------------------------------
