@@ -9,17 +9,11 @@ sentence-transformers evaluator (``optical-hf evaluate --scoring maxsim``).
 
 Which tokens take part is an option on each side (:data:`TOKEN_SELECTIONS`): ``"all"`` (every real token, special
 and prompt tokens included) or ``"content"`` (without special tokens and prompt tokens,
-:func:`optical_hf.collation.content_mask`). The default, ``"content"`` (:data:`DEFAULT_TOKENS`), is measured on AfriQA
-dev with multilingual-e5-small (``benchmarks/results/quality.md``, scorings ``maxsim`` and ``maxsim-content``): it
-scores the teacher's oracle higher on five of the six dev languages (-0.004 to +0.008 MRR@10) and every Hausa
-student that beats the floor higher (+0.001 to +0.048), while the untrained floors are mixed (-0.012 to +0.016).
+:func:`optical_hf.collation.content_mask`); the default is ``"content"`` (:data:`DEFAULT_TOKENS`; why: the README's
+"Design choices", row "MaxSim tokens").
 
-Why exact search and no library: PyLate 1.6.0 pins sentence-transformers 5.3.0 and transformers <= 5.3.0, and every
-``fast-plaid`` wheel pins one torch release exactly (1.7.0.2110 requires ``torch==2.11.0``, plus ``fastkmeans`` and
-``usearch``), so neither installs beside our torch 2.13 / sentence-transformers 6 pins. PLAID's centroid pruning and
-residual compression only pay off for collections of millions of passages; the CLIR sets here (AfriQA gold pools,
-BEIR-layout dev sets) hold at most tens of thousands of passages, whose fp16 token index fits in memory and is
-scanned exactly in seconds.
+The search is an exact scan of the fp16 index (why no late-interaction library: the README's "Design choices", row
+"exact MaxSim search"). It suits the evaluation sets here, up to tens of thousands of passages.
 """
 
 from __future__ import annotations
@@ -53,7 +47,7 @@ SCORINGS = ("dense", "maxsim")
 TOKEN_SELECTIONS = ("all", "content")
 """Tokens taking part in MaxSim: every real token, or only content tokens (no special, no prompt tokens)."""
 DEFAULT_TOKENS = "content"
-"""The default token selection on both sides (measured: see the module docstring)."""
+"""The default token selection on both sides (why: the README's "Design choices", row "MaxSim tokens")."""
 SIDES = ("query", "document")
 """Which encoder of a model :func:`encode_token_states` runs (``encode_query`` or ``encode_document``)."""
 INDEX_FORMAT = 2
