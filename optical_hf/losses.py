@@ -44,6 +44,7 @@ Token weights, prompt lengths and the collators of both front ends are in :mod:`
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,8 @@ from torch import Tensor, nn
 from .collation import TEACHER_TASK, content_mask, pooling_setup, pooling_weights, special_token_ids
 from .errors import OpticalInputError
 from .ot import pairwise_cost, sinkhorn, sinkhorn_divergence, uniform_weights
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CITATION", "OTDistillationLoss", "OTLossConfig", "distillation_losses"]
 
@@ -161,6 +164,13 @@ class OTLossConfig:
             _check_number(name, value, positive=False)
         if not any(weights.values()):
             raise OpticalInputError(f"OTLossConfig: at least one loss weight must be > 0, got {weights}")
+        defaults = OTLossConfig.__dataclass_fields__
+        idle = {"rho": self.transport != "semi-relaxed" and self.rho != defaults["rho"].default,
+                "exclude_special_tokens": self.marginals == "pooling" and not self.exclude_special_tokens,
+                "exclude_prompt": self.marginals == "pooling" and not self.exclude_prompt}
+        for name in (name for name, unused in idle.items() if unused):
+            logger.warning("OTLossConfig.%s=%r has no effect with transport=%r and marginals=%r", name,
+                           getattr(self, name), self.transport, self.marginals)
 
 
 def _check_number(name: str, value: Any, positive: bool) -> None:

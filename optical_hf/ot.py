@@ -494,8 +494,9 @@ def sinkhorn(
         raise ValueError(f"`backend` must be 'torch' or 'pot', got {backend!r}")
     if rho is not None and not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
         raise ValueError(f"`rho` must be None or a finite number > 0, got {rho}")
-    if rho is not None and backend == "pot":
-        raise ValueError("backend='pot' supports balanced OT only (rho=None)")
+    if backend == "pot" and (rho is not None or relative_reg or check_every != 10):
+        raise ValueError("backend='pot' is a reference solver of balanced OT at an absolute reg: rho, relative_reg and "
+                         "check_every have no effect there, so they must stay None, False and 10")
     with torch.autocast(device_type=cost.device.type, enabled=False):
         problem = _problem(cost, source_mask, target_mask, source_weights, target_weights)
         if backend == "pot":

@@ -485,3 +485,18 @@ def test_trains_with_the_late_interaction_terms(model_dirs, bitext, tmp_path):
     assert logs[0]["loss"] == pytest.approx(
         sum(logs[0][k] for k in ("ot", "hard_alignment", "maxsim_kd", "sentence")), rel=1e-3)
     assert all(math.isfinite(log["loss"]) for log in logs) and logs[-1]["loss"] < logs[0]["loss"]
+
+
+@pytest.mark.parametrize("options, idle", [
+    ({"rho": 0.5}, "rho=0.5"),
+    ({"exclude_prompt": False}, "exclude_prompt=False"),
+    ({"exclude_special_tokens": False}, "exclude_special_tokens=False"),
+])
+def test_an_option_without_effect_in_the_configuration_is_warned_about(options, idle, caplog):
+    with caplog.at_level("WARNING", logger="optical_hf"):
+        OTLossConfig(**options)  # the defaults: balanced transport, pooling marginals
+    assert f"OTLossConfig.{idle} has no effect with transport='balanced' and marginals='pooling'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optical_hf"):
+        OTLossConfig(**options, transport="semi-relaxed", debias=False, marginals="content")
+    assert "has no effect" not in caplog.text

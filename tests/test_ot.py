@@ -793,7 +793,9 @@ def test_semi_relaxed_autodiff_matches_envelope_and_float32_is_stable():
     [
         (dict(rho=0.0), r"`rho` must be None or a finite number > 0, got 0.0"),
         (dict(rho=float("inf")), r"`rho` must be None or a finite number > 0, got inf"),
-        (dict(rho=1.0, backend="pot"), r"backend='pot' supports balanced OT only"),
+        (dict(rho=1.0, backend="pot"), r"backend='pot' is a reference solver of balanced OT at an absolute reg"),
+        (dict(relative_reg=True, backend="pot"), r"rho, relative_reg and check_every have no effect there"),
+        (dict(check_every=5, backend="pot"), r"rho, relative_reg and check_every have no effect there"),
     ],
 )
 def test_semi_relaxed_invalid_rho_raises(kwargs, match):
