@@ -20,6 +20,8 @@ from .losses import OTLossConfig
 __all__ = ["OTDistillationConfig", "TeacherCacheArguments"]
 
 POOLINGS = ("mean", "cls")
+DEFAULT_MAX_LENGTH = 128
+"""Tokens kept per sentence unless a model's position limit is smaller (both front ends and the CLI)."""
 
 
 @dataclass
@@ -44,7 +46,7 @@ class OTDistillationConfig(OTLossConfig, TeacherCacheArguments, TrainingArgument
         OTDistillationConfig("optical-xlmr-sw", max_steps=1000, reg=0.1, sentence_weight=1.0, source_prompt="query: ")
     """
 
-    max_length: int = field(default=128, metadata={"help": "Truncation length of both sides (tokens)."})
+    max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Truncation length of both sides (tokens)."})
     source_prompt: str | None = field(default=None, metadata={
         "help": "Prefix of the low-resource sentences (e.g. 'query: ' for e5 students)."})
     target_prompt: str | None = field(default=None, metadata={

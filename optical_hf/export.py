@@ -36,7 +36,7 @@ from .errors import OpticalInputError
 from .model_card import CARD_INFO_NAME, StudentCardInfo, write_model_card
 
 __all__ = [
-    "add_lora", "check_output_dir", "has_adapters", "merged_copy", "prepare_output_dir", "save_student",
+    "add_lora", "check_output_dir", "has_adapters", "transformer_module", "merged_copy", "prepare_output_dir", "save_student",
     "sentence_transformer_from", "store_prompts", "with_transformer_model",
 ]
 
@@ -59,15 +59,23 @@ def add_lora(student: SentenceTransformer, config: PeftConfig) -> PeftModel:
     Returns:
         The ``PeftModel`` now inside ``student``.
     """
-    transformer = student[0]
-    if not isinstance(transformer, Transformer):
-        raise ValueError(
-            f"add_lora needs a student whose first module is a Transformer, got {type(transformer).__name__}"
-        )
+    transformer = transformer_module(student, "add_lora")
     peft_model = get_peft_model(transformer.auto_model, config)
     peft_model.register_load_state_dict_pre_hook(_from_injected_layout)
     transformer.model = peft_model
     return peft_model
+
+
+def transformer_module(model: SentenceTransformer, who: str) -> Transformer:
+    """The first module of ``model``, which must be a ``Transformer`` (the weights optical_hf trains and saves);
+    otherwise an :class:`OpticalInputError` naming ``who`` needs it."""
+    transformer = model[0]
+    if not isinstance(transformer, Transformer):
+        raise OpticalInputError(
+            f"{who}: the student SentenceTransformer needs a Transformer as its first module, got "
+            f"{type(transformer).__name__}"
+        )
+    return transformer
 
 
 def _from_injected_layout(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
@@ -141,11 +149,7 @@ def with_transformer_model(pipeline: SentenceTransformer, model: PreTrainedModel
     How a student given as a SentenceTransformer (e.g. ``Pooling(cls)`` + ``Normalize``) keeps its pipeline after a
     trainer trained its ``auto_model``.
     """
-    transformer = pipeline[0]
-    if not isinstance(transformer, Transformer):
-        raise ValueError(
-            f"a SentenceTransformer student needs a Transformer as its first module, got {type(transformer).__name__}"
-        )
+    transformer = transformer_module(pipeline, "with_transformer_model")
     return copy.deepcopy(pipeline, memo={id(transformer.model): model})
 
 

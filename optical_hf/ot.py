@@ -49,6 +49,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .errors import NonFiniteLossError
+
 __all__ = [
     "UNCONVERGED_L1",
     "DivergenceResult",
@@ -391,7 +393,8 @@ def _report(nonfinite: torch.Tensor, marginal_error: torch.Tensor, eps: torch.Te
     flags, errors, epsilons = torch.stack([nonfinite.to(eps.dtype), marginal_error.to(eps.dtype), eps]).tolist()
     bad = [k for k, flag in enumerate(flags) if flag]
     if bad:
-        raise ValueError(f"the cost matrix has NaN or inf entries between real tokens in pair(s) {bad} of the batch")
+        raise NonFiniteLossError(f"the cost matrix has NaN or inf entries between real tokens in pair(s) {bad} of the "
+                                 "batch (the token states are not finite: lower the learning rate or check the data)")
     worst = max(range(len(errors)), key=errors.__getitem__, default=None)
     if worst is None or errors[worst] <= UNCONVERGED_L1 or _warned_unconverged:
         return
@@ -453,7 +456,7 @@ def sinkhorn(
     Args:
         cost: ``(batch, n, m)`` cost matrices (e.g. :func:`pairwise_cost`). Any float dtype; solved in fp32 (fp64 stays
             fp64) with autocast disabled, so fp16/bf16 activations are safe. NaN/inf between real tokens raises
-            ``ValueError``; padded entries may hold anything.
+            :class:`optical_hf.NonFiniteLossError` (``optical-hf`` reports it in one line); padded entries may hold anything.
         source_mask: ``(batch, n)`` bool, True for real source tokens. Default: all real.
         target_mask: ``(batch, m)`` bool, True for real target tokens. Default: all real.
         reg: entropic regularisation ``epsilon`` (finite, > 0): in the units of ``cost``, or, with

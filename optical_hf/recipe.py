@@ -33,7 +33,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from .callbacks import NonFiniteLossCallback
 from .collation import OTDistillationDataCollator
-from .config import OTDistillationConfig, TeacherCacheArguments
+from .config import DEFAULT_MAX_LENGTH, OTDistillationConfig, TeacherCacheArguments
 from .corpora import load_beir
 from .data import load_bitext, load_bitexts
 from .errors import OpticalInputError
@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 DEMO_BITEXT = Path(__file__).parent / "resources" / "demo_bitext_en_sw.tsv"
 PACKAGED_TEACHER_ID = "sentence-transformers/all-MiniLM-L6-v2"
 FRONT_ENDS = ("sentence-transformers", "trainer")
-DEFAULT_MAX_LENGTH = 128
 # An ISO 639-1/639-3 code, optionally with script or region subtags (sw, hau, swh_Latn, sw-KE): no path characters.
 LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*")
 # DistillArguments flags that take one value per --language.

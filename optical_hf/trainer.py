@@ -24,7 +24,6 @@ from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation import BaseEvaluator, SequentialEvaluator
-from sentence_transformers.base.modules.transformer import Transformer
 from sentence_transformers.util import is_sentence_transformer_model
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
@@ -34,7 +33,9 @@ from .callbacks import NonFiniteLossCallback
 from .collation import OTDistillationDataCollator
 from .config import OTDistillationConfig
 from .errors import OpticalInputError
-from .export import has_adapters, merged_copy, save_student, sentence_transformer_from, with_transformer_model
+from .export import (
+    has_adapters, merged_copy, save_student, sentence_transformer_from, transformer_module, with_transformer_model,
+)
 from .hub import push_student
 from .losses import OTDistillationLoss
 from .model_card import StudentCardInfo, is_hub_repo_id
@@ -406,13 +407,7 @@ class OTDistillationTrainer(Trainer):
 
 def _transformer_model(student: SentenceTransformer) -> PreTrainedModel:
     """The ``auto_model`` of a SentenceTransformer student's first module, which the trainer trains."""
-    transformer = student[0]
-    if not isinstance(transformer, Transformer):
-        raise OpticalInputError(
-            f"OTDistillationTrainer: a SentenceTransformer student needs a Transformer as its first module, got "
-            f"{type(transformer).__name__}"
-        )
-    return transformer.auto_model
+    return transformer_module(student, "OTDistillationTrainer").auto_model
 
 
 def _hub_model_id(model: nn.Module) -> str | None:

@@ -164,3 +164,14 @@ def test_save_student_stores_the_card_prompts_for_encode_query(model_dirs, tmp_p
                                student.encode(texts, prompt="query: ", convert_to_tensor=True))
     save_student(student, tmp_path / "out", card=StudentCardInfo(query_prompt="", document_prompt="passage: "))
     assert SentenceTransformer(str(tmp_path / "out"), device="cpu").prompts == {"query": "", "document": "passage: "}
+
+
+def test_a_student_without_a_transformer_first_is_one_input_error():
+    from peft import LoraConfig
+    from sentence_transformers.sentence_transformer.modules import Normalize
+
+    from optical_hf import OpticalInputError, add_lora
+
+    with pytest.raises(OpticalInputError, match="add_lora: the student SentenceTransformer needs a Transformer as its "
+                                                "first module, got Normalize"):
+        add_lora(SentenceTransformer(modules=[Normalize()], device="cpu"), LoraConfig(target_modules=["query"]))

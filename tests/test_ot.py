@@ -16,6 +16,7 @@ import torch
 from torch.nn.functional import cosine_similarity
 
 import optical_hf.ot as ot_module
+from optical_hf import NonFiniteLossError
 from optical_hf.ot import OTResult, pairwise_cost, sinkhorn, sinkhorn_divergence, uniform_weights
 
 # Tolerances. In float64 both solvers run the same fixed-point iteration (ours in either domain), so once converged
@@ -520,11 +521,11 @@ def test_nonfinite_cost_between_real_tokens_raises(bad):
     k = 2
     i, j = source_mask[k].nonzero()[0].item(), target_mask[k].nonzero()[0].item()
     cost[k, i, j] = bad
-    with pytest.raises(ValueError, match=r"NaN or inf entries between real tokens in pair\(s\) \[2\]"):
+    with pytest.raises(NonFiniteLossError, match=r"NaN or inf entries between real tokens in pair\(s\) \[2\]"):
         sinkhorn(cost, source_mask, target_mask)
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     x[1, 0, 0] = bad
-    with pytest.raises(ValueError, match=r"pair\(s\) \[1\]"):
+    with pytest.raises(NonFiniteLossError, match=r"pair\(s\) \[1\]"):
         sinkhorn_divergence(x, None, torch.randn(2, 5, 4, dtype=torch.float64), None, reg=0.1)
 
 
