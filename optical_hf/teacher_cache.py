@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import OpticalInputError
-from .fingerprint import hash_tensor
+from .fingerprint import fingerprint_tensors, hash_tensor
 
 __all__ = [
     "DamagedCacheError",
@@ -246,7 +246,8 @@ def teacher_fingerprint(
     """Key of the teacher's outputs on ``texts``: changes with any weight, the architecture, the tokenizer, a setting.
 
     Args:
-        teacher: the frozen teacher; all bytes of its ``state_dict`` are hashed.
+        teacher: the frozen teacher; all bytes of its ``state_dict`` are hashed, but for the pooler head that
+            sentence-transformers never uses (:func:`optical_hf.fingerprint.fingerprint_tensors`).
         tokenizer: the tokenizer the texts are encoded with.
         texts: the distinct texts (:func:`distinct_texts`).
         **settings: JSON-serialisable encoding settings, e.g. ``front_end``, ``prompt``, ``max_length``.
@@ -258,7 +259,7 @@ def teacher_fingerprint(
     hasher.update(json.dumps({"format_version": FORMAT_VERSION, **settings}, sort_keys=True).encode())
     hasher.update(_model_description(teacher).encode())
     hasher.update(_tokenizer_description(tokenizer).encode())
-    for name, tensor in teacher.state_dict().items():
+    for name, tensor in fingerprint_tensors(teacher):
         hash_tensor(hasher, name, tensor)
     for text in texts:
         hasher.update(text.encode() + b"\0")

@@ -202,3 +202,27 @@ def test_a_cache_folder_that_cannot_be_written_is_one_error_before_the_teacher_r
                                                 r"--teacher_cache_dir, or .* --cache_teacher false"):
         build_teacher_cache(teacher, bitext["target"], cache_dir=blocker / "cache")
     assert counter.calls == 0
+
+
+def test_fingerprints_ignore_a_pooler_head_that_loads_at_random(model_dirs, tmp_path):
+    """multilingual-e5-small's checkpoint has no pooler: from_pretrained draws it anew at every load, while
+    sentence-transformers never uses it. An index or cache must still know the model on the next load."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from optical_hf.fingerprint import model_fingerprint
+
+    folder = tmp_path / "no-pooler"
+    shutil.copytree(model_dirs["teacher"], folder)
+    weights = {k: v for k, v in load_file(folder / "model.safetensors").items() if "pooler" not in k}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    first, second = sentence_transformer(folder), sentence_transformer(folder)
+    assert not torch.equal(first[0].auto_model.pooler.dense.weight, second[0].auto_model.pooler.dense.weight)
+    assert model_fingerprint(first) == model_fingerprint(second)
+    texts = ["the cat", "a big dog"]
+    assert (teacher_fingerprint(first, first.tokenizer, texts, max_length=16)
+            == teacher_fingerprint(second, second.tokenizer, texts, max_length=16))
+    with torch.no_grad():
+        second[0].auto_model.embeddings.word_embeddings.weight[3, 0] += 1.0
+    assert model_fingerprint(first) != model_fingerprint(second)
