@@ -749,9 +749,10 @@ def margin_table(
 
     ``a`` and ``b`` are families resolved through ``selected`` (:func:`tuning_table`) or system labels. A cell
     compares like with like, the seeds both systems ran at the language's largest budget: with per-query values
-    stored for all of them, the paired test of :func:`optical_hf.significance.paired_test` over queries (differences
-    averaged over those seeds) as ``difference [95% interval] p=...``, marked **win**/*loss* where p < 0.05;
-    otherwise the mean difference over the seeds and ``(no per-query data)``. ``-`` when no seed ran for both.
+    stored, the paired test of :func:`optical_hf.significance.paired_test` over queries (differences
+    averaged over those seeds) as ``difference [95% interval] p=...``, marked **win**/*loss* where p < 0.05 (over
+    the seeds with per-query values when only some have them, which the cell says); with none, the mean difference
+    over the seeds and ``(no per-query data)``. ``-`` when no seed ran for both.
     ``wins / level / losses`` counts the tested cells; ``mean`` is the mean difference over the languages.
     """
     selected = selected or {}
@@ -768,14 +769,18 @@ def margin_table(
                 continue
             margins.append(statistics.fmean(first[k] - second[k] for k in paired))
             queries_a, queries_b = (_per_query(records, setting, lang, s) for s in (first_label, second_label))
-            if all(k in queries_a and k in queries_b for k in paired):
-                qids = list(queries_a[paired[0]])
-                test = paired_test([[queries_a[k][q] for q in qids] for k in paired],
-                                   [[queries_b[k][q] for q in qids] for k in paired])
+            tested = [k for k in paired if k in queries_a and k in queries_b]
+            if tested:
+                qids = list(queries_a[tested[0]])
+                test = paired_test([[queries_a[k][q] for q in qids] for k in tested],
+                                   [[queries_b[k][q] for q in qids] for k in tested])
                 verdicts.append(test.verdict(ALPHA))
                 mark = {"win": " **win**", "loss": " *loss*", "level": ""}[verdicts[-1]]
+                seeds = (f" ({len(tested)} seeds)" if len(tested) > 1 else "") + (
+                    f" (seed{'s' if len(tested) > 1 else ''} {', '.join(map(str, tested))} of {len(paired)} with "
+                    "per-query values)" if len(tested) < len(paired) else "")
                 cells.append(f"{test.difference:+.3f} [{test.low:+.3f}, {test.high:+.3f}] p={test.p_value:.3f}{mark}"
-                             + (f" ({len(paired)} seeds)" if len(paired) > 1 else ""))
+                             + seeds)
             else:
                 cells.append(f"{margins[-1]:+.3f} (no per-query data)")
         if margins:

@@ -167,6 +167,11 @@ def test_margins_with_per_query_values_report_the_paired_test(quality):
     assert cells[1].startswith("+0.310 [+0.") and "p=0.000 **win** (2 seeds)" in cells[1]
     assert cells[2].startswith("+0.000 [") and "p=1.000" in cells[2] and "win" not in cells[2]
     assert cells[3] == "1/1/0"
+    records.append({**_run("a", "yy", 1, 2e-5, better), "per_query": None})  # a seed stored without per-query values
+    records[-1].pop("per_query")
+    records.append(_run("b", "yy", 1, 2e-5, worse))
+    cell = quality.margin_table(records, "e5", [("a", "b")])[2].split(" | ")[2]
+    assert cell.endswith("p=1.000 (seed 0 of 2 with per-query values)")
 
 
 def test_paired_test_finds_a_real_difference_and_not_noise():
