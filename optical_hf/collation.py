@@ -5,7 +5,6 @@ One rule per concept, shared by :class:`optical_hf.OTDistillationLoss` (sentence
 
 * content tokens (``marginals="content"``): real tokens that are neither special (:func:`special_token_ids`: not
   ``[UNK]``) nor part of the prompt (:func:`content_mask`);
-* the prompt's length (:func:`prompt_length`): sentence-transformers' own rule (``Transformer._get_prompt_length``);
 * pooling weights (``marginals="pooling"``): exactly those a ``Pooling`` module averages with (:func:`pooling_weights`).
 
 The collator of both front ends: :class:`OTDistillationDataCollator` (the English column goes through the teacher's
@@ -23,7 +22,6 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
 from sentence_transformers.sentence_transformer.modules import Pooling
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from .errors import OpticalInputError
 from .ot import uniform_weights
@@ -36,7 +34,6 @@ __all__ = [
     "content_mask",
     "pooling_setup",
     "pooling_weights",
-    "prompt_length",
     "special_token_ids",
 ]
 
@@ -61,21 +58,6 @@ def special_token_ids(tokenizer: Any) -> list[int]:
     return [i for i in tokenizer.all_special_ids if i != tokenizer.unk_token_id]
 
 
-def prompt_length(tokenizer: PreTrainedTokenizerBase, prompt: str | None, max_length: int | None = None) -> int | None:
-    """Leading positions ``prompt`` takes in a prompted text, as sentence-transformers reports it.
-
-    sentence-transformers 6 (``Transformer._get_prompt_length``) tokenizes the prompt alone and counts its tokens, minus
-    the last one when it is a special token (``[SEP]``, ``</s>``): a leading ``[CLS]``/``<s>`` counts as prompt.
-
-    Returns:
-        The length, or ``None`` for no prompt (``None`` or ``""``).
-    """
-    if not prompt:
-        return None
-    ids = tokenizer(prompt, truncation=max_length is not None, max_length=max_length)["input_ids"]
-    return len(ids) - 1 if ids and ids[-1] in tokenizer.all_special_ids else len(ids)
-
-
 def content_mask(
     input_ids: Tensor,
     attention_mask: Tensor,
@@ -88,8 +70,8 @@ def content_mask(
         input_ids: ``(batch, n)`` token ids.
         attention_mask: ``(batch, n)`` 1 for real tokens, 0 for padding.
         special_ids: ids to exclude (:func:`special_token_ids`); empty to keep them.
-        prompt_length: number of leading positions taken by the prompt (:func:`prompt_length`, or
-            ``features["prompt_length"]`` from sentence-transformers); ``None`` or 0 for no prompt.
+        prompt_length: number of leading positions taken by the prompt (``features["prompt_length"]`` from
+            sentence-transformers' ``preprocess``); ``None`` or 0 for no prompt.
 
     Returns:
         ``(batch, n)`` bool mask. Rows that would be empty fall back to ``attention_mask``.

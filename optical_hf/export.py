@@ -36,8 +36,8 @@ from .errors import OpticalInputError
 from .model_card import CARD_INFO_NAME, StudentCardInfo, write_model_card
 
 __all__ = [
-    "add_lora", "check_output_dir", "has_adapters", "transformer_module", "merged_copy", "prepare_output_dir", "save_student",
-    "sentence_transformer_from", "store_prompts", "with_transformer_model",
+    "add_lora", "check_output_dir", "has_adapters", "merged_copy", "prepare_output_dir", "save_student",
+    "sentence_transformer_from", "store_prompts", "transformer_module", "with_transformer_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,8 @@ def save_student(
     model card (README.md, see :mod:`optical_hf.model_card`) and its ``optical_hf.json`` are always written, so the
     folder can be pushed with :func:`optical_hf.hub.push_student`: from ``card``, or without it from what is known
     (the base model sentence-transformers recorded when it loaded ``model`` from the Hub, and ``teacher``, the Hub id
-    of the English teacher, when given). Every student folder holds the empty marker file ``.optical_hf_student``.
+    of the English teacher, when given). Every student folder holds the marker file ``.optical_hf_student`` with the
+    manifest of the files the save wrote.
 
     ``output_dir`` may be missing, empty, a previous student folder or a folder holding only a Trainer's outputs
     (``checkpoint-*``, ``runs/``, ``eval/``). The files of a previous save (listed in its marker's manifest) are

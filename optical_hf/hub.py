@@ -63,9 +63,8 @@ JUNK_PATTERNS = [
 ]
 # Root-level transformer weights and config, replaced by the adapter + the base model in an adapter-only push.
 # Files a sentence-transformers folder needs to load (configs, weights, tokenizer), in fnmatch syntax.
-LOAD_PATTERNS = [
-    "*.json", "*.safetensors", "*.bin", "*.model", "vocab*", "merges.txt", "tokenizer*", "*/*.json",
-]
+# fnmatch's "*" also matches "/", so "*.json" covers the module folders' configs (1_Pooling/config.json ...).
+LOAD_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "vocab*", "merges.txt", "tokenizer*"]
 FULL_MODEL_PATTERNS = [
     "config.json",
     "model.safetensors",

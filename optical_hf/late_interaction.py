@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .collation import content_mask, special_token_ids
 from .errors import OpticalInputError
-from .fingerprint import model_fingerprint
+from .fingerprint import hash_tensor, model_fingerprint
 from .evaluation import CLIREvaluator, Run, mean_metrics, per_query_metrics, search_timing
 
 if TYPE_CHECKING:
@@ -50,8 +50,9 @@ DEFAULT_TOKENS = "content"
 """The default token selection on both sides (why: the README's "Design choices", row "MaxSim tokens")."""
 SIDES = ("query", "document")
 """Which encoder of a model :func:`encode_token_states` runs (``encode_query`` or ``encode_document``)."""
-INDEX_FORMAT = 2
-"""Version of :meth:`TokenIndex.save`'s file layout (2: with ``built_by`` and a checksum)."""
+INDEX_FORMAT = 3
+"""Version of :meth:`TokenIndex.save`'s file layout (2: with ``built_by`` and a checksum; 3: the checksum hashes each
+tensor's name, dtype and shape too, as the teacher cache's does)."""
 ENCODE_BLOCK = 1024
 """Texts encoded per ``encode`` call, so that only one block's padded token states are alive at a time."""
 
@@ -130,12 +131,12 @@ class TokenIndex:
         return sum(tensor.nelement() * tensor.element_size() for tensor in (self.vectors, self.offsets))
 
     def checksum(self) -> str:
-        """SHA-256 of the vectors, offsets and ids: :meth:`load` recomputes it to detect a damaged file."""
-        digest = hashlib.sha256()
-        for tensor in (self.vectors, self.offsets):
-            digest.update(tensor.contiguous().view(torch.uint8).numpy())
-        digest.update("\n".join(self.ids).encode("utf-8"))
-        return digest.hexdigest()
+        """blake2b of the vectors, offsets and ids: :meth:`load` recomputes it to detect a damaged file."""
+        hasher = hashlib.blake2b(digest_size=16)
+        hash_tensor(hasher, "vectors", self.vectors)
+        hash_tensor(hasher, "offsets", self.offsets)
+        hasher.update("\n".join(self.ids).encode("utf-8"))
+        return hasher.hexdigest()
 
     def save(self, path: str | Path) -> None:
         """Write the index, what built it and its checksum to ``path`` with ``torch.save``."""

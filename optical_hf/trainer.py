@@ -152,19 +152,15 @@ class OTDistillationTrainer(Trainer):
                      else AutoModel.from_pretrained(model))
         if isinstance(model, SentenceTransformer):  # keep its own modules; train its transformer's weights
             self.student_pipeline, model = model, _transformer_model(model)
-        else:  # Transformer + Pooling(args.pooling) around the model itself (not a copy)
-            tokenizer = processing_class or AutoTokenizer.from_pretrained(model.name_or_path)
-            self.student_pipeline = with_transformer_model(
-                sentence_transformer_from(model, tokenizer, args.pooling, args.max_length), model)
+        else:
+            self.student_pipeline = _pipeline_around(model, processing_class, args)
         processing_class = processing_class or self.student_pipeline.tokenizer
         self._teacher_hub_id = _hub_model_id(teacher) if not isinstance(teacher, str) else (
             teacher if is_hub_repo_id(teacher) and not Path(teacher).expanduser().exists() else None)
         if isinstance(teacher, str):
             teacher = SentenceTransformer(teacher, device="cpu")
-        if not isinstance(teacher, SentenceTransformer):  # Transformer + Pooling(args.pooling) around the model
-            tokenizer = teacher_processing_class or AutoTokenizer.from_pretrained(teacher.name_or_path)
-            teacher = with_transformer_model(
-                sentence_transformer_from(teacher, tokenizer, args.pooling, args.max_length), teacher)
+        if not isinstance(teacher, SentenceTransformer):
+            teacher = _pipeline_around(teacher, teacher_processing_class, args)
         teacher.max_seq_length = args.max_length  # the English side's truncation, cached or not
         if peft_config is not None:
             model = get_peft_model(model, peft_config)
@@ -172,7 +168,7 @@ class OTDistillationTrainer(Trainer):
         self.loss_config = args.loss_config
         # The one objective of both front ends; the Trainer runs the transformer, the loss everything after it.
         self.loss = OTDistillationLoss(self.student_pipeline, teacher, config=self.loss_config)
-        self._student_head = nn.Sequential(*list(self.student_pipeline.children())[1:])
+        self._student_head = nn.Sequential(*list(self.student_pipeline.children())[1:]).to(args.device)
         self._columns = (args.source_column, args.target_column)
         if data_collator is None:
             prompts = {column: prompt for column, prompt in zip(self._columns, (args.source_prompt, args.target_prompt))
@@ -257,7 +253,7 @@ class OTDistillationTrainer(Trainer):
         :meth:`OTDistillationLoss.compute_loss_from_outputs`: the objective of the sentence-transformers front end."""
         source, target = (_column(inputs, column) for column in self._columns)
         tokens = model(**_pick(source, MODEL_INPUTS)).last_hidden_state
-        student_out = self._student_head.to(tokens.device)({**source, "token_embeddings": tokens})
+        student_out = self._student_head({**source, "token_embeddings": tokens})
         losses = self.loss.compute_loss_from_outputs(source, student_out, target)
         self._track(losses, "train" if model.training else "eval")
         loss = torch.stack(list(losses.values())).sum()
@@ -306,7 +302,7 @@ class OTDistillationTrainer(Trainer):
             names = sorted(name for name in sums if name != "steps")
             totals = torch.stack([torch.as_tensor(sums[name], dtype=torch.float32, device=self.args.device)
                                   for name in (*names, "steps")])
-            totals = self.accelerator.reduce(totals, reduction="sum") if self.accelerator.num_processes > 1 else totals
+            totals = self.accelerator.reduce(totals, reduction="sum")  # the tensor itself in a single process
             prefix = "eval_" if mode == "eval" else ""
             logs = {**logs, **{f"{prefix}{name}": round((totals[i] / totals[-1]).item(), 4)
                                for i, name in enumerate(names)}}
@@ -403,6 +399,15 @@ class OTDistillationTrainer(Trainer):
                       "max_length": self.args.max_length},
             query_prompt=self.args.source_prompt or None,
         )
+
+
+def _pipeline_around(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, args: OTDistillationConfig
+) -> SentenceTransformer:
+    """``Transformer`` + ``Pooling(args.pooling)`` holding ``model`` itself (not a copy): how an ``AutoModel`` student
+    or teacher runs, and the folder a student is saved as. ``tokenizer`` defaults to ``AutoTokenizer`` of the model."""
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
+    return with_transformer_model(sentence_transformer_from(model, tokenizer, args.pooling, args.max_length), model)
 
 
 def _transformer_model(student: SentenceTransformer) -> PreTrainedModel:

@@ -23,7 +23,7 @@ from optical_hf import (
     add_lora,
     save_student,
 )
-from optical_hf.collation import content_mask, pooling_weights, prompt_length, special_token_ids
+from optical_hf.collation import content_mask, pooling_weights, special_token_ids
 from optical_hf.export import has_adapters
 from optical_hf.losses import distillation_losses
 
@@ -182,15 +182,6 @@ def test_loss_takes_a_config_as_is(model_dirs):
     assert OTDistillationLoss(student, teacher).config == OTLossConfig()
     with pytest.raises(TypeError, match=r"not both \(got config and \['reg'\]\)"):
         OTDistillationLoss(student, teacher, config=config, reg=0.1)
-
-
-@pytest.mark.parametrize("kind", ["student", "teacher"])
-@pytest.mark.parametrize("prompt", ["query: ", "query:", "passage: "])
-def test_prompt_length_is_sentence_transformers_own(model_dirs, kind, prompt):
-    model = sentence_transformer(model_dirs[kind])
-    expected = model.preprocess(["kitacwa the cat"], prompt=prompt)["prompt_length"]
-    assert prompt_length(model.tokenizer, prompt) == expected
-    assert prompt_length(model.tokenizer, None) is None and prompt_length(model.tokenizer, "") is None
 
 
 @pytest.mark.parametrize(
