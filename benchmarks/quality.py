@@ -539,7 +539,7 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
     tasks = {lang: split_retrieval(args.data_dir, lang, args.split) for lang in args.langs}
     bitexts = {lang: language_bitext(args.data_dir, lang, set(data.queries.values())) for lang, data in tasks.items()}
     for name, setting in settings.items():
-        teacher = None
+        teacher = untrained = None  # untrained: the student's initialisation when it is not the teacher (cross)
         for lang in args.langs:
             data = tasks[lang]
             bitext, info = bitexts[lang]
@@ -576,11 +576,11 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                     key = refs[scoring, system]
                     if not store.get(key):
                         # floor: the untrained student (the teacher itself in a same-model setting) on native queries
-                        untrained = teacher if system == "oracle" or not setting.student_path else load_model(
-                            setting.student_path, args.device, args.max_seq_length)
+                        if system == "floor" and setting.student_path and untrained is None:
+                            untrained = load_model(setting.student_path, args.device, args.max_seq_length)
                         metrics, search, per_query = retrieval_metrics(
-                            untrained, teacher, setting, data, docs[scoring], scoring,
-                            use_translations=system == "oracle")
+                            untrained if system == "floor" and untrained is not None else teacher, teacher, setting,
+                            data, docs[scoring], scoring, use_translations=system == "oracle")
                         store.add({"key": key, **base, "system": system, "command": command,
                                    "queries": len(data.queries), "pool_passages": len(data.corpus),
                                    "metrics": metrics, "search": search, "per_query": per_query})
@@ -606,7 +606,7 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                                 name, lang, record["system"], scoring, len(sample), config.seed, stats["steps"],
                                 stats["train_seconds"], PRIMARY, metrics[PRIMARY], 100 * record["gap_closed"][PRIMARY])
                 del student
-        del teacher
+        del teacher, untrained
 
 
 # --------------------------------------------------------------------------------------------------------- reports
@@ -682,11 +682,16 @@ def main_table(records: list[dict[str, Any]], setting: str, systems: Sequence[st
     return lines
 
 
-def _largest_budget_scores(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> dict[int, float]:
-    """``{seed: MRR@10}`` of ``system`` on ``lang`` at the language's largest budget."""
+def _largest_budget_runs(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> list[dict[str, Any]]:
+    """The records of ``system`` on ``lang`` at the language's largest budget (over every system)."""
     runs = _students(records, setting, lang)
     largest = max((r["pairs"] for r in runs), default=None)
-    return {r["seed"]: r["metrics"][PRIMARY] for r in runs if r["system"] == system and r["pairs"] == largest}
+    return [r for r in runs if r["system"] == system and r["pairs"] == largest]
+
+
+def _largest_budget_scores(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> dict[int, float]:
+    """``{seed: MRR@10}`` of ``system`` on ``lang`` at the language's largest budget."""
+    return {r["seed"]: r["metrics"][PRIMARY] for r in _largest_budget_runs(records, setting, lang, system)}
 
 
 def family(system: str) -> str:
@@ -735,10 +740,8 @@ def tuning_table(
 def _per_query(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> dict[int, dict[str, float]]:
     """``{seed: {qid: reciprocal rank}}`` of ``system`` on ``lang`` at the largest budget (records with per-query
     values only)."""
-    runs = _students(records, setting, lang)
-    largest = max((r["pairs"] for r in runs), default=None)
-    return {r["seed"]: dict(zip(r["per_query"]["qids"], r["per_query"][PRIMARY])) for r in runs
-            if r["system"] == system and r["pairs"] == largest and "per_query" in r}
+    return {r["seed"]: dict(zip(r["per_query"]["qids"], r["per_query"][PRIMARY]))
+            for r in _largest_budget_runs(records, setting, lang, system) if "per_query" in r}
 
 
 def margin_table(
