@@ -756,14 +756,16 @@ def margin_table(
     averaged over those seeds) as ``difference [95% interval] p=...``, marked **win**/*loss* where p < 0.05 (over
     the seeds with per-query values when only some have them, which the cell says); with none, the mean difference
     over the seeds and ``(no per-query data)``. ``-`` when no seed ran for both.
-    ``wins / level / losses`` counts the tested cells; ``mean`` is the mean difference over the languages.
+    ``wins / level / losses`` counts the tested cells; ``mean`` is the mean difference over the languages;
+    ``pooled`` is the paired test over every tested query of every language (each query's difference averaged over
+    its language's tested seeds, so a query counts once whatever the number of seeds).
     """
     selected = selected or {}
     langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
     lines = []
     for a, b in comparisons:
         first_label, second_label = selected.get(a, a), selected.get(b, b)
-        margins, cells, verdicts = [], [], []
+        margins, cells, verdicts, pooled_a, pooled_b = [], [], [], [], []
         for lang in langs:
             first, second = (_largest_budget_scores(records, setting, lang, s) for s in (first_label, second_label))
             paired = sorted(set(first) & set(second))
@@ -775,8 +777,11 @@ def margin_table(
             tested = [k for k in paired if k in queries_a and k in queries_b]
             if tested:
                 qids = list(queries_a[tested[0]])
-                test = paired_test([[queries_a[k][q] for q in qids] for k in tested],
-                                   [[queries_b[k][q] for q in qids] for k in tested])
+                seeds_a = [[queries_a[k][q] for q in qids] for k in tested]
+                seeds_b = [[queries_b[k][q] for q in qids] for k in tested]
+                test = paired_test(seeds_a, seeds_b)
+                pooled_a += [statistics.fmean(v) for v in zip(*seeds_a)]  # per query, over the tested seeds
+                pooled_b += [statistics.fmean(v) for v in zip(*seeds_b)]
                 verdicts.append(test.verdict(ALPHA))
                 mark = {"win": " **win**", "loss": " *loss*", "level": ""}[verdicts[-1]]
                 seeds = (f" ({len(tested)} seeds)" if len(tested) > 1 else "") + (
@@ -789,11 +794,18 @@ def margin_table(
         if margins:
             counts = "/".join(str(verdicts.count(v)) for v in ("win", "level", "loss")) if verdicts else "-"
             names = f"{a} − {b}" + (f" ({first_label} − {second_label})" if (a, b) != (first_label, second_label) else "")
-            lines.append(f"| {names} | " + " | ".join(cells) + f" | {counts} | {statistics.fmean(margins):+.3f} |")
+            pooled = "-"
+            if pooled_a:
+                test = paired_test(pooled_a, pooled_b)
+                mark = {"win": " **win**", "loss": " *loss*", "level": ""}[test.verdict(ALPHA)]
+                pooled = (f"{test.difference:+.3f} [{test.low:+.3f}, {test.high:+.3f}] p={test.p_value:.3f}{mark} "
+                          f"({test.n} queries)")
+            lines.append(f"| {names} | " + " | ".join(cells)
+                         + f" | {counts} | {statistics.fmean(margins):+.3f} | {pooled} |")
     if not lines:
         return []
-    return ["| comparison | " + " | ".join(langs) + " | wins / level / losses | mean |",
-            "|---|" + "---:|" * (len(langs) + 2), *lines]
+    return ["| comparison | " + " | ".join(langs) + " | wins / level / losses | mean | pooled |",
+            "|---|" + "---:|" * (len(langs) + 3), *lines]
 
 
 def budget_table(records: list[dict[str, Any]], setting: str, lang: str) -> list[str]:

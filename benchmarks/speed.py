@@ -64,6 +64,7 @@ from optical_hf import (
     build_teacher_cache,
     load_bitext,
 )
+from optical_hf.options import SinkhornOptions
 from optical_hf.ot import sinkhorn, uniform_weights
 
 logger = logging.getLogger("benchmarks.speed")
@@ -192,7 +193,8 @@ def ot_methods(
     def ours(grad: str) -> Callable[[bool], dict[str, Any]]:
         def run(inspect: bool) -> dict[str, Any]:
             leaf = cost.detach().requires_grad_(True)
-            res = sinkhorn(leaf, source_mask, target_mask, reg=reg, n_iters=n_iters, tol=tol, grad=grad)
+            options = SinkhornOptions(reg=reg, relative=False, n_iters=n_iters, tol=tol, grad=grad)
+            res = sinkhorn(leaf, source_mask, target_mask, options)
             res.cost.mean().backward()
             return {"plan": res.plan.detach(), "grad": leaf.grad, "iters": [res.n_iters], "tol": tol,
                     "domain": res.domain}

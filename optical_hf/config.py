@@ -15,7 +15,7 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from .errors import OpticalInputError
-from .losses import OTLossConfig
+from .options import OTLossConfig
 
 __all__ = ["OTDistillationConfig", "TeacherCacheArguments"]
 
@@ -65,11 +65,6 @@ class OTDistillationConfig(OTLossConfig, TeacherCacheArguments, TrainingArgument
             raise OpticalInputError(f"OTDistillationConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
             raise OpticalInputError(f"OTDistillationConfig.max_length must be an integer >= 1, got {self.max_length!r}")
-
-    @property
-    def loss_config(self) -> OTLossConfig:
-        """The :class:`OTLossConfig` of these arguments (a new object holding the current values)."""
-        return OTLossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OTLossConfig)})
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments, **options: object) -> OTDistillationConfig:

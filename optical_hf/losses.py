@@ -45,10 +45,8 @@ Token weights, prompt lengths and the collators of both front ends are in :mod:`
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +54,7 @@ from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
 from .collation import TEACHER_TASK, content_mask, pooling_setup, pooling_weights, special_token_ids
-from .errors import OpticalInputError
+from .options import OTLossConfig
 from .ot import pairwise_cost, sinkhorn, sinkhorn_divergence, uniform_weights
 
 logger = logging.getLogger(__name__)
@@ -71,115 +69,6 @@ CITATION = """@inproceedings{huang2023optical,
   doi={10.1145/3539597.3570468}
 }"""
 
-@dataclass
-class OTLossConfig:
-    """Hyper-parameters of the OPTICAL objective: their one declaration, for both front ends and the command line.
-
-    ``HfArgumentParser`` reads it directly (``optical-hf distill --reg 0.1 --cost sqeuclidean ...``; ``--ot_reg``,
-    ``--ot_iters`` and ``--ot_grad`` are aliases kept from earlier versions), and
-    :class:`optical_hf.OTDistillationConfig` inherits its fields. See the module docstring for what each choice means;
-    ``__post_init__`` rejects out-of-range values with an :class:`optical_hf.OpticalInputError` (a ``ValueError``)
-    naming the option.
-
-    The defaults: the in-batch contrastive term at weight 1 plus a debiased squared-Euclidean OT term with pooling
-    marginals (the Sinkhorn divergence) at ``reg`` 1.0, weight 0.1. At that ``reg`` the plans are nearly uniform, so
-    the OT term acts as its large-``reg`` limit: ``dim`` times the squared gap of the pooled token states plus a
-    covariance-matching part, a sentence-level term on raw token states, not a token alignment (measured, with the
-    controls that separate the two: ``benchmarks/README.md``). ``OTLossConfig(cost="cosine", marginals="content",
-    debias=False, reg=0.1, ot_weight=1.0, contrastive_weight=0.0)`` is the plain OPTICAL objective of the paper.
-    """
-
-    reg: float = field(default=1.0, metadata={"aliases": ["--ot_reg"], "help":
-        "Entropic regularisation epsilon, relative to the cost scale: eps = reg * (marginal-weighted mean cost) "
-        "per pair. Smaller: sharper token alignment, more Sinkhorn iterations needed."})
-    n_iters: int = field(default=100, metadata={"aliases": ["--ot_iters"], "help":
-        "Sinkhorn iterations at most (exactly this many with --tol 0)."})
-    tol: float | None = field(default=1e-4, metadata={
-        "help": "Stop Sinkhorn once the L1 marginal error is below tol, checked every 10 iterations (one host sync "
-                "each); 0 or None runs all n_iters. At the default reg 1.0 the plans meet 1e-4 after 10 iterations."})
-    grad: Literal["envelope", "autodiff"] = field(default="envelope", metadata={"aliases": ["--ot_grad"],
-        "help": "Gradient through OT: 'envelope' (plan detached, no memory for the iterations) or 'autodiff'."})
-    cost: Literal["cosine", "sqeuclidean"] = field(default="sqeuclidean", metadata={
-        "help": "Token cost: 'cosine' (1 - cos, the paper's) or 'sqeuclidean' (squared distance of raw token states)."})
-    marginals: Literal["content", "pooling"] = field(default="pooling", metadata={
-        "help": "OT token weights: 'content' (uniform over content tokens) or 'pooling' (the weights each side's "
-                "pooling averages with)."})
-    debias: bool = field(default=True, metadata={
-        "help": "Use the Sinkhorn divergence (Feydy et al. 2019) instead of <P, C>; with sqeuclidean cost and pooling "
-                "marginals it tends to the pooled-embedding MSE as reg grows."})
-    transport: Literal["balanced", "semi-relaxed"] = field(default="balanced", metadata={
-        "help": "Token OT: 'balanced' (every teacher token receives its mass) or 'semi-relaxed' (student side exact, "
-                "teacher side relaxed by rho * KL: each student token may go to the teacher tokens it matches)."})
-    rho: float = field(default=1.0, metadata={
-        "help": "'semi-relaxed' transport: KL penalty of the teacher-side marginal, relative to the cost scale like "
-                "reg. rho -> 0: each student token a softmax over the teacher tokens (soft MaxSim); rho -> inf: "
-                "balanced OT."})
-    exclude_special_tokens: bool = field(default=True, metadata={
-        "help": "'content' marginals: give special tokens ([CLS], </s>, ...; not [UNK]) zero mass."})
-    exclude_prompt: bool = field(default=True, metadata={
-        "help": "'content' marginals: give prompt tokens (e.g. 'query: ') zero mass."})
-    ot_weight: float = field(default=0.1, metadata={"help": "Weight of the OT term between the token clouds (at large "
-                                                            "reg it matches their pooled means; at small reg it aligns "
-                                                            "tokens)."})
-    sentence_weight: float = field(default=0.0, metadata={
-        "help": "Weight of the sentence-level term between sentence embeddings (0 disables it)."})
-    sentence_loss: Literal["mse", "cosine"] = field(default="mse", metadata={
-        "help": "Sentence-level distance: 'mse' or 'cosine' (1 - cos)."})
-    contrastive_weight: float = field(default=1.0, metadata={
-        "help": "Weight of the in-batch contrastive (InfoNCE) term: pooled student vs the batch's pooled teacher "
-                "embeddings (0 disables it)."})
-    contrastive_temperature: float = field(default=0.05, metadata={
-        "help": "Temperature dividing the cosine similarities of the contrastive term."})
-    hard_alignment_weight: float = field(default=0.0, metadata={
-        "help": "Weight of the hard token-alignment term (DR.DECR): each student token's cost (--cost) to its most "
-                "similar teacher token by cosine, averaged over the student's marginal (0 disables it)."})
-    maxsim_distill_weight: float = field(default=0.0, metadata={
-        "help": "Weight of the in-batch MaxSim score distillation term: KL between the softmax of the teacher's "
-                "MaxSim scores of each English sentence against the batch's English sentences and the student's for "
-                "the low-resource sentence (0 disables it)."})
-    maxsim_temperature: float = field(default=0.05, metadata={
-        "help": "Temperature dividing the MaxSim scores (mean best cosines) of the MaxSim distillation term."})
-
-    def __post_init__(self) -> None:
-        for name, hint in get_type_hints(OTLossConfig).items():
-            value = getattr(self, name)
-            if getattr(hint, "__origin__", None) is Literal and value not in get_args(hint):
-                raise OpticalInputError(f"OTLossConfig.{name} must be one of {get_args(hint)}, got {value!r}")
-            if hint is bool and not isinstance(value, bool):
-                raise OpticalInputError(f"OTLossConfig.{name} must be a bool, got {value!r}")
-        _check_number("reg", self.reg, positive=True)
-        _check_number("contrastive_temperature", self.contrastive_temperature, positive=True)
-        _check_number("maxsim_temperature", self.maxsim_temperature, positive=True)
-        _check_number("rho", self.rho, positive=True)
-        if self.debias and self.transport != "balanced":
-            raise OpticalInputError("OTLossConfig.debias supports transport='balanced' only, got 'semi-relaxed'")
-        if self.tol is not None:
-            _check_number("tol", self.tol, positive=False)
-        if isinstance(self.n_iters, bool) or not isinstance(self.n_iters, int) or self.n_iters < 1:
-            raise OpticalInputError(f"OTLossConfig.n_iters must be an integer >= 1, got {self.n_iters!r}")
-        weights = {"ot_weight": self.ot_weight, "sentence_weight": self.sentence_weight,
-                   "contrastive_weight": self.contrastive_weight, "hard_alignment_weight": self.hard_alignment_weight,
-                   "maxsim_distill_weight": self.maxsim_distill_weight}
-        for name, value in weights.items():
-            _check_number(name, value, positive=False)
-        if not any(weights.values()):
-            raise OpticalInputError(f"OTLossConfig: at least one loss weight must be > 0, got {weights}")
-        defaults = OTLossConfig.__dataclass_fields__
-        idle = {"rho": self.transport != "semi-relaxed" and self.rho != defaults["rho"].default,
-                "exclude_special_tokens": self.marginals == "pooling" and not self.exclude_special_tokens,
-                "exclude_prompt": self.marginals == "pooling" and not self.exclude_prompt}
-        for name in (name for name, unused in idle.items() if unused):
-            logger.warning("OTLossConfig.%s=%r has no effect with transport=%r and marginals=%r", name,
-                           getattr(self, name), self.transport, self.marginals)
-
-
-def _check_number(name: str, value: Any, positive: bool) -> None:
-    """Raise unless ``value`` is a finite real number, ``> 0`` (``positive``) or ``>= 0``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= 0 if positive else value < 0):
-        raise OpticalInputError(f"OTLossConfig.{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-
-
 def _support(marginal: Tensor) -> tuple[Tensor, Tensor | None]:
     """A marginal argument as ``(mask, weights)``: a bool/int mask is uniform, float weights are their own support."""
     if marginal.is_floating_point():
@@ -193,15 +82,15 @@ def _ot_term(
 ) -> Tensor:
     """``(batch,)`` token-level OT loss per pair: ``<P, C>``, or the Sinkhorn divergence with ``config.debias``."""
     (s_mask, s_weights), (t_mask, t_weights) = _support(student_marginal), _support(teacher_marginal)
-    solver = dict(reg=config.reg, relative_reg=True, n_iters=config.n_iters, tol=config.tol or None, grad=config.grad)
     if config.debias:
         return sinkhorn_divergence(
-            student_tokens, s_mask, teacher_tokens, t_mask, cost=config.cost, x_weights=s_weights,
-            y_weights=t_weights, **solver,
-        )
+            student_tokens, s_mask, teacher_tokens, t_mask, config.sinkhorn, cost=config.cost, x_weights=s_weights,
+            y_weights=t_weights,
+        ).divergence
     cost = pairwise_cost(student_tokens, teacher_tokens, config.cost)
     rho = config.rho if config.transport == "semi-relaxed" else None
-    return sinkhorn(cost, s_mask, t_mask, source_weights=s_weights, target_weights=t_weights, rho=rho, **solver).cost
+    return sinkhorn(cost, s_mask, t_mask, config.sinkhorn, source_weights=s_weights, target_weights=t_weights,
+                    rho=rho).cost
 
 
 def _hard_alignment_term(
@@ -469,7 +358,7 @@ class OTDistillationLoss(nn.Module):
         )
 
     def get_config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
+        return self.config.to_dict()
 
     @property
     def citation(self) -> str:

@@ -23,7 +23,8 @@ Séjourné et al. 2019): each source token keeps its mass exactly but may send i
 instead of having to cover every target token (function words, special tokens). The problem, the update it needs and
 its two limits are stated in :func:`sinkhorn`.
 
-``reg`` may be absolute (in cost units) or relative (``relative_reg=True``): then each pair's
+``reg`` may be absolute (in cost units) or relative (:class:`optical_hf.SinkhornOptions` ``relative=True``, the
+default): then each pair's
 ``eps_b = reg * <a_b (x) w_b, C_b>``, the detached cost of the independent coupling (the marginal-weighted mean cost,
 which is also the ``eps -> inf`` value of ``<P, C>``), so one ``reg`` means the same for any cost and embedding scale.
 
@@ -50,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import NonFiniteLossError
+from .options import SinkhornOptions
 
 __all__ = [
     "UNCONVERGED_L1",
@@ -162,19 +164,6 @@ def pairwise_cost(x: torch.Tensor, y: torch.Tensor, cost: Cost = "cosine") -> to
     raise ValueError(f"`cost` must be 'cosine' or 'sqeuclidean', got {cost!r}")
 
 
-def _check_options(reg: float, n_iters: int, grad: str, check_every: int, tol: float | None) -> None:
-    if not (isinstance(reg, (int, float)) and math.isfinite(reg) and reg > 0):
-        raise ValueError(f"`reg` must be a finite number > 0, got {reg}")
-    if not (isinstance(n_iters, int) and n_iters >= 1):
-        raise ValueError(f"`n_iters` must be an integer >= 1, got {n_iters}")
-    if grad not in ("envelope", "autodiff"):
-        raise ValueError(f"`grad` must be 'envelope' or 'autodiff', got {grad!r}")
-    if not (isinstance(check_every, int) and check_every >= 1):
-        raise ValueError(f"`check_every` must be an integer >= 1, got {check_every}")
-    if tol is not None and not (math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"`tol` must be a finite number >= 0 or None, got {tol}")
-
-
 def _full_masks(
     batch: int, n: int, m: int, source_mask: torch.Tensor | None, target_mask: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,29 +230,33 @@ def _problem(
     return _Problem(cost, source_mask, target_mask, pair_mask, a, b, nonfinite)
 
 
-def _absolute_reg(problem: _Problem, reg: float, relative_reg: bool) -> torch.Tensor:
+def _absolute_reg(problem: _Problem, options: SinkhornOptions) -> torch.Tensor:
     """``(batch,)`` absolute ``eps_b``: ``reg`` itself, or ``reg * <a (x) b, C>`` floored at the dtype's machine epsilon.
 
     A pair with no real token on a side gets ``eps = 1`` (its problems are solved for shape only, then zeroed).
     """
-    if not relative_reg:
-        return torch.full(problem.a.shape[:1], float(reg), dtype=problem.a.dtype, device=problem.a.device)
-    eps = (reg * problem.independent_cost()).clamp_min(torch.finfo(problem.a.dtype).eps)
+    if not options.relative:
+        return torch.full(problem.a.shape[:1], float(options.reg), dtype=problem.a.dtype, device=problem.a.device)
+    eps = (options.reg * problem.independent_cost()).clamp_min(torch.finfo(problem.a.dtype).eps)
     return torch.where(problem.solvable, eps, 1.0)
 
 
-def _scaling_shift(rows: torch.Tensor, problem: _Problem, max_span: float | None = None) -> torch.Tensor | None:
-    """``(batch,)`` detached max of the log kernel ``rows`` over each pair's real entries, or ``None`` when the scaling
-    domain is unsafe: some pair's kernel spans more than ``max_span`` (default ``log(dtype max) / 3``: 29.6 in fp32,
-    236 in fp64) between its largest and smallest real entry, or holds a non-finite one. Within that span the kernel
-    and the scalings stay far from overflow and underflow. One host read."""
+def _scaling_shift(rows: torch.Tensor, problem: _Problem, domain: str) -> torch.Tensor | None:
+    """``(batch,)`` detached max of the log kernel ``rows`` over each pair's real entries (the scaling domain's
+    shift), or ``None`` for the log domain: always with ``domain="log"``, never with ``"scaling"``, and with
+    ``"auto"`` when the scaling domain is unsafe: some pair's kernel spans more than ``log(dtype max) / 3`` (29.6 in
+    fp32, 236 in fp64) between its largest and smallest real entry, or holds a non-finite one. Within that span the
+    kernel and the scalings stay far from overflow and underflow. One host read with ``"auto"``."""
+    if domain == "log":
+        return None
     with torch.no_grad():
         real = problem.source_mask.unsqueeze(2) & problem.target_mask.unsqueeze(1)
         top = rows.masked_fill(~real, float("-inf")).amax(dim=(1, 2))
+        if domain == "scaling":
+            return top
         bottom = rows.masked_fill(~real, float("inf")).amin(dim=(1, 2))
         span = (top - bottom).max().item()
-    limit = math.log(torch.finfo(rows.dtype).max) / 3 if max_span is None else max_span
-    return top if span <= limit else None
+    return top if span <= math.log(torch.finfo(rows.dtype).max) / 3 else None
 
 
 def _log_iterations(
@@ -339,14 +332,14 @@ def _converged(row_sums: torch.Tensor, problem: _Problem, tol: float) -> bool:
 
 
 def _solve(
-    problem: _Problem, eps: torch.Tensor, n_iters: int, tol: float | None, check_every: int, grad: str,
-    symmetric: bool = False, rho: torch.Tensor | None = None,
+    problem: _Problem, eps: torch.Tensor, options: SinkhornOptions, symmetric: bool = False,
+    rho: torch.Tensor | None = None,
 ) -> OTResult:
     """Sinkhorn, ``u = log a - LSE_j(K + v)``, ``v = log b - LSE_i(K + u)`` in the log potentials ``u, v``.
 
-    The iterations run in the scaling domain when the kernel's span allows it (:func:`_scaling_shift`: a large
-    ``eps`` such as the shipped recipe's relative ``reg=1``) and in the log domain otherwise (a small ``eps``): the same
-    iterates up to rounding, so iteration counts and plans agree. The scaling domain is cheaper per iteration (two
+    With ``options.domain="auto"`` the iterations run in the scaling domain when the kernel's span allows it
+    (:func:`_scaling_shift`: a large ``eps`` such as the shipped recipe's relative ``reg=1``) and in the log domain
+    otherwise (a small ``eps``): the same iterates up to rounding, so iteration counts and plans agree. The scaling domain is cheaper per iteration (two
     multiply-and-sums instead of two log-sum-exps over the matrix); ``benchmarks/speed.py`` times the objective.
 
     ``symmetric=True`` (a problem ``OT(a, a)`` with a symmetric cost) uses the averaged update of Feydy et al. (2019),
@@ -356,10 +349,11 @@ def _solve(
     """
     log_a, log_b = problem.log_weights()
     relax = 1.0 if rho is None else (rho / (rho + eps)).unsqueeze(1)
-    with torch.set_grad_enabled(grad == "autodiff" and torch.is_grad_enabled()):
+    n_iters, tol, check_every = options.n_iters, options.tol, options.check_every
+    with torch.set_grad_enabled(options.grad == "autodiff" and torch.is_grad_enabled()):
         log_kernel = -problem.cost / eps.view(-1, 1, 1)
         rows = log_kernel.masked_fill(~problem.target_mask.unsqueeze(1), float("-inf"))  # the row update's mask
-        shift = _scaling_shift(rows, problem)
+        shift = _scaling_shift(rows, problem, options.domain)
         if shift is None:
             u, v, iterations = _log_iterations(problem, log_kernel, rows, n_iters, tol, check_every, symmetric, relax)
         else:
@@ -386,8 +380,8 @@ def _column_kl(plan: torch.Tensor, problem: _Problem, log_b: torch.Tensor) -> to
     return (terms * problem.target_mask).sum(dim=1) * problem.solvable
 
 
-def _report(nonfinite: torch.Tensor, marginal_error: torch.Tensor, eps: torch.Tensor, n_iters: int, reg: float,
-            relative_reg: bool) -> None:
+def _report(nonfinite: torch.Tensor, marginal_error: torch.Tensor, eps: torch.Tensor, n_iters: int,
+            options: SinkhornOptions) -> None:
     """The call's one host sync: raise on NaN/inf costs, warn (once per process) on an unconverged solve."""
     global _warned_unconverged
     flags, errors, epsilons = torch.stack([nonfinite.to(eps.dtype), marginal_error.to(eps.dtype), eps]).tolist()
@@ -399,7 +393,8 @@ def _report(nonfinite: torch.Tensor, marginal_error: torch.Tensor, eps: torch.Te
     if worst is None or errors[worst] <= UNCONVERGED_L1 or _warned_unconverged:
         return
     _warned_unconverged = True
-    kind = f"relative reg={reg:g}, i.e. eps={epsilons[worst]:.3g}" if relative_reg else f"reg=eps={reg:g}"
+    reg = options.reg
+    kind = f"relative reg={reg:g}, i.e. eps={epsilons[worst]:.3g}" if options.relative else f"reg=eps={reg:g}"
     logger.warning(
         "Sinkhorn did not converge: L1 marginal error %.3g (> %g) after %d iterations at %s. Raise n_iters (or reg: "
         "a larger reg converges in fewer iterations). This warning is shown once per process.",
@@ -411,15 +406,10 @@ def sinkhorn(
     cost: torch.Tensor,
     source_mask: torch.Tensor | None = None,
     target_mask: torch.Tensor | None = None,
+    options: SinkhornOptions = SinkhornOptions(),
     *,
-    reg: float = 0.05,
-    relative_reg: bool = False,
     source_weights: torch.Tensor | None = None,
     target_weights: torch.Tensor | None = None,
-    n_iters: int = 50,
-    tol: float | None = None,
-    check_every: int = 10,
-    grad: GradMode = "envelope",
     backend: Backend = "torch",
     rho: float | None = None,
 ) -> OTResult:
@@ -459,25 +449,20 @@ def sinkhorn(
             :class:`optical_hf.NonFiniteLossError` (``optical-hf`` reports it in one line); padded entries may hold anything.
         source_mask: ``(batch, n)`` bool, True for real source tokens. Default: all real.
         target_mask: ``(batch, m)`` bool, True for real target tokens. Default: all real.
-        reg: entropic regularisation ``epsilon`` (finite, > 0): in the units of ``cost``, or, with
-            ``relative_reg=True``, a multiple of each pair's detached ``<a (x) b, C>``. Smaller is sharper and closer
-            to exact OT (``ot.emd``) but needs more iterations.
-        relative_reg: interpret ``reg`` relative to the cost scale (see the module docstring).
-        source_weights: optional ``(batch, n)`` marginal weights, renormalised over real tokens. Default uniform.
-        target_weights: optional ``(batch, m)`` marginal weights, likewise.
-        n_iters: Sinkhorn iterations, >= 1 (the maximum when ``tol`` is set).
-        tol: stop when the row marginals are within ``tol`` (L1); costs one host sync every ``check_every``
-            iterations. ``None`` (default) runs ``n_iters`` iterations.
-        check_every: iterations between two convergence checks when ``tol`` is set.
-        grad: ``"envelope"`` (default) solves without building a graph; the plan ``P*`` is detached, so the gradient
-            of ``cost`` and ``value`` w.r.t. ``C`` is ``P*``: by the envelope theorem that is the gradient of the
+        options: the solver's :class:`optical_hf.SinkhornOptions` (``reg``, relative or absolute, ``n_iters``,
+            ``tol``, ``check_every``, ``grad``, ``domain``); the default is the shipped objective's (relative
+            ``reg=1``). A smaller ``reg`` is sharper and closer to exact OT (``ot.emd``) but needs more iterations.
+            ``grad="envelope"`` solves without building a graph; the plan ``P*`` is detached, so the gradient of
+            ``cost`` and ``value`` w.r.t. ``C`` is ``P*``: by the envelope theorem that is the gradient of the
             regularised value ``OT_eps``, exact once the plan has converged (see ``marginal_error``), at no extra
             memory. ``"autodiff"`` back-propagates through every iteration (memory grows with ``n_iters``).
+        source_weights: optional ``(batch, n)`` marginal weights, renormalised over real tokens. Default uniform.
+        target_weights: optional ``(batch, m)`` marginal weights, likewise.
         backend: ``"torch"`` (this solver) or ``"pot"`` (``ot.solve_batch`` with ``method="log_sinkhorn"``, padding as
-            zero weights, empty pairs zeroed, absolute ``reg``, ``grad="envelope"`` and ``rho=None`` only): a reference
-            solver for the tests and benchmarks, not a training path.
+            zero weights, empty pairs zeroed; absolute ``reg``, ``grad="envelope"``, the default ``check_every`` and
+            ``domain`` and ``rho=None`` only): a reference solver for the tests and benchmarks, not a training path.
         rho: ``None`` (default): balanced OT. A finite number > 0: the KL penalty of the relaxed target marginal, in
-            the units of ``reg`` (relative with ``relative_reg=True``: ``rho_b = rho * eps_b / reg``, so the update's
+            the units of ``reg`` (relative with a relative ``reg``: ``rho_b = rho * eps_b / reg``, so the update's
             factor ``rho / (rho + reg)`` is the same for every pair and cost scale).
 
     Returns:
@@ -489,25 +474,29 @@ def sinkhorn(
     Example::
 
         >>> C = pairwise_cost(x, y, "cosine")  # (B, n, m)
-        >>> res = sinkhorn(C, x_mask, y_mask, reg=0.05, relative_reg=True)
+        >>> res = sinkhorn(C, x_mask, y_mask, SinkhornOptions(reg=0.05))
         >>> loss = res.cost.mean()
     """
-    _check_options(reg, n_iters, grad, check_every, tol)
+    if not isinstance(options, SinkhornOptions):
+        raise TypeError(f"`options` must be a SinkhornOptions, got {type(options).__name__}")
     if backend not in ("torch", "pot"):
         raise ValueError(f"`backend` must be 'torch' or 'pot', got {backend!r}")
     if rho is not None and not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
         raise ValueError(f"`rho` must be None or a finite number > 0, got {rho}")
-    if backend == "pot" and (rho is not None or relative_reg or check_every != 10):
-        raise ValueError("backend='pot' is a reference solver of balanced OT at an absolute reg: rho, relative_reg and "
-                         "check_every have no effect there, so they must stay None, False and 10")
+    defaults = SinkhornOptions()
+    if backend == "pot" and (rho is not None or options.relative or options.check_every != defaults.check_every
+                             or options.domain != defaults.domain or options.grad != "envelope"):
+        raise ValueError("backend='pot' is a reference solver of balanced OT at an absolute reg with the envelope "
+                         "gradient: rho, relative, check_every and domain have no effect there, so they must stay "
+                         "None, False and the defaults, and grad 'envelope'")
     with torch.autocast(device_type=cost.device.type, enabled=False):
         problem = _problem(cost, source_mask, target_mask, source_weights, target_weights)
         if backend == "pot":
-            return _pot_sinkhorn(problem, reg=reg, n_iters=n_iters, tol=tol, grad=grad)
-        eps = _absolute_reg(problem, reg, relative_reg)
-        absolute_rho = None if rho is None else eps * (rho / reg) if relative_reg else torch.full_like(eps, rho)
-        result = _solve(problem, eps, n_iters, tol, check_every, grad, rho=absolute_rho)
-    _report(problem.nonfinite, result.marginal_error, eps, result.n_iters, reg, relative_reg)
+            return _pot_sinkhorn(problem, options)
+        eps = _absolute_reg(problem, options)
+        absolute_rho = None if rho is None else eps * (rho / options.reg) if options.relative else torch.full_like(eps, rho)
+        result = _solve(problem, eps, options, rho=absolute_rho)
+    _report(problem.nonfinite, result.marginal_error, eps, result.n_iters, options)
     return result
 
 
@@ -516,18 +505,12 @@ def sinkhorn_divergence(
     x_mask: torch.Tensor | None,
     y: torch.Tensor,
     y_mask: torch.Tensor | None,
+    options: SinkhornOptions = SinkhornOptions(),
     *,
-    reg: float,
     cost: Cost = "sqeuclidean",
     x_weights: torch.Tensor | None = None,
     y_weights: torch.Tensor | None = None,
-    n_iters: int = 100,
-    relative_reg: bool = True,
-    tol: float | None = None,
-    check_every: int = 10,
-    grad: GradMode = "envelope",
-    return_result: bool = False,
-) -> torch.Tensor | DivergenceResult:
+) -> DivergenceResult:
     """Debiased Sinkhorn divergence between the token clouds of each pair (Feydy et al., AISTATS 2019, Eq. 5).
 
     .. math::
@@ -546,46 +529,42 @@ def sinkhorn_divergence(
         x_mask: ``(batch, n)`` bool, True for real tokens (``None``: all real).
         y: ``(batch, m, dim)`` embeddings of the second clouds.
         y_mask: ``(batch, m)`` bool (``None``: all real).
-        reg: ``epsilon`` (relative to the cross cost scale by default), finite and > 0.
+        options: the :class:`optical_hf.SinkhornOptions` of the three problems, as in :func:`sinkhorn` (a relative
+            ``reg`` is relative to the cross cost scale).
         cost: ``"sqeuclidean"`` (default) or ``"cosine"``, see :func:`pairwise_cost`.
         x_weights / y_weights: optional ``(batch, n)`` / ``(batch, m)`` weights, renormalised over real tokens.
-        n_iters, tol, check_every, grad: as in :func:`sinkhorn`, for each of the three problems.
-        relative_reg: ``reg`` relative to the cross cost scale (default) or absolute.
-        return_result: return a :class:`DivergenceResult` with diagnostics instead of the tensor.
 
     Returns:
-        ``(batch,)`` divergences (0 for a pair with no real token on a side), or a :class:`DivergenceResult`. Four host
-        syncs per call (a domain choice per problem and the report; plus ``tol`` checks); an unconverged solve warns
-        once per process as in :func:`sinkhorn`.
+        A :class:`DivergenceResult`: ``divergence`` ``(batch,)`` (0 for a pair with no real token on a side) with its
+        diagnostics. Four host syncs per call with ``domain="auto"`` (a domain choice per problem and the report;
+        plus ``tol`` checks); an unconverged solve warns once per process as in :func:`sinkhorn`.
     """
-    _check_options(reg, n_iters, grad, check_every, tol)
+    if not isinstance(options, SinkhornOptions):
+        raise TypeError(f"`options` must be a SinkhornOptions, got {type(options).__name__}")
     with torch.autocast(device_type=x.device.type, enabled=False):
         cross = _problem(pairwise_cost(x, y, cost), x_mask, y_mask, x_weights, y_weights)
-        eps = _absolute_reg(cross, reg, relative_reg)
+        eps = _absolute_reg(cross, options)
         problems = [
             cross,
             _problem(pairwise_cost(x, x, cost), x_mask, x_mask, x_weights, x_weights),
             _problem(pairwise_cost(y, y, cost), y_mask, y_mask, y_weights, y_weights),
         ]
         xy, xx, yy = (
-            _solve(p, eps, n_iters, tol, check_every, grad, symmetric=p is not cross) for p in problems
+            _solve(p, eps, options, symmetric=p is not cross) for p in problems
         )
         divergence = torch.where(cross.solvable, xy.value - 0.5 * (xx.value + yy.value), 0.0)
     nonfinite = torch.stack([p.nonfinite for p in problems]).any(dim=0)
     marginal_error = torch.stack([r.marginal_error for r in (xy, xx, yy)]).amax(dim=0)
     n_run = max(r.n_iters for r in (xy, xx, yy))
-    _report(nonfinite, marginal_error, eps, n_run, reg, relative_reg)
-    if return_result:
-        return DivergenceResult(divergence=divergence, reg=eps, n_iters=n_run, marginal_error=marginal_error)
-    return divergence
+    _report(nonfinite, marginal_error, eps, n_run, options)
+    return DivergenceResult(divergence=divergence, reg=eps, n_iters=n_run, marginal_error=marginal_error)
 
 
-def _pot_sinkhorn(problem: _Problem, *, reg: float, n_iters: int, tol: float | None, grad: str) -> OTResult:
+def _pot_sinkhorn(problem: _Problem, options: SinkhornOptions) -> OTResult:
     """Solve with POT's batched log-Sinkhorn (``ot.solve_batch``) on the same inputs (absolute ``reg``)."""
-    if grad != "envelope":
-        raise ValueError("backend='pot' supports grad='envelope' only (it is a reference solver, not a training path)")
     from ot import solve_batch
 
+    reg, n_iters, tol = options.reg, options.n_iters, options.tol
     a = problem.a * problem.pair_mask.any(dim=2)
     b = problem.b * problem.pair_mask.any(dim=1)
     res = solve_batch(

@@ -41,8 +41,9 @@ from .evaluation import BitextRetrievalEvaluator, CLIREvaluator, format_metrics_
 from .export import add_lora, prepare_output_dir, save_student
 from .hub import push_student
 from .late_interaction import SCORINGS, MaxSimCLIREvaluator, check_scoring
-from .losses import OTDistillationLoss, OTLossConfig
+from .losses import OTDistillationLoss
 from .model_card import StudentCardInfo, base_model_license, is_hub_repo_id
+from .options import OTLossConfig
 from .teacher_cache import build_teacher_cache
 from .trainer import OTDistillationTrainer
 
@@ -480,7 +481,7 @@ def run(
         final, adapter_model = student, None
     else:
         trainer_args = OTDistillationConfig.from_training_arguments(
-            training_args, **dataclasses.asdict(loss_config), cache_teacher=args.cache_teacher,
+            training_args, **loss_config.to_dict(), cache_teacher=args.cache_teacher,
             teacher_cache_dir=args.teacher_cache_dir, max_length=args.max_length,
             source_prompt=prompts.query or None, target_prompt=prompts.teacher or None,
         )
@@ -507,7 +508,7 @@ def run(
                 f"{language}-en pairs from "
                 f"{flags['bitext'] or 'the optical_hf demo bitext (' + DEMO_BITEXT.name + ', CC0-1.0)'}"
                 for language, flags in options.items()),
-            ot=dataclasses.asdict(loss_config),
+            ot=loss_config.to_dict(),
             training={"front_end": args.front_end, "steps": trainer.state.global_step,
                       "epochs": round(trainer.state.epoch or 0, 2), "batch_size": training_args.per_device_train_batch_size,
                       "learning_rate": training_args.learning_rate, "max_length": args.max_length,

@@ -14,7 +14,6 @@ same :class:`optical_hf.OTDistillationDataCollator` and the teacher cache from t
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -165,9 +164,9 @@ class OTDistillationTrainer(Trainer):
         if peft_config is not None:
             model = get_peft_model(model, peft_config)
             self.student_pipeline[0].model = model
-        self.loss_config = args.loss_config
-        # The one objective of both front ends; the Trainer runs the transformer, the loss everything after it.
-        self.loss = OTDistillationLoss(self.student_pipeline, teacher, config=self.loss_config)
+        # The one objective of both front ends; the Trainer runs the transformer, the loss everything after it. The
+        # loss reads its options from these arguments (an OTLossConfig): one owner of the values.
+        self.loss = OTDistillationLoss(self.student_pipeline, teacher, config=args)
         self._student_head = nn.Sequential(*list(self.student_pipeline.children())[1:]).to(args.device)
         self._columns = (args.source_column, args.target_column)
         if data_collator is None:
@@ -394,7 +393,7 @@ class OTDistillationTrainer(Trainer):
         return StudentCardInfo(
             teacher=self._teacher_hub_id,
             base_model=_hub_model_id(self.accelerator.unwrap_model(self.model)),
-            ot=dataclasses.asdict(self.loss_config),
+            ot=self.args.to_dict(),
             training={"front_end": "trainer", "steps": self.state.global_step, "pooling": self.args.pooling,
                       "max_length": self.args.max_length},
             query_prompt=self.args.source_prompt or None,

@@ -124,8 +124,8 @@ def test_margins_compare_the_seeds_both_systems_ran_at_the_largest_budget(qualit
         run("zz", "a", 0, 0.30),  # b never ran on zz
     ]
     header, rule, row = quality.margin_table(records, "e5", [("a", "b"), ("a", "missing")])
-    assert header == "| comparison | xx | yy | zz | wins / level / losses | mean |"
-    assert row == "| a − b | +0.020 (no per-query data) | -0.050 (no per-query data) | - | - | -0.015 |"
+    assert header == "| comparison | xx | yy | zz | wins / level / losses | mean | pooled |"
+    assert row == "| a − b | +0.020 (no per-query data) | -0.050 (no per-query data) | - | - | -0.015 | - |"
     assert quality.parse_comparison(" ot [recipe] vs mse [lr2e-4] ") == ("ot [recipe]", "mse [lr2e-4]")
     with pytest.raises(Exception, match="expected 'SYSTEM vs SYSTEM'"):
         quality.parse_comparison("ot [recipe], mse")
@@ -162,11 +162,13 @@ def test_margins_with_per_query_values_report_the_paired_test(quality):
         _run("b", "xx", seed, 2e-5, worse) for seed in (0, 1)] + [
         _run("a", "yy", 0, 2e-5, better), _run("b", "yy", 0, 2e-5, better[::-1])]
     header, rule, row = quality.margin_table(records, "e5", [("a", "b")])
-    assert header == "| comparison | xx | yy | wins / level / losses | mean |"
+    assert header == "| comparison | xx | yy | wins / level / losses | mean | pooled |"
     cells = row.split(" | ")
     assert cells[1].startswith("+0.310 [+0.") and "p=0.000 **win** (2 seeds)" in cells[1]
     assert cells[2].startswith("+0.000 [") and "p=1.000" in cells[2] and "win" not in cells[2]
     assert cells[3] == "1/1/0"
+    # pooled: each query of xx (its two seeds averaged) and of yy once: 100 queries, mean +0.155
+    assert cells[5].startswith("+0.155 [") and "**win** (100 queries)" in cells[5]
     records.append({**_run("a", "yy", 1, 2e-5, better), "per_query": None})  # a seed stored without per-query values
     records[-1].pop("per_query")
     records.append(_run("b", "yy", 1, 2e-5, worse))

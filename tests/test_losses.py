@@ -358,7 +358,9 @@ def test_default_recipe_runs_in_the_scaling_domain_at_the_log_domain_values(monk
     monkeypatch.setattr(ot, "_scaling_iterations", lambda *a: domains.append("scaling") or run(*a))
     scaling_terms, scaling_grad = objective()
     assert domains == ["scaling"] * 3
-    monkeypatch.setattr(ot, "_scaling_shift", lambda rows, problem: None)
+    options = OTLossConfig.sinkhorn.fget
+    log_options = property(lambda config: dataclasses.replace(options(config), domain="log"))
+    monkeypatch.setattr(OTLossConfig, "sinkhorn", log_options)
     log_terms, log_grad = objective()
     assert domains == ["scaling"] * 3, "the log domain was forced"
     assert scaling_terms == pytest.approx(log_terms, rel=1e-5)

@@ -224,7 +224,7 @@ def test_save_model_without_card_info_says_what_the_trainer_knows(model_dirs, bi
     trainer.save_model()
     info = StudentCardInfo.load(tmp_path / "run")
     assert info.query_prompt == "query: " and info.base_model is None  # loaded from a local folder
-    assert info.ot["reg"] == trainer.loss_config.reg
+    assert info.ot["reg"] == trainer.args.reg
     assert "teacher.encode_document(documents)" in (tmp_path / "run" / "README.md").read_text(encoding="utf-8")
 
 
@@ -235,7 +235,7 @@ def test_config_holds_the_loss_and_trainer_options_once(tmp_path):
               "--cache_teacher", "false"],
         look_for_args_file=False,
     )
-    assert config.loss_config == OTLossConfig(reg=0.3, cost="sqeuclidean", debias=True, contrastive_weight=0.5)
+    assert config.to_dict() == OTLossConfig(reg=0.3, cost="sqeuclidean", debias=True, contrastive_weight=0.5).to_dict()
     assert (config.pooling, config.source_prompt, config.cache_teacher) == ("cls", "query: ", False)
     loss_fields = {f.name for f in dataclasses.fields(OTLossConfig)}
     assert loss_fields <= {f.name for f in dataclasses.fields(OTDistillationConfig)}
@@ -255,7 +255,8 @@ def test_plain_training_arguments_get_the_default_options(model_dirs, bitext, tm
     )
     assert isinstance(trainer.args, OTDistillationConfig)
     assert (trainer.args.max_steps, trainer.args.learning_rate, trainer.args.seed) == (7, 3e-4, 3)
-    assert trainer.loss_config == OTLossConfig() and trainer.args.max_length == 128
+    assert trainer.args.to_dict() == OTLossConfig().to_dict() and trainer.args.max_length == 128
+    assert trainer.loss.config is trainer.args  # one owner of the values
     assert not trainer.args.remove_unused_columns
 
 
@@ -289,7 +290,7 @@ def test_trains_with_the_late_interaction_terms(model_dirs, bitext, tmp_path):
     options = dict(PAPER, transport="semi-relaxed", rho=0.1, hard_alignment_weight=0.5, maxsim_distill_weight=0.5,
                    contrastive_weight=0.1, marginals="pooling")
     trainer = _trainer(model_dirs, bitext, tmp_path, args={"max_steps": 10, **options})
-    assert trainer.loss_config == OTLossConfig(**options)
+    assert trainer.loss.config.to_dict() == OTLossConfig(**options).to_dict()
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert {"ot", "hard_alignment", "maxsim_kd", "contrastive"} <= set(logs[0])
