@@ -36,8 +36,7 @@ Why this is written here rather than taken from POT: ``ot.solve_batch`` needs ev
 same size, so padding can only be expressed as zero weights (a pair with no real token on a side then comes out NaN);
 its ``grad="envelope"`` still records the graph of every iteration (memory like autodiff); its convergence check
 synchronises with the host every 10 iterations; and it has no autocast guard for fp16/bf16 inputs.
-``benchmarks/speed.py`` measures both side by side. POT remains available as ``sinkhorn(backend="pot")``, a reference
-solver for the tests and benchmarks.
+``benchmarks/speed.py`` measures both side by side, and ``tests/test_ot.py`` checks this solver against POT's.
 """
 
 from __future__ import annotations
@@ -66,7 +65,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GradMode = Literal["envelope", "autodiff"]
-Backend = Literal["torch", "pot"]
 Cost = Literal["cosine", "sqeuclidean"]
 
 UNCONVERGED_L1 = 1e-2
@@ -410,7 +408,6 @@ def sinkhorn(
     *,
     source_weights: torch.Tensor | None = None,
     target_weights: torch.Tensor | None = None,
-    backend: Backend = "torch",
     rho: float | None = None,
 ) -> OTResult:
     """Entropic OT between the real tokens of each pair of a batch, in fp32 whatever the input dtype.
@@ -458,9 +455,6 @@ def sinkhorn(
             memory. ``"autodiff"`` back-propagates through every iteration (memory grows with ``n_iters``).
         source_weights: optional ``(batch, n)`` marginal weights, renormalised over real tokens. Default uniform.
         target_weights: optional ``(batch, m)`` marginal weights, likewise.
-        backend: ``"torch"`` (this solver) or ``"pot"`` (``ot.solve_batch`` with ``method="log_sinkhorn"``, padding as
-            zero weights, empty pairs zeroed; absolute ``reg``, ``grad="envelope"``, the default ``check_every`` and
-            ``domain`` and ``rho=None`` only): a reference solver for the tests and benchmarks, not a training path.
         rho: ``None`` (default): balanced OT. A finite number > 0: the KL penalty of the relaxed target marginal, in
             the units of ``reg`` (relative with a relative ``reg``: ``rho_b = rho * eps_b / reg``, so the update's
             factor ``rho / (rho + reg)`` is the same for every pair and cost scale).
@@ -479,20 +473,10 @@ def sinkhorn(
     """
     if not isinstance(options, SinkhornOptions):
         raise TypeError(f"`options` must be a SinkhornOptions, got {type(options).__name__}")
-    if backend not in ("torch", "pot"):
-        raise ValueError(f"`backend` must be 'torch' or 'pot', got {backend!r}")
     if rho is not None and not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
         raise ValueError(f"`rho` must be None or a finite number > 0, got {rho}")
-    defaults = SinkhornOptions()
-    if backend == "pot" and (rho is not None or options.relative or options.check_every != defaults.check_every
-                             or options.domain != defaults.domain or options.grad != "envelope"):
-        raise ValueError("backend='pot' is a reference solver of balanced OT at an absolute reg with the envelope "
-                         "gradient: rho, relative, check_every and domain have no effect there, so they must stay "
-                         "None, False and the defaults, and grad 'envelope'")
     with torch.autocast(device_type=cost.device.type, enabled=False):
         problem = _problem(cost, source_mask, target_mask, source_weights, target_weights)
-        if backend == "pot":
-            return _pot_sinkhorn(problem, options)
         eps = _absolute_reg(problem, options)
         absolute_rho = None if rho is None else eps * (rho / options.reg) if options.relative else torch.full_like(eps, rho)
         result = _solve(problem, eps, options, rho=absolute_rho)
@@ -558,23 +542,3 @@ def sinkhorn_divergence(
     n_run = max(r.n_iters for r in (xy, xx, yy))
     _report(nonfinite, marginal_error, eps, n_run, options)
     return DivergenceResult(divergence=divergence, reg=eps, n_iters=n_run, marginal_error=marginal_error)
-
-
-def _pot_sinkhorn(problem: _Problem, options: SinkhornOptions) -> OTResult:
-    """Solve with POT's batched log-Sinkhorn (``ot.solve_batch``) on the same inputs (absolute ``reg``)."""
-    from ot import solve_batch
-
-    reg, n_iters, tol = options.reg, options.n_iters, options.tol
-    a = problem.a * problem.pair_mask.any(dim=2)
-    b = problem.b * problem.pair_mask.any(dim=1)
-    res = solve_batch(
-        M=problem.cost, reg=reg, a=a, b=b, max_iter=n_iters, tol=0.0 if tol is None else tol, method="log_sinkhorn",
-        grad="envelope",
-    )
-    plan = res.plan.detach().masked_fill(~problem.pair_mask, 0.0)
-    linear = (plan * problem.cost).sum(dim=(1, 2))
-    eps = torch.full_like(linear, reg)
-    error = (plan.sum(dim=2) - a).abs().sum(dim=1) * problem.solvable
-    value = torch.where(problem.solvable, res.value.detach(), 0.0)
-    return OTResult(plan=plan, cost=linear, value=value, reg=eps, n_iters=int(res.log["n_iter"]) + 1,
-                    marginal_error=error, domain="log")
