@@ -84,18 +84,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from optical_hf import (  # noqa: E402
-    OTDistillationDataCollator,
-    OTDistillationLoss,
-    OTLossConfig,
-    bitext_from_pairs,
-    build_teacher_cache,
-    load_bitext,
-)
+from optical_hf import OTLossConfig, bitext_from_pairs, load_bitext  # noqa: E402
 from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
 from optical_hf.evaluation import CLIREvaluator  # noqa: E402
 from optical_hf.significance import paired_test  # noqa: E402
 from optical_hf.late_interaction import INDEX_FORMAT, MaxSimCLIREvaluator, TokenIndex, build_index  # noqa: E402
+from optical_hf.recipe import Prompts, build_trainer  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -363,24 +357,8 @@ def train_student(
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
 
     source_prompt, target_prompt = setting.query_prompt, setting.target_prompt
-    if method == "mse":
-        if labels is None:
-            labels = teacher_labels(teacher, list(bitext["target"]), target_prompt)
-        sources, labels = list(bitext["source"]), labels.tolist()
-        if setting.mse_both_sides:  # the student also learns to map the English side onto the teacher
-            sources, labels = sources + list(bitext["target"]), labels + labels
-        train = datasets.Dataset.from_dict({"source": sources, "label": labels})
-        loss = MSELoss(student)
-        prompts = {"source": source_prompt} if source_prompt else None
-        collator = None
-    else:
-        loss = OTDistillationLoss(student, teacher, **dict(config.loss))
-        train = bitext
-        prompts = {k: v for k, v in (("source", source_prompt), ("target", target_prompt)) if v} or None
-        cache = build_teacher_cache(teacher, bitext["target"], prompt=target_prompt)  # the teacher runs once
-        collator = OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
-                                              prompts=prompts or {}, teacher_cache=cache)
     with tempfile.TemporaryDirectory(prefix="optical-quality-") as output_dir:
+        train_size = len(bitext) * (2 if method == "mse" and setting.mse_both_sides else 1)
         args = SentenceTransformerTrainingArguments(
             output_dir=output_dir,
             num_train_epochs=config.epochs,
@@ -390,15 +368,25 @@ def train_student(
             warmup_steps=config.warmup,
             seed=config.seed,
             data_seed=config.seed,
-            prompts=prompts,
+            prompts={"source": source_prompt} if method == "mse" and source_prompt else None,
             save_strategy="no",
             report_to="none",
-            logging_steps=max(1, math.ceil(len(train) / config.batch_size) // 5),
+            logging_steps=max(1, math.ceil(train_size / config.batch_size) // 5),
             use_cpu=device == "cpu",
             dataloader_num_workers=0,
         )
-        trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=train, loss=loss,
-                                             data_collator=collator)
+        if method == "mse":
+            if labels is None:
+                labels = teacher_labels(teacher, list(bitext["target"]), target_prompt)
+            sources, labels = list(bitext["source"]), labels.tolist()
+            if setting.mse_both_sides:  # the student also learns to map the English side onto the teacher
+                sources, labels = sources + list(bitext["target"]), labels + labels
+            train = datasets.Dataset.from_dict({"source": sources, "label": labels})
+            trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=train,
+                                                 loss=MSELoss(student))
+        else:  # the library's own recipe (optical-hf distill's trainer), the teacher run once over the bitext
+            trainer = build_trainer(student, teacher, bitext, args, OTLossConfig(**dict(config.loss)),
+                                    Prompts(query=source_prompt or "", teacher=target_prompt or "", document=""))
         started = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - started

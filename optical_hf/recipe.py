@@ -336,6 +336,47 @@ class Prompts:
                    document=pick(args.document_prompt, teacher, "document"))
 
 
+def build_trainer(
+    student: SentenceTransformer,
+    teacher: SentenceTransformer,
+    train_dataset: datasets.Dataset | datasets.DatasetDict,
+    training_args: SentenceTransformerTrainingArguments,
+    loss_config: OTLossConfig,
+    prompts: Prompts,
+    *,
+    eval_dataset: datasets.Dataset | datasets.DatasetDict | None = None,
+    evaluator: Any = None,
+    cache_teacher: bool = True,
+    teacher_cache_dir: str | None = None,
+) -> SentenceTransformerTrainer:
+    """The sentence-transformers front end of ``optical-hf distill``, ready to ``train()``: the OT loss, the one
+    collator (with the teacher's cached outputs over the English side of both datasets, unless ``cache_teacher`` is
+    false) and the non-finite-loss guard. The command line and ``benchmarks/quality.py`` both train through it.
+
+    Args:
+        student, teacher: the models (a LoRA student already wrapped by :func:`optical_hf.add_lora`).
+        train_dataset, eval_dataset: ``source``/``target`` bitext, or a ``DatasetDict`` of them (one per language).
+        training_args: the trainer's arguments.
+        loss_config: the objective.
+        prompts: the student's query prompt (source side) and the teacher's prompt (target side).
+    """
+    columns = {"source": prompts.query or None, "target": prompts.teacher or None}
+    cache = None
+    if cache_teacher:
+        splits = [split for data in (train_dataset, eval_dataset) if data is not None
+                  for split in (data.values() if isinstance(data, datasets.DatasetDict) else [data])]
+        with training_args.main_process_first(desc="teacher cache"):
+            cache = build_teacher_cache(teacher, [text for split in splits for text in split["target"]],
+                                        prompt=columns["target"], cache_dir=teacher_cache_dir)
+    return SentenceTransformerTrainer(
+        model=student, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        loss=OTDistillationLoss(student, teacher, config=loss_config), evaluator=evaluator,
+        callbacks=[NonFiniteLossCallback()],
+        data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
+                                                 prompts=columns, teacher_cache=cache),
+    )
+
+
 def _evaluate(evaluators: list, model: SentenceTransformer) -> dict[str, float]:
     return {key: float(value) for evaluator in evaluators for key, value in evaluator(model).items()}
 
@@ -463,20 +504,9 @@ def run(
     if args.front_end == "sentence-transformers":
         if args.lora:
             add_lora(student, args.lora_config())
-        column_prompts = {"source": prompts.query or None, "target": prompts.teacher or None}
-        cache = None
-        if args.cache_teacher:
-            english = [text for split in (*train.values(), *evaluation.values()) for text in split["target"]]
-            with training_args.main_process_first(desc="teacher cache"):
-                cache = build_teacher_cache(teacher, english, prompt=prompts.teacher or None,
-                                            cache_dir=args.teacher_cache_dir)
-        trainer = SentenceTransformerTrainer(
-            model=student, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
-            loss=OTDistillationLoss(student, teacher, config=loss_config),
-            evaluator=SequentialEvaluator(evaluators), callbacks=[NonFiniteLossCallback()],
-            data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
-                                                     prompts=column_prompts, teacher_cache=cache),
-        )
+        trainer = build_trainer(student, teacher, train_data, training_args, loss_config, prompts,
+                                eval_dataset=eval_data, evaluator=SequentialEvaluator(evaluators),
+                                cache_teacher=args.cache_teacher, teacher_cache_dir=args.teacher_cache_dir)
         trainer.train(resume_from_checkpoint=resume)
         final, adapter_model = student, None
     else:
