@@ -89,7 +89,8 @@ from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files
 from optical_hf.evaluation import CLIREvaluator  # noqa: E402
 from optical_hf.significance import paired_test  # noqa: E402
 from optical_hf.late_interaction import INDEX_FORMAT, MaxSimCLIREvaluator, TokenIndex, build_index  # noqa: E402
-from optical_hf.recipe import Prompts, build_trainer  # noqa: E402
+from optical_hf.recipe import build_trainer  # noqa: E402
+from optical_hf.vocabulary import Prompts  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -386,7 +387,7 @@ def train_student(
                                                  loss=MSELoss(student))
         else:  # the library's own recipe (optical-hf distill's trainer), the teacher run once over the bitext
             trainer = build_trainer(student, teacher, bitext, args, OTLossConfig(**dict(config.loss)),
-                                    Prompts(query=source_prompt or "", teacher=target_prompt or "", document=""))
+                                    Prompts(query=source_prompt or "", teacher=target_prompt or ""))
         started = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - started

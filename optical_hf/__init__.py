@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 #: Public name -> submodule that defines it.
 _EXPORTS = {
-    "CITATION": "losses",
+    "CITATION": "vocabulary",
     "BitextError": "data",
     "BitextRetrievalEvaluator": "evaluation",
     "CLIREvaluator": "evaluation",
@@ -32,6 +32,7 @@ _EXPORTS = {
     "OTLossConfig": "options",
     "OTResult": "ot",
     "PairedTest": "significance",
+    "Prompts": "vocabulary",
     "OpticalInputError": "errors",
     "SinkhornOptions": "options",
     "StudentCardInfo": "model_card",

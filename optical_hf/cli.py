@@ -133,7 +133,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .corpora import flores_pairs, load_afriqa_gold, load_beir
     from .data import load_bitext
     from .evaluation import bitext_retrieval, evaluate_clir, format_metrics_table
-    from .late_interaction import check_scoring, evaluate_clir_maxsim
+    from .late_interaction import evaluate_clir_maxsim
+    from .vocabulary import SCORINGS, check_choice
     from .recipe import load_sentence_transformer, packaged_teacher_path
 
     if args.oracle and not args.afriqa:
@@ -142,7 +143,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         raise OpticalInputError("--bitext_target needs --bitext")
     task = next(name for name in TASKS if getattr(args, name))
     if args.scoring is not None:
-        check_scoring(args.scoring)
+        check_choice(args.scoring, SCORINGS, "--scoring")
     if args.scoring == "maxsim" and task in ("bitext", "flores"):
         raise OpticalInputError(f"--scoring maxsim ranks documents; --{task} is scored densely (bitext P@1)")
     # Data first, so that a bad file fails before the models are loaded.

@@ -16,12 +16,10 @@ from transformers import TrainingArguments
 
 from .errors import OpticalInputError
 from .options import OTLossConfig
+from .vocabulary import DEFAULT_MAX_LENGTH, POOLINGS, check_choice
 
 __all__ = ["OTDistillationConfig", "TeacherCacheArguments"]
 
-POOLINGS = ("mean", "cls")
-DEFAULT_MAX_LENGTH = 128
-"""Tokens kept per sentence unless a model's position limit is smaller (both front ends and the CLI)."""
 
 
 @dataclass
@@ -61,8 +59,7 @@ class OTDistillationConfig(OTLossConfig, TeacherCacheArguments, TrainingArgument
     def __post_init__(self) -> None:
         TrainingArguments.__post_init__(self)
         OTLossConfig.__post_init__(self)
-        if self.pooling not in POOLINGS:
-            raise OpticalInputError(f"OTDistillationConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        check_choice(self.pooling, POOLINGS, "OTDistillationConfig.pooling")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
             raise OpticalInputError(f"OTDistillationConfig.max_length must be an integer >= 1, got {self.max_length!r}")
 

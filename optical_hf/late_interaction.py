@@ -34,6 +34,7 @@ from .collation import content_mask, special_token_ids
 from .errors import OpticalInputError
 from .fingerprint import hash_tensor, model_fingerprint
 from .evaluation import CLIREvaluator, Run, mean_metrics, per_query_metrics, search_timing
+from .vocabulary import TOKEN_SELECTIONS, check_choice
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -42,10 +43,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SCORINGS = ("dense", "maxsim")
-"""How a student is searched: ``"dense"`` (cosine of sentence embeddings) or ``"maxsim"`` (late interaction)."""
-TOKEN_SELECTIONS = ("all", "content")
-"""Tokens taking part in MaxSim: every real token, or only content tokens (no special, no prompt tokens)."""
 DEFAULT_TOKENS = "content"
 """The default token selection on both sides (why: the README's "Design choices", row "MaxSim tokens")."""
 SIDES = ("query", "document")
@@ -57,16 +54,8 @@ ENCODE_BLOCK = 1024
 """Texts encoded per ``encode`` call, so that only one block's padded token states are alive at a time."""
 
 
-def check_scoring(scoring: str, flag: str = "--scoring") -> str:
-    """``scoring`` if it is one of :data:`SCORINGS`, else an :class:`OpticalInputError` naming ``flag``."""
-    if scoring not in SCORINGS:
-        raise OpticalInputError(f"{flag} must be one of {SCORINGS}, got {scoring!r}")
-    return scoring
-
-
 def _check_tokens(tokens: str, name: str) -> None:
-    if tokens not in TOKEN_SELECTIONS:
-        raise OpticalInputError(f"{name} must be one of {TOKEN_SELECTIONS}, got {tokens!r}")
+    check_choice(tokens, TOKEN_SELECTIONS, name)
 
 
 @dataclass

@@ -55,19 +55,12 @@ from torch import Tensor, nn
 
 from .collation import TEACHER_TASK, content_mask, pooling_setup, pooling_weights, special_token_ids
 from .options import OTLossConfig
+from .vocabulary import CITATION
 from .ot import pairwise_cost, sinkhorn, sinkhorn_divergence, uniform_weights
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CITATION", "OTDistillationLoss", "OTLossConfig", "distillation_losses"]
-
-CITATION = """@inproceedings{huang2023optical,
-  title={Improving Cross-lingual Information Retrieval on Low-Resource Languages via Optimal Transport Distillation},
-  author={Huang, Zhiqi and Yu, Puxuan and Allan, James},
-  booktitle={Proceedings of the Sixteenth ACM International Conference on Web Search and Data Mining (WSDM '23)},
-  year={2023},
-  doi={10.1145/3539597.3570468}
-}"""
 
 def _support(marginal: Tensor) -> tuple[Tensor, Tensor | None]:
     """A marginal argument as ``(mask, weights)``: a bool/int mask is uniform, float weights are their own support."""

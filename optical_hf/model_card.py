@@ -27,8 +27,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
 
-from .late_interaction import SCORINGS
-from .losses import CITATION
+from .vocabulary import CITATION, SCORINGS, check_choice
 
 
 logger = logging.getLogger(__name__)
@@ -132,8 +131,7 @@ class StudentCardInfo:
     scoring: str = "dense"
 
     def __post_init__(self) -> None:
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"StudentCardInfo.scoring={self.scoring!r} is not one of {SCORINGS}.")
+        check_choice(self.scoring, SCORINGS, "StudentCardInfo.scoring")
         if self.language is not None and not (self.languages and all(map(_LANGUAGE_CODE.match, self.languages))):
             raise ValueError(
                 f"StudentCardInfo.language={self.language!r} is not an ISO 639-1/639-3 code or a non-empty list of "

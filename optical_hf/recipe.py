@@ -33,19 +33,20 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from .callbacks import NonFiniteLossCallback
 from .collation import OTDistillationDataCollator
-from .config import DEFAULT_MAX_LENGTH, OTDistillationConfig, TeacherCacheArguments
+from .config import OTDistillationConfig, TeacherCacheArguments
 from .corpora import load_beir
 from .data import load_bitext, load_bitexts
 from .errors import OpticalInputError
 from .evaluation import BitextRetrievalEvaluator, CLIREvaluator, format_metrics_table
 from .export import add_lora, prepare_output_dir, save_student
 from .hub import push_student
-from .late_interaction import SCORINGS, MaxSimCLIREvaluator, check_scoring
+from .late_interaction import MaxSimCLIREvaluator
 from .losses import OTDistillationLoss
 from .model_card import StudentCardInfo, base_model_license, is_hub_repo_id
 from .options import OTLossConfig
 from .teacher_cache import build_teacher_cache
 from .trainer import OTDistillationTrainer
+from .vocabulary import DEFAULT_MAX_LENGTH, SCORINGS, Prompts, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class DistillArguments(TeacherCacheArguments):
                                     "sentence-transformers (the default) for several")
         if self.front_end not in FRONT_ENDS:
             raise OpticalInputError(f"--front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
-        check_scoring(self.scoring)
+        check_choice(self.scoring, SCORINGS, "--scoring")
         if self.push_adapter_only and not self.lora:
             raise OpticalInputError("--push_adapter_only needs --lora (there is no adapter to push otherwise)")
         if self.eval_size < 1:
@@ -317,22 +318,13 @@ def load_splits(args: DistillArguments, seed: int) -> tuple[DatasetDict, Dataset
     return data, evaluation
 
 
-@dataclass(frozen=True)
-class Prompts:
-    """The prompts of a run (``""``: none): ``query`` the student's (low-resource side, saved as its ``"query"``
-    prompt), ``teacher`` the teacher's on the English side of the bitext, ``document`` the teacher's for documents."""
+def resolve_prompts(args: DistillArguments, student: SentenceTransformer, teacher: SentenceTransformer) -> Prompts:
+    """The run's :class:`optical_hf.vocabulary.Prompts`: each flag, else the prompt stored in that model's own config
+    (``SentenceTransformer.prompts``)."""
+    def pick(flag: str | None, model: SentenceTransformer, name: str) -> str:
+        return flag if flag is not None else model.prompts.get(name) or ""
 
-    query: str
-    teacher: str
-    document: str
-
-    @classmethod
-    def resolve(cls, args: DistillArguments, student: SentenceTransformer, teacher: SentenceTransformer) -> Prompts:
-        """Each flag, else the prompt stored in that model's own config (``SentenceTransformer.prompts``)."""
-        def pick(flag: str | None, model: SentenceTransformer, name: str) -> str:
-            return flag if flag is not None else model.prompts.get(name) or ""
-
-        return cls(query=pick(args.query_prompt, student, "query"), teacher=pick(args.teacher_prompt, teacher, "query"),
+    return Prompts(query=pick(args.query_prompt, student, "query"), teacher=pick(args.teacher_prompt, teacher, "query"),
                    document=pick(args.document_prompt, teacher, "document"))
 
 
@@ -360,20 +352,19 @@ def build_trainer(
         loss_config: the objective.
         prompts: the student's query prompt (source side) and the teacher's prompt (target side).
     """
-    columns = {"source": prompts.query or None, "target": prompts.teacher or None}
     cache = None
     if cache_teacher:
         splits = [split for data in (train_dataset, eval_dataset) if data is not None
                   for split in (data.values() if isinstance(data, datasets.DatasetDict) else [data])]
         with training_args.main_process_first(desc="teacher cache"):
             cache = build_teacher_cache(teacher, [text for split in splits for text in split["target"]],
-                                        prompt=columns["target"], cache_dir=teacher_cache_dir)
+                                        prompt=prompts.teacher or None, cache_dir=teacher_cache_dir)
     return SentenceTransformerTrainer(
         model=student, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         loss=OTDistillationLoss(student, teacher, config=loss_config), evaluator=evaluator,
         callbacks=[NonFiniteLossCallback()],
         data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
-                                                 prompts=columns, teacher_cache=cache),
+                                                 prompts=prompts.columns(), teacher_cache=cache),
     )
 
 
@@ -472,7 +463,7 @@ def run(
     teacher = load_sentence_transformer(teacher_name, "--teacher")
     student = load_sentence_transformer(student_name, "--student")
     teacher.max_seq_length = student.max_seq_length = args.max_length
-    prompts = Prompts.resolve(args, student, teacher)
+    prompts = resolve_prompts(args, student, teacher)
     train, evaluation = load_splits(args, training_args.seed)
     options = args.per_language()
     logger.info("Training on %d pairs, evaluating on %d held-out pairs (%s)", sum(map(len, train.values())),

@@ -724,7 +724,7 @@ def test_distill_saves_the_prompts_so_encode_query_applies_them(model_dirs, data
     assert cli(*_distill_argv(model_dirs, data["tsv"], out, "--query_prompt", "query: ",
                               "--teacher_prompt", "", "--document_prompt", "passage: ")) == 0
     # the student's prompt on the low-resource side only; the teacher gets its own (none) on the English side
-    assert collators[0].prompts == {"source": "query: ", "target": None}
+    assert collators[0].prompts == {"source": "query: "}
 
     config = json.loads((out / "config_sentence_transformers.json").read_text(encoding="utf-8"))
     assert config["prompts"] == {"query": "query: ", "document": "passage: "}
@@ -760,7 +760,7 @@ def test_prompts_default_to_each_models_stored_prompts(flags, expected, prompted
     args, _, _ = recipe.build_parser().parse_args_into_dataclasses(args=flags, look_for_args_file=False)
     student = SentenceTransformer(prompted_models["student"], device="cpu")
     teacher = SentenceTransformer(prompted_models["teacher"], device="cpu")
-    assert recipe.Prompts.resolve(args, student, teacher) == expected
+    assert recipe.resolve_prompts(args, student, teacher) == expected
 
 
 def test_distill_several_languages(model_dirs, tmp_path, run_results):

@@ -375,7 +375,7 @@ def test_dense_student_card_has_no_maxsim_block(model_dirs, tmp_path):
 
 
 def test_bad_scoring_values_are_named(model_dirs, beir, capsys):
-    with pytest.raises(ValueError, match="scoring='colbert' is not one of"):
+    with pytest.raises(ValueError, match=r"StudentCardInfo.scoring must be one of \('dense', 'maxsim'\), got 'colbert'"):
         StudentCardInfo(scoring="colbert")
     assert main(["evaluate", "--model", str(model_dirs["student"]), "--teacher", str(model_dirs["teacher"]),
                  "--beir", str(beir), "--scoring", "colbert"]) == EXIT_BAD_INPUT
