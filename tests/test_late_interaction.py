@@ -413,3 +413,20 @@ def test_distill_arguments_reject_an_unknown_scoring():
 
     with pytest.raises(OpticalInputError, match="--scoring must be one of"):
         DistillArguments(scoring="colbert")
+
+
+def test_the_training_maxsim_and_the_index_scan_score_the_same():
+    """One MaxSim, two kernels: the loss's batched in-batch scores (differentiable, mean over the query's tokens) and
+    the chunked index scan (sum over the query's tokens) agree up to each query's token count."""
+    from optical_hf.losses import _maxsim
+
+    generator = torch.Generator().manual_seed(0)
+    queries, documents = torch.randn(3, 5, 8, generator=generator), torch.randn(3, 7, 8, generator=generator)
+    query_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    document_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], dtype=torch.bool)
+    batched = _maxsim(queries, query_mask, documents, document_mask)  # (3 queries, 3 documents)
+    index = TokenIndex.from_token_states([d[m] for d, m in zip(documents, document_mask)])
+    scores, ids = maxsim_topk([q[m] for q, m in zip(queries, query_mask)], index, top_k=3, token_chunk_size=5)
+    scanned = torch.empty(3, 3).scatter_(1, ids, scores)
+    # the index stores unit vectors in fp16: cosines to ~1e-3 (a different scale or reduction would miss by ~0.1-1)
+    torch.testing.assert_close(scanned / query_mask.sum(1, keepdim=True), batched, atol=2e-3, rtol=0)
