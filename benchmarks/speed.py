@@ -32,14 +32,11 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import logging
 import math
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -66,15 +63,16 @@ from optical_hf import (
 )
 from optical_hf.options import SinkhornOptions
 from optical_hf.ot import sinkhorn, uniform_weights
+from optical_hf.recipe import DEMO_BITEXT
+
+from benchmarks.common import machine_info
 
 logger = logging.getLogger("benchmarks.speed")
 
 LAFAND_SWA = REPO_ROOT.parent / "shared" / "data" / "lafand-mt" / "en-swa"
-DEMO_BITEXT = REPO_ROOT / "optical_hf" / "resources" / "demo_bitext_en_sw.tsv"
 OT_STEP, OT_CACHED = "ot_envelope", "ot_cached_teacher"
 MSE_LABELS, MSE_ONLINE = "mse_precomputed_labels", "mse_teacher_online"
 OT_OBJECTIVE, MSE_OBJECTIVE = "ot_cached_objective", "mse_objective"
-THREAD_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # recorded in the command when set
 
 Step = Callable[[], Any]
 
@@ -589,38 +587,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
-    import ot
-    import sentence_transformers
-
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        cpu_lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-        models = [line.split(":", 1)[1].strip() for line in cpu_lines if line.startswith("model name")]
-        hardware = models[0] if models else platform.processor() or platform.machine()
-    return {
-        "device": str(device),
-        "hardware": hardware,
-        "cores_available": len(os.sched_getaffinity(0)),
-        "torch_threads": threads,
-        "load_average_at_start": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pot": ot.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "source_sha256": {  # the repository has no commit to cite: identify the benchmarked code by content
-            name: hashlib.sha256((REPO_ROOT / "optical_hf" / name).read_bytes()).hexdigest()[:12]
-            for name in ("ot.py", "losses.py", "teacher_cache.py")
-        },
-        "command": " ".join(
-            [f"{var}={shlex.quote(os.environ[var])}" for var in THREAD_ENV if var in os.environ]
-            + [shlex.join([Path(sys.executable).name, *sys.argv])]
-        ),
-    }
-
-
 def _fmt(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
@@ -817,7 +783,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine_info(device, torch.get_num_threads())}
+    import ot
+
+    results: dict[str, Any] = {"machine": machine_info(str(device), pot=ot.__version__)}
+    results["machine"]["source_sha256"] = {  # identify the benchmarked code by content
+        name: hashlib.sha256((REPO_ROOT / "optical_hf" / name).read_bytes()).hexdigest()[:12]
+        for name in ("ot.py", "losses.py", "teacher_cache.py")
+    }
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     logger.info("device %s (%s), torch threads %d", device, results["machine"]["hardware"], torch.get_num_threads())
     if "ot" in args.parts:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import foreign, sentence_transformer, tiny_bert, toy_bitext
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
@@ -218,7 +219,26 @@ def test_cross_model_setting_pairs_the_english_teacher_with_another_student(qual
             "--batch-size", "4", "--max-seq-length", "16", "--doc-max-length", "32", "--methods", "mse", "ot",
             "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
     records = {r["system"]: r for r in quality.main(argv)}
-    teacher = quality.minilm_path()
+    teacher = quality.packaged_teacher_path()
     assert all(r["model"] == teacher and r["student"] == str(model) for r in records.values())
     assert records["oracle"]["metrics"]["mrr@10"] > 0.5 > records["floor"]["metrics"]["mrr@10"]  # untrained student
     assert records["ot"]["steps"] == 11 and records["mse"]["steps"] == 22  # MSE learns the English side too (2 x 44)
+
+
+def test_the_passage_cache_is_keyed_by_content(quality, model_dirs, tmp_path):
+    teacher = sentence_transformer(model_dirs["teacher"])
+    setting = quality.Setting("e5", "tiny", str(model_dirs["teacher"]), None, "passage: ", None)
+    corpus = {"p1": "the old river", "p2": "a tree by the road"}
+
+    def index(pool: dict) -> None:
+        quality.doc_index(teacher, setting, pool, 16, 4, tmp_path, "dense")
+
+    index(corpus)
+    (first,) = tmp_path.glob("docs-*.pt")
+    index(dict(corpus))  # the same content: read back, no new file
+    assert list(tmp_path.glob("docs-*.pt")) == [first]
+    index({**corpus, "p2": "a tree by the river"})  # same ids, another text
+    with torch.no_grad():
+        teacher[0].auto_model.embeddings.word_embeddings.weight[5] += 1  # same folder, other weights
+    index(corpus)
+    assert len(list(tmp_path.glob("docs-*.pt"))) == 3
