@@ -945,6 +945,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not args.report_only:
         run(args, store, shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]))
     report = args.output_dir / f"{args.output_name}.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
     title = f"optical_hf retrieval-quality benchmark: {args.output_name} (AfriQA gold pool)"
     report.write_text(render_markdown(store.records, machine_info(args.device), title, args.margins, args.tune_lang)
                       + "\n", encoding="utf-8")
