@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 
-from .vocabulary import SCORINGS
+from .errors import OpticalInputError
+from .vocabulary import ALPHA_SCHEDULES, HYBRID_GRANULARITIES, SCORINGS, check_choice
 
-__all__ = ["RetrieverArguments", "add_flags"]
+__all__ = ["HybridBatchArguments", "RetrieverArguments", "add_flags"]
 
 
 @dataclass
@@ -37,6 +40,44 @@ class RetrieverArguments:
         "help": "How the student is searched: dense (cosine of sentence embeddings) or maxsim (its query tokens "
                 "against the teacher's document tokens). Default: the mode a student folder records, else dense.",
         "choices": SCORINGS})
+
+
+@dataclass
+class HybridBatchArguments:
+    """Hybrid batches (:mod:`optical_hf.hybrid`): monolingual (English self-distillation) samples with probability α,
+    cross-lingual ones with 1 − α. Off unless ``hybrid_alpha`` is set."""
+
+    hybrid_alpha: float | None = field(default=None, metadata={
+        "help": "Probability α that a batch (or entry, --hybrid_granularity) is monolingual: the student's English "
+                "side (with its query prompt) against the teacher's embedding of the same sentence, instead of the "
+                "low-resource side. Off by default; 0.5 is the value of Elmahdy et al. 2024. The start value of a "
+                "schedule."})
+    hybrid_schedule: Literal["constant", "linear", "cosine", "step"] = field(default="constant", metadata={
+        "help": "How α moves from --hybrid_alpha to --hybrid_alpha_end over training: constant, linear, cosine or step "
+                "(at --hybrid_step_at)."})
+    hybrid_alpha_end: float | None = field(default=None, metadata={
+        "help": "α at the end of training (linear, cosine and step schedules)."})
+    hybrid_step_at: float = field(default=0.5, metadata={
+        "help": "Fraction of training at which a step schedule switches to --hybrid_alpha_end."})
+    hybrid_granularity: Literal["batch", "entry"] = field(default="batch", metadata={
+        "help": "Draw the kind per batch (every batch wholly monolingual or cross-lingual) or per entry (mixed "
+                "batches)."})
+
+    def __post_init__(self) -> None:
+        check_choice(self.hybrid_schedule, ALPHA_SCHEDULES, "--hybrid_schedule")
+        check_choice(self.hybrid_granularity, HYBRID_GRANULARITIES, "--hybrid_granularity")
+        for name in ("hybrid_alpha", "hybrid_alpha_end", "hybrid_step_at"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and math.isfinite(value) and 0 <= value <= 1):
+                raise OpticalInputError(f"--{name} must be a number in [0, 1], got {value!r}")
+        if self.hybrid_alpha is None:
+            idle = [name for name in ("hybrid_schedule", "hybrid_alpha_end", "hybrid_step_at", "hybrid_granularity")
+                    if getattr(self, name) != HybridBatchArguments.__dataclass_fields__[name].default]
+            if idle:
+                raise OpticalInputError(f"--{idle[0]} has no effect without --hybrid_alpha (hybrid batches are off)")
+        elif self.hybrid_schedule != "constant" and self.hybrid_alpha_end is None:
+            raise OpticalInputError(f"--hybrid_schedule {self.hybrid_schedule} needs --hybrid_alpha_end")
 
 
 def add_flags(parser: argparse.ArgumentParser, arguments: type) -> None:

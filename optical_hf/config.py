@@ -15,6 +15,7 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from .errors import OpticalInputError
+from .arguments import HybridBatchArguments
 from .options import OTLossConfig
 from .vocabulary import DEFAULT_MAX_LENGTH, POOLINGS, check_choice
 
@@ -35,7 +36,7 @@ class TeacherCacheArguments:
 
 
 @dataclass
-class OTDistillationConfig(OTLossConfig, TeacherCacheArguments, TrainingArguments):
+class OTDistillationConfig(OTLossConfig, HybridBatchArguments, TeacherCacheArguments, TrainingArguments):
     """``TrainingArguments`` + the :class:`OTLossConfig` fields + the options of
     :class:`optical_hf.OTDistillationTrainer` (declared here only, not as constructor arguments).
 
@@ -59,6 +60,7 @@ class OTDistillationConfig(OTLossConfig, TeacherCacheArguments, TrainingArgument
     def __post_init__(self) -> None:
         TrainingArguments.__post_init__(self)
         OTLossConfig.__post_init__(self)
+        HybridBatchArguments.__post_init__(self)
         check_choice(self.pooling, POOLINGS, "OTDistillationConfig.pooling")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
             raise OpticalInputError(f"OTDistillationConfig.max_length must be an integer >= 1, got {self.max_length!r}")

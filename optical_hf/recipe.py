@@ -33,7 +33,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from .callbacks import NonFiniteLossCallback
 from .collation import OTDistillationDataCollator
-from .arguments import RetrieverArguments
+from .arguments import HybridBatchArguments, RetrieverArguments
 from .config import OTDistillationConfig, TeacherCacheArguments
 from .corpora import load_beir
 from .data import load_bitext, load_bitexts
@@ -41,6 +41,7 @@ from .errors import OpticalInputError
 from .evaluation import BitextRetrievalEvaluator, CLIREvaluator, format_metrics_table
 from .export import add_lora, prepare_output_dir, save_student
 from .hub import push_student
+from .hybrid import hybrid_batches
 from .late_interaction import MaxSimCLIREvaluator
 from .losses import OTDistillationLoss
 from .model_card import StudentCardInfo, base_model_license, is_hub_repo_id
@@ -77,11 +78,11 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
-class DistillArguments(RetrieverArguments, TeacherCacheArguments):
+class DistillArguments(RetrieverArguments, HybridBatchArguments, TeacherCacheArguments):
     """What to distill into what, on which bitext (the OT options are :class:`OTLossConfig`'s, the training flags the
     Trainer's); ``--teacher``, the prompts and ``--scoring`` come from :class:`optical_hf.arguments.RetrieverArguments`
-    (shared with ``optical-hf evaluate``), ``--cache_teacher`` and ``--teacher_cache_dir`` from
-    :class:`TeacherCacheArguments`."""
+    (shared with ``optical-hf evaluate``), the ``--hybrid_*`` flags from :class:`optical_hf.arguments.HybridBatchArguments`,
+    ``--cache_teacher`` and ``--teacher_cache_dir`` from :class:`TeacherCacheArguments`."""
 
     student: str | None = field(default=None, metadata={
         "help": "Model the student starts from (Hub id or folder). Default: the teacher (same-model transfer)."})
@@ -141,6 +142,7 @@ class DistillArguments(RetrieverArguments, TeacherCacheArguments):
         "help": "With --push_to_hub and --lora: upload only the adapter (needs a Hub id base model)."})
 
     def __post_init__(self) -> None:
+        HybridBatchArguments.__post_init__(self)
         if isinstance(self.language, str):
             self.language = [self.language]
         for name in PER_LANGUAGE:
@@ -161,6 +163,9 @@ class DistillArguments(RetrieverArguments, TeacherCacheArguments):
         if len(self.language) > 1 and not self.bitext:
             raise OpticalInputError(f"--language {' '.join(self.language)}: several languages need --bitext, one per "
                                     "language (the packaged demo bitext is Swahili only)")
+        if len(self.language) > 1 and self.hybrid_alpha is not None:
+            raise OpticalInputError("--hybrid_alpha trains on one --language (its English side is the monolingual "
+                                    "half)")
         if len(self.language) > 1 and self.front_end == "trainer":
             raise OpticalInputError("--front_end trainer trains on one --language; use --front_end "
                                     "sentence-transformers (the default) for several")
@@ -326,6 +331,7 @@ def build_trainer(
     evaluator: Any = None,
     cache_teacher: bool = True,
     teacher_cache_dir: str | None = None,
+    hybrid: HybridBatchArguments | None = None,
 ) -> SentenceTransformerTrainer:
     """The sentence-transformers front end of ``optical-hf distill``, ready to ``train()``: the OT loss, the one
     collator (with the teacher's cached outputs over the English side of both datasets, unless ``cache_teacher`` is
@@ -337,7 +343,14 @@ def build_trainer(
         training_args: the trainer's arguments.
         loss_config: the objective.
         prompts: the student's query prompt (source side) and the teacher's prompt (target side).
+        hybrid: hybrid batches (:mod:`optical_hf.hybrid`) when its ``hybrid_alpha`` is set: ``train_dataset`` (one
+            ``Dataset``) gets its monolingual rows, ``training_args.batch_sampler`` the hybrid sampler, the trainer
+            the callback that moves and logs α.
     """
+    batches = None
+    if hybrid is not None and hybrid.hybrid_alpha is not None:
+        batches = hybrid_batches(train_dataset, hybrid)
+        train_dataset, training_args.batch_sampler = batches.dataset, batches.batch_sampler
     cache = None
     if cache_teacher:
         splits = [split for data in (train_dataset, eval_dataset) if data is not None
@@ -345,13 +358,16 @@ def build_trainer(
         with training_args.main_process_first(desc="teacher cache"):
             cache = build_teacher_cache(teacher, [text for split in splits for text in split["target"]],
                                         prompt=prompts.teacher or None, cache_dir=teacher_cache_dir)
-    return SentenceTransformerTrainer(
+    trainer = SentenceTransformerTrainer(
         model=student, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         loss=OTDistillationLoss(student, teacher, config=loss_config), evaluator=evaluator,
         callbacks=[NonFiniteLossCallback()],
         data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
                                                  prompts=prompts.columns(), teacher_cache=cache),
     )
+    if batches is not None:
+        batches.callback.install(trainer)
+    return trainer
 
 
 def _evaluate(evaluators: list, model: SentenceTransformer) -> dict[str, float]:
@@ -483,12 +499,14 @@ def run(
             add_lora(student, args.lora_config())
         trainer = build_trainer(student, teacher, train_data, training_args, loss_config, prompts,
                                 eval_dataset=eval_data, evaluator=SequentialEvaluator(evaluators),
-                                cache_teacher=args.cache_teacher, teacher_cache_dir=args.teacher_cache_dir)
+                                cache_teacher=args.cache_teacher, teacher_cache_dir=args.teacher_cache_dir,
+                                hybrid=args)
         trainer.train(resume_from_checkpoint=resume)
         final, adapter_model = student, None
     else:
         trainer_args = OTDistillationConfig.from_training_arguments(
-            training_args, **loss_config.to_dict(), cache_teacher=args.cache_teacher,
+            training_args, **loss_config.to_dict(), **{f.name: getattr(args, f.name) for f in dataclasses.fields(
+                HybridBatchArguments)}, cache_teacher=args.cache_teacher,
             teacher_cache_dir=args.teacher_cache_dir, max_length=args.max_length,
             source_prompt=prompts.query or None, target_prompt=prompts.teacher or None,
         )

@@ -25,6 +25,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation import BaseEvaluator, SequentialEvaluator
 from sentence_transformers.util import is_sentence_transformer_model
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_utils import EvalLoopOutput
 
@@ -36,6 +37,7 @@ from .export import (
     has_adapters, merged_copy, save_student, sentence_transformer_from, transformer_module, with_transformer_model,
 )
 from .hub import push_student
+from .hybrid import hybrid_batches
 from .losses import OTDistillationLoss
 from .model_card import StudentCardInfo, is_hub_repo_id
 from .teacher_cache import build_teacher_cache
@@ -176,11 +178,19 @@ class OTDistillationTrainer(Trainer):
                                                        max_length=args.max_length,
                                                        teacher_preprocess_fn=teacher.preprocess)
         train_dataset, eval_dataset = self._bitext_columns(train_dataset), self._bitext_columns(eval_dataset)
+        self._hybrid = None
+        if args.hybrid_alpha is not None:
+            if not isinstance(train_dataset, Dataset):
+                raise OpticalInputError("OTDistillationTrainer: hybrid_alpha needs one bitext Dataset as train_dataset")
+            self._hybrid = hybrid_batches(train_dataset, args, *self._columns)
+            train_dataset = self._hybrid.dataset
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, data_collator=data_collator, **kwargs,
         )
         self.add_callback(NonFiniteLossCallback)
+        if self._hybrid is not None:
+            self._hybrid.callback.install(self)
         self.evaluator = SequentialEvaluator(evaluator) if isinstance(evaluator, list) else evaluator
         self.teacher = self.loss.teacher = self._prepare_teacher(teacher)
         self._components: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
@@ -189,6 +199,18 @@ class OTDistillationTrainer(Trainer):
                         "every rank at once): the teacher runs at every step")
         elif args.cache_teacher:
             self._cache_teacher_outputs()
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The Trainer's loader, or with hybrid batches one over :class:`optical_hf.hybrid.HybridBatchSampler` (the
+        Trainer has no batch-sampler option: its own loader takes a per-sample sampler)."""
+        if self._hybrid is None:
+            return super().get_train_dataloader()
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        sampler = self._hybrid.batch_sampler(self.train_dataset, batch_size=self._train_batch_size,
+                                             drop_last=self.args.dataloader_drop_last, seed=seed)
+        return self.accelerator.prepare(DataLoader(
+            self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
 
     def _bitext_columns(self, dataset: Any) -> Any:
         """A bitext ``Dataset`` (or a dict of them) reduced to its source and target columns, in that order: the

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import OpticalInputError
 
-__all__ = ["CITATION", "DEFAULT_MAX_LENGTH", "POOLINGS", "SCORINGS", "TOKEN_SELECTIONS", "Prompts", "check_choice"]
+__all__ = ["ALPHA_SCHEDULES", "CITATION", "DEFAULT_MAX_LENGTH", "HYBRID_GRANULARITIES", "POOLINGS", "SCORINGS", "TOKEN_SELECTIONS", "Prompts", "check_choice"]
 
 CITATION = """@inproceedings{huang2023optical,
   title={Improving Cross-lingual Information Retrieval on Low-Resource Languages via Optimal Transport Distillation},
@@ -29,6 +29,10 @@ SCORINGS = ("dense", "maxsim")
 """How a student is searched: ``"dense"`` (cosine of sentence embeddings) or ``"maxsim"`` (late interaction)."""
 TOKEN_SELECTIONS = ("all", "content")
 """Tokens taking part in MaxSim: every real token, or only content tokens (no special, no prompt tokens)."""
+ALPHA_SCHEDULES = ("constant", "linear", "cosine", "step")
+"""How the monolingual proportion of hybrid batches moves over training (:class:`optical_hf.hybrid.AlphaSchedule`)."""
+HYBRID_GRANULARITIES = ("batch", "entry")
+"""Whether hybrid batches draw the monolingual kind per batch or per entry."""
 DEFAULT_MAX_LENGTH = 128
 """Tokens kept per sentence unless a model's position limit is smaller (both front ends and the CLI)."""
 
