@@ -220,7 +220,18 @@ def e5_path(path: str | None) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def make_settings(names: Sequence[str], e5: str | None) -> dict[str, Setting]:
+def custom_setting(args: argparse.Namespace) -> Setting:
+    """``--settings custom``: any teacher folder (``--teacher``) and student initialisation (``--student``, default the
+    teacher), with their prompts: one command per backbone (a backbone sweep). Named after the folders, e.g.
+    ``custom:multilingual-e5-small`` or ``custom:all-MiniLM-L6-v2<-multilingual-e5-small``."""
+    teacher = str(Path(args.teacher).expanduser())
+    student = str(Path(args.student).expanduser()) if args.student else None
+    name = f"custom:{Path(teacher).name}" + (f"<-{Path(student).name}" if student else "")
+    return Setting(name, f"teacher {teacher}, student {student or 'the teacher'}", teacher, args.query_prompt,
+                   args.doc_prompt, args.target_prompt, student_path=student, mse_both_sides=student is not None)
+
+
+def make_settings(names: Sequence[str], e5: str | None, custom: Setting | None = None) -> dict[str, Setting]:
     settings = {}
     for name in names:
         if name == "e5":
@@ -230,6 +241,8 @@ def make_settings(names: Sequence[str], e5: str | None) -> dict[str, Setting]:
             settings[name] = Setting("cross", "cross-model: all-MiniLM-L6-v2 teacher, multilingual-e5-small student",
                                      packaged_teacher_path(), "query: ", None, None, student_path=e5_path(e5),
                                      mse_both_sides=True)
+        elif name == "custom":
+            settings[custom.name] = custom
         else:
             settings[name] = Setting("minilm", "English teacher, all-MiniLM-L6-v2", packaged_teacher_path(), None, None, None)
     return settings
@@ -503,7 +516,7 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
 
     A student is trained once and scored with every ``--scoring`` mode (one record per mode); it is trained only when
     one of those records is missing."""
-    settings = make_settings(args.settings, args.e5_path)
+    settings = make_settings(args.settings, args.e5_path, custom_setting(args) if "custom" in args.settings else None)
     label = lambda method: f"{method} [{args.tag}]" if args.tag else method  # noqa: E731
     configs = {  # one per (method, seed): the same in every setting, language and budget
         (method, seed): TrainConfig(
@@ -523,6 +536,8 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
             data = tasks[lang]
             bitext, info = bitexts[lang]
             student_model = {"student": setting.student_path} if setting.student_path else {}
+            if name.startswith("custom:"):  # its prompts are flags: the record keeps them (and its key covers them)
+                student_model["prompts"] = [setting.query_prompt, setting.doc_prompt, setting.target_prompt]
             bases = {scoring: {"setting": name if scoring == "dense" else f"{name}, {scoring}", "lang": lang,
                                "split": args.split, "eval": eval_fingerprint(data), "model": setting.model_path,
                                **student_model}
@@ -863,8 +878,14 @@ def reproduce(record: dict[str, Any]) -> str:
         flags.append("--no-freeze-embeddings")
     if ", " in record["setting"]:
         flags += ["--scoring", record["setting"].split(", ")[1]]
-    if record["setting"].split(", ")[0] != "e5":
-        flags += ["--settings", record["setting"].split(", ")[0]]
+    setting = record["setting"].split(", ")[0]
+    if setting.startswith("custom:"):
+        flags += ["--settings", "custom", "--teacher", record["model"]]
+        flags += ["--student", record["student"]] if "student" in record else []
+        for flag, prompt in zip(("--query-prompt", "--doc-prompt", "--target-prompt"), record["prompts"]):
+            flags += [flag, prompt] if prompt is not None else []
+    elif setting != "e5":
+        flags += ["--settings", setting]
     if record["method"] == "ot":
         current = asdict(OTLossConfig())
         changed = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in config["loss"] if current.get(k) != v]
@@ -883,9 +904,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", default="dev", help="AfriQA split whose questions are the queries")
     parser.add_argument("--langs", nargs="+", default=None,
                         help="languages (default: every language with a gold-passage file for --split)")
-    parser.add_argument("--settings", nargs="+", default=["e5"], choices=["e5", "cross", "minilm"],
+    parser.add_argument("--settings", nargs="+", default=["e5"], choices=["e5", "cross", "minilm", "custom"],
                         help="e5: same-model transfer (primary); cross: all-MiniLM-L6-v2 teacher, multilingual-e5-small "
-                             "student (different tokenizers and spaces); minilm: all-MiniLM-L6-v2 as both")
+                             "student (different tokenizers and spaces); minilm: all-MiniLM-L6-v2 as both; custom: "
+                             "--teacher and --student (a backbone sweep: one command per model)")
+    parser.add_argument("--teacher", help="--settings custom: the teacher's SentenceTransformer folder")
+    parser.add_argument("--student", help="--settings custom: the student's initialisation (default: the teacher)")
+    parser.add_argument("--query-prompt", help="--settings custom: the student's prompt on queries and bitext sources")
+    parser.add_argument("--doc-prompt", help="--settings custom: the teacher's prompt on passages")
+    parser.add_argument("--target-prompt", help="--settings custom: the teacher's prompt on the English side")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
                         help="trained systems (none: the floor and oracle only)")
     parser.add_argument("--scoring", nargs="+", default=["dense"], choices=list(SCORINGS),
@@ -926,6 +953,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not (args.data_dir / "afriqa" / "gold_passages").is_dir():
         parser.error(f"--data-dir {args.data_dir}: no afriqa/gold_passages folder there")
+    custom_flags = [f"--{name.replace('_', '-')}" for name in ("teacher", "student", "query_prompt", "doc_prompt",
+                                                                 "target_prompt") if getattr(args, name) is not None]
+    if "custom" in args.settings and not args.teacher:
+        parser.error("--settings custom needs --teacher (a SentenceTransformer folder)")
+    if custom_flags and "custom" not in args.settings:
+        parser.error(f"{custom_flags[0]} is used by --settings custom only")
+    if args.teacher and not (Path(args.teacher).expanduser() / "modules.json").is_file():
+        parser.error(f"--teacher {args.teacher}: not a SentenceTransformer folder (no modules.json)")
+    if args.student and not (Path(args.student).expanduser() / "config.json").is_file():
+        parser.error(f"--student {args.student}: not a model folder (no config.json)")
     found = split_langs(args.data_dir, args.split)
     args.langs = args.langs or found
     missing = [lang for lang in args.langs if lang not in found]

@@ -242,3 +242,23 @@ def test_the_passage_cache_is_keyed_by_content(quality, model_dirs, tmp_path):
         teacher[0].auto_model.embeddings.word_embeddings.weight[5] += 1  # same folder, other weights
     index(corpus)
     assert len(list(tmp_path.glob("docs-*.pt"))) == 3
+
+
+def test_a_custom_teacher_and_student_is_one_command(quality, model_dirs, tmp_path):
+    teacher = tmp_path / "teacher-st"
+    sentence_transformer(model_dirs["teacher"]).save(str(teacher))
+    data = _data_dir(tmp_path / "data")
+    argv = ["--data-dir", str(data), "--settings", "custom", "--teacher", str(teacher), "--student",
+            str(model_dirs["student"]), "--query-prompt", "q: ", "--langs", "xx", "--max-steps", "2", "--batch-size", "4",
+            "--max-seq-length", "16", "--doc-max-length", "32", "--methods", "mse", "--output-dir",
+            str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    records = quality.main(argv)
+    student = next(r for r in records if r["system"] == "mse")
+    assert student["setting"] == f"custom:teacher-st<-{model_dirs['student'].name}"
+    assert student["student"] == str(model_dirs["student"]) and student["prompts"] == ["q: ", None, None]
+    again = quality.reproduce(student)
+    assert f"--settings custom --teacher {teacher} --student {model_dirs['student']} --query-prompt 'q: '" in again
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--data-dir", str(data), "--teacher", str(teacher)])  # custom flags without custom
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--data-dir", str(data), "--settings", "custom", "--teacher", str(tmp_path)])
