@@ -312,7 +312,8 @@ def retrieval_metrics(
     Returns:
         The metrics, the search cost (``index_mib``: fp32 embeddings or the fp16 token index; ``encode_ms_per_query``
         and ``search_ms_per_query``: wall time on this machine) and the per-query values of :data:`PER_QUERY`
-        (``{"qids": [...], "mrr@10": [...], "recall@100": [...]}``) that the paired tests compare.
+        (``{"qids": [...], "mrr@10": [...], "recall@100": [...]}``) that the paired tests compare, with ``rank``, the
+        gold passage's rank (beyond the run's 100: 101), that the language-bias table compares.
     """
     common = {"query_prompt": setting.query_prompt, "doc_prompt": setting.doc_prompt, "name": "", "write_csv": False,
               "use_translations": use_translations}
@@ -327,7 +328,8 @@ def retrieval_metrics(
             "search_ms_per_query": timing["search_ms_per_query"]}
     per_query = evaluator.last_per_query
     queries = {"qids": list(per_query), **{name: [values[name] for values in per_query.values()]
-                                           for name in PER_QUERY}}
+                                           for name in PER_QUERY},
+               "rank": [evaluator.last_ranks[qid] for qid in per_query]}  # of the gold passage (language bias)
     return {name: metrics[name] for name in METRICS}, cost, queries
 
 
@@ -779,6 +781,38 @@ def margin_table(
             "|---|" + "---:|" * (len(langs) + 3), *lines]
 
 
+def language_bias_table(records: list[dict[str, Any]], setting: str) -> list[str]:
+    """Markdown rows, one per trained system with ranks stored: its language bias per language, ``mean / p90`` of
+    ``|rank of the gold passage for the native question (student) - its rank for the human English translation
+    (oracle: the teacher)|`` over the queries (ranks beyond the run's depth count as depth + 1), averaged over the
+    seeds at the language's largest budget. 0 means the student ranks every gold passage where the teacher does on
+    English."""
+    langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
+    oracle = {lang: next((dict(zip(r["per_query"]["qids"], r["per_query"]["rank"])) for r in records
+                          if r["setting"] == setting and r["lang"] == lang and r["system"] == "oracle"
+                          and "rank" in r.get("per_query", {})), None) for lang in langs}
+    systems = list(dict.fromkeys(r["system"] for r in records if r["setting"] == setting and "pairs" in r
+                                 and "rank" in r.get("per_query", {})))
+    rows = []
+    for system in systems:
+        cells = []
+        for lang in langs:
+            runs = [r for r in _largest_budget_runs(records, setting, lang, system) if "rank" in r.get("per_query", {})]
+            if not runs or oracle[lang] is None:
+                cells.append("-")
+                continue
+            gaps = [[abs(rank - oracle[lang][qid]) for qid, rank in zip(r["per_query"]["qids"], r["per_query"]["rank"])]
+                    for r in runs]
+            mean = statistics.fmean(statistics.fmean(gap) for gap in gaps)
+            p90 = statistics.fmean(statistics.quantiles(gap, n=10, method="inclusive")[-1] for gap in gaps)
+            cells.append(f"{mean:.1f} / {p90:.0f}")
+        if any(cell != "-" for cell in cells):
+            rows.append(f"| {system} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["| system | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs), *rows]
+
+
 def budget_table(records: list[dict[str, Any]], setting: str, lang: str) -> list[str]:
     """Markdown rows, one per budget (pairs) of ``lang``: each system's MRR@10 (mean ± sd over seeds)."""
     runs = _students(records, setting, lang)
@@ -839,6 +873,11 @@ def render_markdown(
         if margins:
             lines += [f"### {setting}: margins (MRR@10 difference, paired test over queries, p < {ALPHA} marked)",
                       "", *margins, ""]
+        bias = language_bias_table(records, setting)
+        if bias:
+            lines += [f"### {setting}: language bias (mean / 90th percentile over queries of the gold passage's rank "
+                      "gap, student on the native question vs teacher on its English translation; lower is better)",
+                      "", *bias, ""]
         table = main_table(records, setting)
         if len(table) > 2:
             lines += [f"## {setting}, split {split}: every configuration, MRR@10 (gap closed) at each language's "

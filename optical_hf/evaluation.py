@@ -137,6 +137,21 @@ def per_query_metrics(
     }
 
 
+def first_relevant_ranks(
+    qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]
+) -> dict[str, int]:
+    """``{qid: rank}``: the 1-based rank of the first relevant document of each judged query in ``run`` (trec_eval's
+    order), ``len(run[qid]) + 1`` when none was retrieved (the rank is then only known to be beyond the run's depth)."""
+    ranks = {}
+    for qid, judgements in qrels.items():
+        relevant = {docid for docid, relevance in judgements.items() if relevance > 0}
+        if not relevant:
+            continue
+        ranking = _trec_order(run.get(qid, {}))
+        ranks[qid] = next((k for k, (docid, _) in enumerate(ranking, 1) if docid in relevant), len(ranking) + 1)
+    return ranks
+
+
 def compute_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """:func:`per_query_metrics` averaged over the judged queries.
 
@@ -230,7 +245,8 @@ class CLIREvaluator(InformationRetrievalEvaluator):
     ``output_path`` is given, appended to ``clir_evaluation_{name}_results.csv``. Queries without a relevant document
     are skipped, as in the parent class. Index memory and query latency of the last call are kept in
     :attr:`last_timing` (:func:`search_timing`), its per-query metrics in :attr:`last_per_query`
-    (:func:`per_query_metrics`).
+    (:func:`per_query_metrics`) and the rank of each query's first relevant document in :attr:`last_ranks`
+    (:func:`first_relevant_ranks`).
 
     Args:
         data: the retrieval task (e.g. :func:`optical_hf.corpora.load_afriqa_gold`); graded qrels are kept for nDCG.
@@ -287,6 +303,7 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         self._corpus_embeddings = corpus_embeddings
         self.last_timing: dict[str, float] = {}
         self.last_per_query: dict[str, dict[str, float]] = {}
+        self.last_ranks: dict[str, int] = {}
 
     @property
     def corpus_embeddings(self) -> torch.Tensor:
@@ -308,6 +325,7 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         self.last_timing = search_timing(corpus.nelement() * corpus.element_size(), len(self.queries), began, encoded,
                                          time.perf_counter())
         self.last_per_query = per_query_metrics(self.qrels, run)
+        self.last_ranks = first_relevant_ranks(self.qrels, run)
         return mean_metrics(self.last_per_query)
 
     def __call__(

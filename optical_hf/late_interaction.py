@@ -33,7 +33,7 @@ from torch import Tensor
 from .collation import content_mask, special_token_ids
 from .errors import OpticalInputError
 from .fingerprint import hash_tensor, model_fingerprint
-from .evaluation import CLIREvaluator, Run, mean_metrics, per_query_metrics, search_timing
+from .evaluation import CLIREvaluator, Run, first_relevant_ranks, mean_metrics, per_query_metrics, search_timing
 from .vocabulary import TOKEN_SELECTIONS, check_choice
 
 if TYPE_CHECKING:
@@ -425,6 +425,7 @@ class MaxSimCLIREvaluator(CLIREvaluator):
                     "search", index.num_passages, len(index.vectors), index.memory_bytes / 2**20,
                     self.last_timing["encode_ms_per_query"], self.last_timing["search_ms_per_query"])
         self.last_per_query = per_query_metrics(self.qrels, run)
+        self.last_ranks = first_relevant_ranks(self.qrels, run)
         return mean_metrics(self.last_per_query)
 
     def get_config_dict(self) -> dict[str, Any]:

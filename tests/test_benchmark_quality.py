@@ -79,6 +79,8 @@ def test_quality_benchmark_on_a_copy_of_the_layout(quality, model_dirs, tmp_path
             per_query = student["per_query"]  # what the paired tests compare
             assert len(per_query["qids"]) == len(per_query["mrr@10"]) == len(per_query["recall@100"]) == 10
             assert sum(per_query["mrr@10"]) / 10 == pytest.approx(student["metrics"]["mrr@10"])
+            # the gold passage's rank: 1/rank is the reciprocal rank wherever it is in the top 10
+            assert all(rr == (1 / rank if rank <= 10 else 0) for rr, rank in zip(per_query["mrr@10"], per_query["rank"]))
     xx, yy = by_key["e5", "xx", "mse"]["bitext"], by_key["e5", "yy", "mse"]["bitext"]
     assert (xx["lafand_pairs"], xx["afriqa_train_queries"], xx["dropped_dev_duplicates"], xx["pairs"]) == (24, 21, 1, 44)
     assert (yy["lafand_file"], yy["lafand_pairs"], yy["dropped_dev_duplicates"], yy["pairs"]) == (None, 0, 1, 20)
@@ -262,3 +264,17 @@ def test_a_custom_teacher_and_student_is_one_command(quality, model_dirs, tmp_pa
         quality.parse_args(["--data-dir", str(data), "--teacher", str(teacher)])  # custom flags without custom
     with pytest.raises(SystemExit):
         quality.parse_args(["--data-dir", str(data), "--settings", "custom", "--teacher", str(tmp_path)])
+
+
+def test_language_bias_compares_the_gold_ranks_with_the_oracles(quality):
+    def record(system, seed, ranks, pairs=100):
+        return {"setting": "e5", "lang": "xx", "system": system, "seed": seed, "pairs": pairs, "metrics": {},
+                "per_query": {"qids": ["a", "b", "c", "d"], "rank": ranks}}
+
+    oracle = {"setting": "e5", "lang": "xx", "system": "oracle", "per_query": {"qids": ["a", "b", "c", "d"],
+                                                                            "rank": [1, 1, 2, 5]}}
+    records = [oracle, record("ot", 0, [1, 3, 2, 15]), record("ot", 1, [1, 1, 2, 5]),
+               {**record("mse", 0, [1, 1, 1, 1]), "per_query": {"qids": ["a"], "mrr@10": [1.0]}}]  # no ranks: no row
+    header, rule, row = quality.language_bias_table(records, "e5")
+    # seed 0: gaps 0, 2, 0, 10 -> mean 3, p90 7 (inclusive quantiles); seed 1: all 0 -> mean 1.5, p90 3.5 -> "4"
+    assert header == "| system | xx |" and row == "| ot | 1.5 / 4 |"

@@ -341,3 +341,12 @@ def test_format_metrics_table():
         "| floor | 0.100 | 0.050 |\n"
         "| oracle | 0.751 | - |"
     )
+
+
+def test_first_relevant_ranks_follow_trec_order():
+    from optical_hf.evaluation import first_relevant_ranks
+
+    qrels = {"q1": {"d2": 1}, "q2": {"d9": 1, "d1": 0}, "q3": {"d1": 0}}  # q3 has no relevant document: left out
+    run = {"q1": {"d1": 0.9, "d2": 0.5, "d3": 0.5}, "q2": {"d1": 0.8, "d2": 0.7}}
+    # q1: d1 first, then the tie d3/d2 in docid-descending order (trec_eval's): d2 third; q2: not retrieved -> depth + 1
+    assert first_relevant_ranks(qrels, run) == {"q1": 3, "q2": 3}
