@@ -44,6 +44,7 @@ _EXPORTS = {
     "bitext_from_pairs": "data",
     "build_teacher_cache": "teacher_cache",
     "check_index": "late_interaction",
+    "code_switched_bitext": "code_switch",
     "distillation_losses": "losses",
     "load_bitext": "data",
     "load_bitexts": "data",

@@ -8,12 +8,13 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from .errors import OpticalInputError
 from .vocabulary import ALPHA_SCHEDULES, HYBRID_GRANULARITIES, SCORINGS, check_choice
 
-__all__ = ["HybridBatchArguments", "RetrieverArguments", "add_flags"]
+__all__ = ["CodeSwitchArguments", "HybridBatchArguments", "RetrieverArguments", "add_flags"]
 
 
 @dataclass
@@ -78,6 +79,39 @@ class HybridBatchArguments:
                 raise OpticalInputError(f"--{idle[0]} has no effect without --hybrid_alpha (hybrid batches are off)")
         elif self.hybrid_schedule != "constant" and self.hybrid_alpha_end is None:
             raise OpticalInputError(f"--hybrid_schedule {self.hybrid_schedule} needs --hybrid_alpha_end")
+
+
+@dataclass
+class CodeSwitchArguments:
+    """Code-switched training pairs (:mod:`optical_hf.code_switch`), added to the bitext. Off unless
+    ``code_switch_p`` is set."""
+
+    code_switch_p: float | None = field(default=None, metadata={
+        "help": "Add one code-switched variant of every training pair: each word that the OT alignment (or "
+                "--code_switch_lexicon) links is replaced by its partner with this probability; the variant is a "
+                "student input paired with the English sentence. Off by default."})
+    code_switch_side: Literal["target", "source"] = field(default="target", metadata={
+        "help": "Which side is code-switched: target (English with low-resource words) or source (the low-resource "
+                "sentence with English words)."})
+    code_switch_lexicon: str | None = field(default=None, metadata={
+        "help": "A 'low-resource word<TAB>English word' file whose pairs link words instead of the OT alignment."})
+    code_switch_alignments: str | None = field(default=None, metadata={
+        "help": "JSONL file of the word alignments: read when it exists, else written there after aligning (so a run "
+                "can be repeated without aligning again)."})
+
+    def __post_init__(self) -> None:
+        check_choice(self.code_switch_side, ("target", "source"), "--code_switch_side")
+        if self.code_switch_p is None:
+            idle = [name for name in ("code_switch_side", "code_switch_lexicon", "code_switch_alignments")
+                    if getattr(self, name) != CodeSwitchArguments.__dataclass_fields__[name].default]
+            if idle:
+                raise OpticalInputError(f"--{idle[0]} has no effect without --code_switch_p")
+            return
+        p = self.code_switch_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise OpticalInputError(f"--code_switch_p must be a number in [0, 1], got {p!r}")
+        if self.code_switch_lexicon and not Path(self.code_switch_lexicon).is_file():
+            raise OpticalInputError(f"--code_switch_lexicon {self.code_switch_lexicon}: no such file")
 
 
 def add_flags(parser: argparse.ArgumentParser, arguments: type) -> None:

@@ -33,7 +33,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from .callbacks import NonFiniteLossCallback
 from .collation import OTDistillationDataCollator
-from .arguments import HybridBatchArguments, RetrieverArguments
+from .arguments import CodeSwitchArguments, HybridBatchArguments, RetrieverArguments
+from .code_switch import code_switched_bitext
 from .config import OTDistillationConfig, TeacherCacheArguments
 from .corpora import load_beir
 from .data import load_bitext, load_bitexts
@@ -78,10 +79,11 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
-class DistillArguments(RetrieverArguments, HybridBatchArguments, TeacherCacheArguments):
+class DistillArguments(RetrieverArguments, HybridBatchArguments, CodeSwitchArguments, TeacherCacheArguments):
     """What to distill into what, on which bitext (the OT options are :class:`OTLossConfig`'s, the training flags the
     Trainer's); ``--teacher``, the prompts and ``--scoring`` come from :class:`optical_hf.arguments.RetrieverArguments`
     (shared with ``optical-hf evaluate``), the ``--hybrid_*`` flags from :class:`optical_hf.arguments.HybridBatchArguments`,
+    the ``--code_switch_*`` flags from :class:`optical_hf.arguments.CodeSwitchArguments`,
     ``--cache_teacher`` and ``--teacher_cache_dir`` from :class:`TeacherCacheArguments`."""
 
     student: str | None = field(default=None, metadata={
@@ -143,6 +145,7 @@ class DistillArguments(RetrieverArguments, HybridBatchArguments, TeacherCacheArg
 
     def __post_init__(self) -> None:
         HybridBatchArguments.__post_init__(self)
+        CodeSwitchArguments.__post_init__(self)
         if isinstance(self.language, str):
             self.language = [self.language]
         for name in PER_LANGUAGE:
@@ -163,6 +166,8 @@ class DistillArguments(RetrieverArguments, HybridBatchArguments, TeacherCacheArg
         if len(self.language) > 1 and not self.bitext:
             raise OpticalInputError(f"--language {' '.join(self.language)}: several languages need --bitext, one per "
                                     "language (the packaged demo bitext is Swahili only)")
+        if len(self.language) > 1 and self.code_switch_p is not None:
+            raise OpticalInputError("--code_switch_p trains on one --language (one alignment file)")
         if len(self.language) > 1 and self.hybrid_alpha is not None:
             raise OpticalInputError("--hybrid_alpha trains on one --language (its English side is the monolingual "
                                     "half)")
@@ -370,6 +375,18 @@ def build_trainer(
     return trainer
 
 
+def _strategies(args: DistillArguments) -> dict[str, Any]:
+    """The training strategies a run used (hybrid batches, code-switching), for the model card."""
+    used: dict[str, Any] = {}
+    if args.hybrid_alpha is not None:
+        used.update(hybrid_alpha=args.hybrid_alpha, hybrid_schedule=args.hybrid_schedule,
+                    hybrid_alpha_end=args.hybrid_alpha_end, hybrid_granularity=args.hybrid_granularity)
+    if args.code_switch_p is not None:
+        used.update(code_switch_p=args.code_switch_p, code_switch_side=args.code_switch_side,
+                    code_switch_links="lexicon" if args.code_switch_lexicon else "OT alignment")
+    return used
+
+
 def _evaluate(evaluators: list, model: SentenceTransformer) -> dict[str, float]:
     return {key: float(value) for evaluator in evaluators for key, value in evaluator(model).items()}
 
@@ -467,6 +484,9 @@ def run(
     teacher.max_seq_length = student.max_seq_length = args.max_length
     prompts = resolve_prompts(args, student, teacher)
     train, evaluation = load_splits(args, training_args.seed)
+    if args.code_switch_p is not None:  # one language (checked with the flags)
+        train = {language: code_switched_bitext(pairs, student, args, training_args.seed)
+                 for language, pairs in train.items()}
     options = args.per_language()
     logger.info("Training on %d pairs, evaluating on %d held-out pairs (%s)", sum(map(len, train.values())),
                 sum(map(len, evaluation.values())), ", ".join(args.language))
@@ -538,6 +558,7 @@ def run(
                       "epochs": round(trainer.state.epoch or 0, 2), "batch_size": training_args.per_device_train_batch_size,
                       "learning_rate": training_args.learning_rate, "max_length": args.max_length,
                       "seed": training_args.seed, "lora": args.lora,
+                      **_strategies(args),
                       **{f"before_{key}": round(value, 4) for key, value in before.items()}},
             metrics=_card_metrics(after, args),
             query_prompt=prompts.query,
