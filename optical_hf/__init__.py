@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 #: Public name -> submodule that defines it.
 _EXPORTS = {
     "CITATION": "vocabulary",
+    "AuxiliaryLoss": "auxiliary",
     "BitextError": "data",
     "BitextRetrievalEvaluator": "evaluation",
     "CLIREvaluator": "evaluation",

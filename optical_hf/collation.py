@@ -171,7 +171,11 @@ class OTDistillationDataCollator(SentenceTransformerDataCollator):
     teacher_preprocess_fn: Callable | None = None
     teacher_column: int = 1
     teacher_cache: TeacherCache | None = field(default=None, repr=False)
+    auxiliary: frozenset[str] = frozenset()
+    """Names of the datasets (multi-dataset training) that are not bitext: their batches are collated as
+    sentence-transformers does, every column by the student."""
     _student_preprocess_fn: Callable | None = field(default=None, init=False, repr=False)
+    _dataset: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.teacher_preprocess_fn is None:
@@ -188,7 +192,11 @@ class OTDistillationDataCollator(SentenceTransformerDataCollator):
             return self.teacher_preprocess_fn(inputs, prompt=prompt, **kwargs)
         return self._student_preprocess_fn(inputs, prompt=prompt, task=task, **kwargs)
 
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        self._dataset = features[0].get("dataset_name") if features else None
+        return super().__call__(features)
+
     def _get_task_for_column(self, column_name: str, column_position: int, router_mapping: dict[str, str]) -> str | None:
-        if column_position == self.teacher_column:
+        if column_position == self.teacher_column and self._dataset not in self.auxiliary:
             return TEACHER_TASK
         return super()._get_task_for_column(column_name, column_position, router_mapping)

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,15 @@ from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.evaluation import SequentialEvaluator
 from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from torch import nn
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
 from .callbacks import NonFiniteLossCallback
 from .collation import OTDistillationDataCollator
 from .arguments import CodeSwitchArguments, HybridBatchArguments, RetrieverArguments
+from .auxiliary import AuxiliaryLoss, AuxiliaryLossCallback
 from .code_switch import code_switched_bitext
 from .config import OTDistillationConfig, TeacherCacheArguments
 from .corpora import load_beir
@@ -140,6 +144,10 @@ class DistillArguments(RetrieverArguments, HybridBatchArguments, CodeSwitchArgum
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default="query,value", metadata={"help": "Comma-separated LoRA target modules."})
+    aux_pairs: str | None = field(default=None, metadata={
+        "help": "An auxiliary task: English (query, passage) pairs (TSV/CSV/JSONL with two columns, as --bitext) on "
+                "which the student also trains with MultipleNegativesRankingLoss, beside the bitext (multi-dataset "
+                "training; --front_end sentence-transformers). Its loss is logged as aux_pairs_loss."})
     push_adapter_only: bool = field(default=False, metadata={
         "help": "With --push_to_hub and --lora: upload only the adapter (needs a Hub id base model)."})
 
@@ -171,6 +179,14 @@ class DistillArguments(RetrieverArguments, HybridBatchArguments, CodeSwitchArgum
         if len(self.language) > 1 and self.hybrid_alpha is not None:
             raise OpticalInputError("--hybrid_alpha trains on one --language (its English side is the monolingual "
                                     "half)")
+        if self.aux_pairs is not None and self.front_end == "trainer":
+            raise OpticalInputError("--aux_pairs needs --front_end sentence-transformers (multi-dataset training); "
+                                    "transformers.Trainer has none")
+        if self.aux_pairs is not None and self.hybrid_alpha is not None:
+            raise OpticalInputError("--aux_pairs and --hybrid_alpha cannot be combined (the hybrid sampler draws from "
+                                    "the bitext alone)")
+        if self.aux_pairs is not None and not Path(self.aux_pairs).exists():
+            raise OpticalInputError(f"--aux_pairs {self.aux_pairs}: no such file or folder")
         if len(self.language) > 1 and self.front_end == "trainer":
             raise OpticalInputError("--front_end trainer trains on one --language; use --front_end "
                                     "sentence-transformers (the default) for several")
@@ -337,6 +353,7 @@ def build_trainer(
     cache_teacher: bool = True,
     teacher_cache_dir: str | None = None,
     hybrid: HybridBatchArguments | None = None,
+    auxiliary: Mapping[str, tuple[datasets.Dataset, nn.Module]] | None = None,
 ) -> SentenceTransformerTrainer:
     """The sentence-transformers front end of ``optical-hf distill``, ready to ``train()``: the OT loss, the one
     collator (with the teacher's cached outputs over the English side of both datasets, unless ``cache_teacher`` is
@@ -351,27 +368,47 @@ def build_trainer(
         hybrid: hybrid batches (:mod:`optical_hf.hybrid`) when its ``hybrid_alpha`` is set: ``train_dataset`` (one
             ``Dataset``) gets its monolingual rows, ``training_args.batch_sampler`` the hybrid sampler, the trainer
             the callback that moves and logs α.
+        auxiliary: extra tasks, ``{name: (dataset, loss)}`` (any sentence-transformers loss on the student), trained
+            beside the bitext by sentence-transformers' multi-dataset training (each batch from one dataset, in
+            proportion to their sizes); each task's loss is logged as ``{name}_loss``. For example English retrieval
+            pairs: ``{"english-qa": (pairs, MultipleNegativesRankingLoss(student))}``.
     """
     batches = None
     if hybrid is not None and hybrid.hybrid_alpha is not None:
         batches = hybrid_batches(train_dataset, hybrid)
         train_dataset, training_args.batch_sampler = batches.dataset, batches.batch_sampler
     cache = None
-    if cache_teacher:
+    if cache_teacher:  # the English side of the bitext only: the auxiliary tasks do not run the teacher
         splits = [split for data in (train_dataset, eval_dataset) if data is not None
                   for split in (data.values() if isinstance(data, datasets.DatasetDict) else [data])]
         with training_args.main_process_first(desc="teacher cache"):
             cache = build_teacher_cache(teacher, [text for split in splits for text in split["target"]],
                                         prompt=prompts.teacher or None, cache_dir=teacher_cache_dir)
+    loss: nn.Module | dict[str, nn.Module] = OTDistillationLoss(student, teacher, config=loss_config)
+    tasks = [AuxiliaryLoss(name, task_loss) for name, (_, task_loss) in (auxiliary or {}).items()]
+    if tasks:
+        if batches is not None:
+            raise OpticalInputError("hybrid batches and auxiliary tasks cannot be combined (the hybrid sampler draws "
+                                    "from the bitext alone)")
+        bitexts = dict(train_dataset) if isinstance(train_dataset, datasets.DatasetDict) else {"bitext": train_dataset}
+        clash = sorted(set(bitexts) & set(auxiliary))
+        if clash:
+            raise OpticalInputError(f"auxiliary task name {clash[0]!r} is already a bitext dataset name")
+        train_dataset = datasets.DatasetDict({**bitexts, **{name: data for name, (data, _) in auxiliary.items()}})
+        if eval_dataset is not None and not isinstance(eval_dataset, datasets.DatasetDict):
+            eval_dataset = datasets.DatasetDict({"bitext": eval_dataset})
+        loss = {**{name: loss for name in bitexts}, **{task.name: task for task in tasks}}
     trainer = SentenceTransformerTrainer(
         model=student, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        loss=OTDistillationLoss(student, teacher, config=loss_config), evaluator=evaluator,
-        callbacks=[NonFiniteLossCallback()],
+        loss=loss, evaluator=evaluator, callbacks=[NonFiniteLossCallback()],
         data_collator=OTDistillationDataCollator(student.preprocess, teacher_preprocess_fn=teacher.preprocess,
-                                                 prompts=prompts.columns(), teacher_cache=cache),
+                                                 prompts=prompts.columns(), teacher_cache=cache,
+                                                 auxiliary=frozenset(auxiliary or ())),
     )
     if batches is not None:
         batches.callback.install(trainer)
+    if tasks:
+        AuxiliaryLossCallback(tasks).install(trainer)
     return trainer
 
 
@@ -384,6 +421,8 @@ def _strategies(args: DistillArguments) -> dict[str, Any]:
     if args.code_switch_p is not None:
         used.update(code_switch_p=args.code_switch_p, code_switch_side=args.code_switch_side,
                     code_switch_links="lexicon" if args.code_switch_lexicon else "OT alignment")
+    if args.aux_pairs is not None:
+        used.update(aux_pairs=Path(args.aux_pairs).name, aux_pairs_loss="MultipleNegativesRankingLoss")
     return used
 
 
@@ -517,10 +556,13 @@ def run(
     if args.front_end == "sentence-transformers":
         if args.lora:
             add_lora(student, args.lora_config())
+        auxiliary = None
+        if args.aux_pairs:
+            auxiliary = {"aux_pairs": (load_bitext(args.aux_pairs), MultipleNegativesRankingLoss(student))}
         trainer = build_trainer(student, teacher, train_data, training_args, loss_config, prompts,
                                 eval_dataset=eval_data, evaluator=SequentialEvaluator(evaluators),
                                 cache_teacher=args.cache_teacher, teacher_cache_dir=args.teacher_cache_dir,
-                                hybrid=args)
+                                hybrid=args, auxiliary=auxiliary)
         trainer.train(resume_from_checkpoint=resume)
         final, adapter_model = student, None
     else:
