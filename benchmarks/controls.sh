@@ -2,10 +2,10 @@
 # The "say what wins" study (benchmarks/README.md): every run of it, one at a time. quality.py skips the runs already
 # stored, so the queue can be stopped and started again; records land in benchmarks/results/quality.jsonl.
 #   bash benchmarks/controls.sh            # everything, in this order
-#   bash benchmarks/controls.sh cross      # one phase: controls | cross | grid | final
+#   bash benchmarks/controls.sh cross      # one phase: controls | cross | grid | final | strategies
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASES=("${@:-controls cross grid final}")
+PHASES=("${@:-controls cross grid final}")   # `strategies` runs only when named
 Q=(python benchmarks/quality.py --scoring dense maxsim-content --per-query)
 E100=(--loss reg=100)                     # the recipe at its own large-epsilon limit (a pooled mean-matching term)
 E01=(--loss reg=0.1)                      # the recipe with token-level transport (sharp plans)
@@ -46,6 +46,14 @@ for phase in ${PHASES[*]}; do
       step "${Q[@]}" --langs $langs --methods ot --tag contrastive+sent100 "${SENT[@]}"
       step "${Q[@]}" --langs $langs --methods mse --tag lr2e-4 --lr 2e-4
     done ;;
-  *) echo "unknown phase $phase (controls | cross | grid | final)"; exit 2 ;;
+  strategies)  # the training strategies against the recipe (issue: training strategies), Hausa and Zulu first
+    for langs in "hau zul --seeds 0" "hau zul --seeds 1 2" "ibo kin twi --seeds 0"; do
+      # shellcheck disable=SC2086
+      step "${Q[@]}" --langs $langs --methods ot --tag recipe
+      step "${Q[@]}" --langs $langs --methods ot --tag hybrid0.5 --strategy hybrid_alpha=0.5
+      step "${Q[@]}" --langs $langs --methods ot --tag hybrid0.5-entry --strategy hybrid_alpha=0.5 hybrid_granularity=entry
+      step "${Q[@]}" --langs $langs --methods ot --tag codeswitch0.5 --strategy code_switch_p=0.5
+    done ;;
+  *) echo "unknown phase $phase (controls | cross | grid | final | strategies)"; exit 2 ;;
   esac
 done

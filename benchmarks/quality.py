@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,8 @@ from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files
 from optical_hf.evaluation import CLIREvaluator  # noqa: E402
 from optical_hf.significance import paired_test  # noqa: E402
 from optical_hf.late_interaction import INDEX_FORMAT, MaxSimCLIREvaluator, TokenIndex, build_index  # noqa: E402
+from optical_hf.arguments import CodeSwitchArguments, HybridBatchArguments  # noqa: E402
+from optical_hf.code_switch import code_switched_bitext  # noqa: E402
 from optical_hf.recipe import build_trainer, packaged_teacher_path  # noqa: E402
 
 from benchmarks.common import machine_info  # noqa: E402
@@ -347,11 +349,13 @@ def train_student(
     config: TrainConfig,
     device: str,
     labels: torch.Tensor | None = None,
+    strategies: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train a fresh student (initialised from ``setting.model_path``) with ``method`` on ``bitext``.
 
     ``labels`` (``(len(bitext), dim)``, MSE only) are the teacher's embeddings of ``bitext["target"]``, computed
-    here when not given.
+    here when not given. ``strategies`` (``--strategy``, OT only): hybrid batches and code-switching options; the
+    code-switched pairs are aligned by the untrained student on both sides.
 
     Returns:
         The trained SentenceTransformer and ``{"steps", "train_seconds", "trainable_params", "train_loss"}``.
@@ -391,8 +395,13 @@ def train_student(
             trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=train,
                                                  loss=MSELoss(student))
         else:  # the library's own recipe (optical-hf distill's trainer), the teacher run once over the bitext
+            options = strategies or {}
+            hybrid = HybridBatchArguments(**{k: v for k, v in options.items() if k.startswith("hybrid_")})
+            switching = CodeSwitchArguments(**{k: v for k, v in options.items() if k.startswith("code_switch_")})
+            if switching.code_switch_p is not None:
+                bitext = code_switched_bitext(bitext, student, switching, config.seed)
             trainer = build_trainer(student, teacher, bitext, args, OTLossConfig(**dict(config.loss)),
-                                    Prompts(query=source_prompt or "", teacher=target_prompt or ""))
+                                    Prompts(query=source_prompt or "", teacher=target_prompt or ""), hybrid=hybrid)
         started = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - started
@@ -451,6 +460,26 @@ def ot_config(overrides: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
         raise SystemExit(f"quality.py: --loss {' '.join(f'{k}={v}' for k, v in overrides)}: {error}") from None
 
 
+STRATEGY_OPTIONS = {f.name: arguments for arguments in (HybridBatchArguments, CodeSwitchArguments)
+                    for f in fields(arguments)}
+"""``--strategy`` keys: the training strategies' options (``hybrid_*``, ``code_switch_*``)."""
+
+
+def strategy_config(overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The ``--strategy`` options, checked by their dataclasses; ``{}`` when none (the plain recipe: no key change)."""
+    unknown = [k for k, _ in overrides if k not in STRATEGY_OPTIONS]
+    if unknown:
+        raise SystemExit(f"quality.py: --strategy {unknown[0]}: not an option of hybrid batches or code-switching "
+                         f"({', '.join(STRATEGY_OPTIONS)})")
+    values = {k: float(v) if type(v) is int else v for k, v in overrides}
+    try:
+        for arguments in (HybridBatchArguments, CodeSwitchArguments):
+            arguments(**{k: v for k, v in values.items() if STRATEGY_OPTIONS[k] is arguments})
+    except ValueError as error:
+        raise SystemExit(f"quality.py: --strategy: {error}") from None
+    return dict(sorted(values.items()))
+
+
 def record_key(**fields: Any) -> str:
     """Stable id of a run: a hash of everything that defines its result."""
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -488,14 +517,16 @@ class RecordStore:
             return None
         return record
 
-    def check_label(self, system: str, config: TrainConfig) -> None:
-        """Refuse a ``system`` label (method and ``--tag``) that already names another configuration: the tables
-        pool a label's records over seeds, so one label must mean one configuration up to the seed."""
-        mine = json.loads(json.dumps({**asdict(config), "seed": None}))  # as stored: tuples become lists
+    def check_label(self, system: str, config: TrainConfig, strategies: dict[str, Any] | None = None) -> None:
+        """Refuse a ``system`` label (method and ``--tag``) that already names another configuration (training
+        config and ``--strategy`` options): the tables pool a label's records over seeds, so one label must mean one
+        configuration up to the seed."""
+        mine = json.loads(json.dumps({**asdict(config), "seed": None, "strategies": strategies or {}}))  # as stored
         for record in self.records:
             if record["system"] != system or "config" not in record:
                 continue
-            theirs = json.loads(json.dumps({**record["config"], "seed": None}))
+            theirs = json.loads(json.dumps({**record["config"], "seed": None,
+                                            "strategies": record.get("strategies", {})}))
             if theirs != mine:
                 diff = sorted(k for k in theirs if theirs[k] != mine.get(k))
                 raise SystemExit(f"quality.py: --tag: {system!r} already labels another configuration in {self.path} "
@@ -520,6 +551,7 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
     one of those records is missing."""
     settings = make_settings(args.settings, args.e5_path, custom_setting(args) if "custom" in args.settings else None)
     label = lambda method: f"{method} [{args.tag}]" if args.tag else method  # noqa: E731
+    strategies = strategy_config(args.strategy)
     configs = {  # one per (method, seed): the same in every setting, language and budget
         (method, seed): TrainConfig(
             epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
@@ -529,7 +561,7 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
         for method in args.methods for seed in args.seeds
     }
     for (method, _), config in configs.items():
-        store.check_label(label(method), config)
+        store.check_label(label(method), config, strategies if method == "ot" else None)
     tasks = {lang: split_retrieval(args.data_dir, lang, args.split) for lang in args.langs}
     bitexts = {lang: language_bitext(args.data_dir, lang, set(data.queries.values())) for lang, data in tasks.items()}
     for name, setting in settings.items():
@@ -550,7 +582,8 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
             for method, pairs, seed in [(m, p, s) for p in args.budgets for m in args.methods for s in args.seeds]:
                 sample_size = min(pairs or len(bitext), len(bitext))
                 config = configs[method, seed]
-                keys = {scoring: record_key(**base, method=method, pairs=sample_size, config=asdict(config),
+                strategy = {"strategies": strategies} if strategies and method == "ot" else {}
+                keys = {scoring: record_key(**base, method=method, pairs=sample_size, config=asdict(config), **strategy,
                                             doc_max_length=args.doc_max_length) for scoring, base in bases.items()}
                 if all(store.get(key) for key in keys.values()):
                     logger.info("[%s %s] %s, %d pairs, seed %d: already in %s, skipped", name, lang, method,
@@ -586,7 +619,8 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
             for method, pairs, config, keys in tqdm(students, desc=f"{name} {lang}", unit="run"):
                 sample = sample_bitext(bitext, pairs, config.seed)
                 logger.info("[%s %s] training %s on %d pairs, seed %d", name, lang, method, len(sample), config.seed)
-                student, stats = train_student(setting, method, sample, teacher, config, args.device)
+                student, stats = train_student(setting, method, sample, teacher, config, args.device,
+                                               strategies=strategies if method == "ot" else None)
                 for scoring, key in keys.items():
                     if store.get(key):
                         continue
@@ -594,6 +628,7 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                                                                    scoring)
                     record = {"key": key, **bases[scoring], "system": label(method), "method": method,
                               "pairs": len(sample), "seed": config.seed, "config": asdict(config), "command": command,
+                              **({"strategies": strategies} if strategies and method == "ot" else {}),
                               "bitext": info, **stats, "metrics": metrics, "search": search, "per_query": per_query,
                               "gap_closed": gap_closed(metrics, references[scoring, "floor"],
                                                        references[scoring, "oracle"])}
@@ -929,6 +964,8 @@ def reproduce(record: dict[str, Any]) -> str:
         current = asdict(OTLossConfig())
         changed = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in config["loss"] if current.get(k) != v]
         flags += ["--loss", *changed] if changed else []
+    if record.get("strategies"):
+        flags += ["--strategy", *(f"{k}={v}" for k, v in record["strategies"].items())]
     if record["system"] != record["method"]:
         flags += ["--tag", record["system"].split("[", 1)[1].rstrip("]")]
     return shlex.join(["python", "benchmarks/quality.py", *flags])
@@ -961,6 +998,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "scored with each")
     parser.add_argument("--loss", nargs="*", type=parse_override, default=[], metavar="KEY=VALUE",
                         help="OTLossConfig overrides of the ot method (default: the library's recipe)")
+    parser.add_argument("--strategy", nargs="*", type=parse_override, default=[], metavar="KEY=VALUE",
+                        help="training strategies of the ot method: hybrid_alpha=0.5, hybrid_granularity=entry, "
+                             "hybrid_schedule=linear hybrid_alpha_end=0, code_switch_p=0.5, code_switch_side=source ...")
     parser.add_argument("--tag", default=None, help="label added to the method names in the tables, e.g. 'eps1'")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps")

@@ -278,3 +278,22 @@ def test_language_bias_compares_the_gold_ranks_with_the_oracles(quality):
     header, rule, row = quality.language_bias_table(records, "e5")
     # seed 0: gaps 0, 2, 0, 10 -> mean 3, p90 7 (inclusive quantiles); seed 1: all 0 -> mean 1.5, p90 3.5 -> "4"
     assert header == "| system | xx |" and row == "| ot | 1.5 / 4 |"
+
+
+def test_training_strategies_are_part_of_a_run(quality, model_dirs, tmp_path):
+    model = tmp_path / "model"
+    sentence_transformer(model_dirs["student"]).save(str(model))
+    data = _data_dir(tmp_path / "data")
+    argv = ["--data-dir", str(data), "--e5-path", str(model), "--langs", "xx", "--max-steps", "2", "--batch-size", "4",
+            "--max-seq-length", "16", "--doc-max-length", "32", "--methods", "ot", "--output-dir",
+            str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    records = quality.main([*argv, "--strategy", "hybrid_alpha=0.5", "code_switch_p=0.5", "--tag", "mixed"])
+    (student,) = [r for r in records if r["system"] == "ot [mixed]"]
+    assert student["strategies"] == {"code_switch_p": 0.5, "hybrid_alpha": 0.5}
+    assert "--strategy code_switch_p=0.5 hybrid_alpha=0.5" in quality.reproduce(student)
+    plain = quality.main([*argv, "--tag", "plain"])  # no strategy: its own record, keyed as before
+    assert {r["system"] for r in plain if "pairs" in r} == {"ot [mixed]", "ot [plain]"}
+    with pytest.raises(SystemExit, match="'ot \\[mixed\\]' already labels another configuration .* strategies"):
+        quality.main([*argv, "--tag", "mixed"])
+    with pytest.raises(SystemExit, match="--strategy hybrid: not an option"):
+        quality.main([*argv, "--strategy", "hybrid=1"])
