@@ -153,7 +153,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     else:
         data = load_beir(args.beir, args.split) if task == "beir" else load_afriqa_gold(args.afriqa, args.afriqa_pool)
     card = _card_defaults(args.model)
-    teacher_name = args.teacher or (card and _card_teacher(card)) or packaged_teacher_path()
+    # a pair folder is the whole retriever: its encode_document is the teacher
+    teacher_name = args.teacher or (args.model if card and card.export == "pair" else None) or (
+        card and _card_teacher(card)) or packaged_teacher_path()
     query_prompt = args.query_prompt if args.query_prompt is not None else card and card.query_prompt
     document_prompt = args.document_prompt if args.document_prompt is not None else card and card.document_prompt
     teacher_prompt = args.teacher_prompt if args.teacher_prompt is not None else card and card.teacher_prompt

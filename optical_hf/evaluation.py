@@ -417,25 +417,26 @@ class BitextRetrievalEvaluator(BaseEvaluator):
         self.primary_metric = "p@1"
         self._target_embeddings: torch.Tensor | None = None
 
-    def _encode(self, model: SentenceTransformer, texts: list[str], prompt: str | None) -> torch.Tensor:
-        """``(len(texts), dim)`` embeddings of ``texts``, each prefixed by ``prompt`` when given."""
-        return model.encode(
-            texts, prompt=prompt, batch_size=self.batch_size, show_progress_bar=self.show_progress_bar,
-            convert_to_tensor=True,
-        )
+    def _encode(self, model: SentenceTransformer, texts: list[str], prompt: str | None, side: str) -> torch.Tensor:
+        """``(len(texts), dim)`` embeddings of ``texts`` by ``model.encode_query`` (sources) or ``encode_document``
+        (targets), so that a pair folder routes them to the student and the teacher, each prefixed by ``prompt``
+        only (``None``: none, not the model's stored prompt)."""
+        encode = model.encode_query if side == "query" else model.encode_document
+        return encode(texts, prompt=prompt or "", batch_size=self.batch_size, show_progress_bar=self.show_progress_bar,
+                      convert_to_tensor=True)
 
     @property
     def target_embeddings(self) -> torch.Tensor:
         """``(len(targets), dim)`` embeddings of the targets by ``target_model``, computed on first access."""
         if self._target_embeddings is None:
             logger.info("Encoding the %d targets with the target model (once)", len(self.targets))
-            self._target_embeddings = self._encode(self.target_model, self.targets, self.target_prompt)
+            self._target_embeddings = self._encode(self.target_model, self.targets, self.target_prompt, "document")
         return self._target_embeddings
 
     def __call__(
         self, model: SentenceTransformer, output_path: str | None = None, epoch: float = -1, steps: int = -1
     ) -> dict[str, float]:
-        source_embeddings = self._encode(model, self.sources, self.source_prompt)
+        source_embeddings = self._encode(model, self.sources, self.source_prompt, "query")
         metrics = _bitext_precision(source_embeddings, self.target_embeddings, self.sources, self.targets)
         return _report(self, "bitext_retrieval", metrics, model, output_path, epoch, steps)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules.router import Router
 from sentence_transformers.base.modules.transformer import Transformer
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -36,7 +37,8 @@ from .errors import OpticalInputError
 from .model_card import CARD_INFO_NAME, StudentCardInfo, write_model_card
 
 __all__ = [
-    "add_lora", "check_output_dir", "has_adapters", "merged_copy", "prepare_output_dir", "save_student",
+    "QUERY_SUBFOLDER", "add_lora", "check_output_dir", "has_adapters", "merged_copy", "pair_model", "prepare_output_dir",
+    "save_student",
     "sentence_transformer_from", "store_prompts", "transformer_module", "with_transformer_model",
 ]
 
@@ -165,14 +167,30 @@ def store_prompts(model: SentenceTransformer, card: StudentCardInfo) -> None:
             model.prompts[name] = prompt
 
 
+QUERY_SUBFOLDER = "query_0_Transformer"
+"""Where a pair folder keeps the student's transformer: ``AutoModel.from_pretrained(folder, subfolder=...)``."""
+
+
+def pair_model(student: SentenceTransformer, teacher: SentenceTransformer, card: StudentCardInfo) -> SentenceTransformer:
+    """One SentenceTransformer holding the retriever: ``encode_query`` runs ``student`` with the card's query prompt,
+    ``encode_document`` runs ``teacher`` with its document prompt (sentence-transformers'
+    ``Router.for_query_document``; the modules are shared with the two models, not copied)."""
+    router = Router.for_query_document(query_modules=list(student.children()), document_modules=list(teacher.children()))
+    prompts = {"query": card.query_prompt or "", "document": card.document_prompt or ""}
+    return SentenceTransformer(modules=[router], device=str(student.device), prompts=prompts)
+
+
 def save_student(
     model: SentenceTransformer,
     output_dir: str | os.PathLike,
     adapter_model: nn.Module | None = None,
     card: StudentCardInfo | None = None,
     teacher: str | None = None,
+    teacher_model: SentenceTransformer | None = None,
 ) -> Path:
-    """Write ``model`` (a SentenceTransformer student, possibly with adapters) to ``output_dir`` atomically.
+    """Write ``model`` (a SentenceTransformer student, possibly with adapters) to ``output_dir`` atomically; with
+    ``teacher_model``, the whole retriever (:func:`pair_model`: ``encode_query`` the student, ``encode_document`` the
+    teacher; the student's transformer in :data:`QUERY_SUBFOLDER`), recorded as ``export="pair"`` in the card.
 
     Adapters are merged into the saved weights and also saved unmerged under ``output_dir/adapter`` (taken from
     ``adapter_model`` when the adapters live outside ``model``, e.g. a Trainer's peft-wrapped student). The OPTICAL
@@ -198,10 +216,13 @@ def save_student(
     staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     staging.mkdir()  # unlike tempfile.mkdtemp (0700), mkdir applies the umask
     card = card or StudentCardInfo(teacher=teacher, base_model=model.model_card_data.base_model)
+    card.export = "pair" if teacher_model is not None else "student"
     store_prompts(model, card)
     try:
         adapter_model = adapter_model if adapter_model is not None else model
-        (merged_copy(model) if has_adapters(model) else model).save(str(staging), create_model_card=False)
+        student = merged_copy(model) if has_adapters(model) else model
+        saved = pair_model(student, teacher_model, card) if teacher_model is not None else student
+        saved.save(str(staging), create_model_card=False)
         if has_adapters(adapter_model):
             _save_adapter(adapter_model, staging / ADAPTER_DIR)
         write_model_card(staging, card)

@@ -249,10 +249,14 @@ def _files_to_upload(folder: Path, *, adapter_only: bool) -> list[str]:
         else:
             logger.warning("Not uploading %s: it is a symlink to %s, outside %s", folder / path, target, folder)
     if not adapter_only:
-        for needed in ("config.json", "model.safetensors|pytorch_model.bin|model.safetensors.index.json"):
-            if not any(name in uploads for name in needed.split("|")):
-                raise ValueError(f"{folder / needed.split('|')[0]} is missing: the pushed repo would not load "
-                                 "(save the student again with optical_hf.save_student)")
+        # a pair folder (sentence-transformers' Router) keeps each side's transformer in its own subfolder
+        roots = sorted({path.split("/")[0] + "/" for path in paths if path.split("/")[0].endswith("_Transformer")
+                        and "/" in path}) or [""]
+        for root in roots:
+            for needed in ("config.json", "model.safetensors|pytorch_model.bin|model.safetensors.index.json"):
+                if not any(root + name in uploads for name in needed.split("|")):
+                    raise ValueError(f"{folder / (root + needed.split('|')[0])} is missing: the pushed repo would not "
+                                     "load (save the student again with optical_hf.save_student)")
     return uploads
 
 

@@ -27,7 +27,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
 
-from .vocabulary import CITATION, SCORINGS, check_choice
+from .vocabulary import CITATION, EXPORTS, SCORINGS, check_choice
 
 
 logger = logging.getLogger(__name__)
@@ -129,9 +129,11 @@ class StudentCardInfo:
     document_prompt: str | None = None
     model_id: str | None = None
     scoring: str = "dense"
+    export: str = "student"
 
     def __post_init__(self) -> None:
         check_choice(self.scoring, SCORINGS, "StudentCardInfo.scoring")
+        check_choice(self.export, EXPORTS, "StudentCardInfo.export")
         if self.language is not None and not (self.languages and all(map(_LANGUAGE_CODE.match, self.languages))):
             raise ValueError(
                 f"StudentCardInfo.language={self.language!r} is not an ISO 639-1/639-3 code or a non-empty list of "
@@ -305,7 +307,18 @@ def _template() -> str:
 
 
 def _usage_snippet(model_id: str, teacher: str, language: str, info: StudentCardInfo) -> str:
-    """The OPTICAL usage code block: the student encodes the queries, the teacher the English documents."""
+    """The OPTICAL usage code block: the student encodes the queries, the teacher the English documents (one model
+    when the folder holds the pair)."""
+    if info.export == "pair":
+        lines = [
+            "from sentence_transformers import SentenceTransformer",
+            "",
+            f'model = SentenceTransformer("{model_id}")  # {language} queries: the student; English documents: {teacher}',
+            f'query_embeddings = model.encode_query(["<a query in {language}>"])',
+            'document_embeddings = model.encode_document(["<an English document>", "<another English document>"])',
+            "print(model.similarity(query_embeddings, document_embeddings))  # shape (n_queries, n_documents)",
+        ]
+        return "```python\n" + "\n".join(lines) + "\n```"
     query_prompt = f", prompt={info.query_prompt!r}" if info.query_prompt else ""
     document_prompt = f", prompt={info.document_prompt!r}" if info.document_prompt else ""
     lines = [
@@ -329,12 +342,13 @@ def _maxsim_snippet(model_id: str, teacher: str, info: StudentCardInfo) -> str:
     """The late-interaction code block: student query tokens against teacher passage tokens, ranked by MaxSim."""
     query_prompt = f", prompt={info.query_prompt!r}" if info.query_prompt else ""
     document_prompt = f", prompt={info.document_prompt!r}" if info.document_prompt else ""
+    pair = info.export == "pair"  # one model: encode_query is the student's, encode_document the teacher's
     lines = [
         "from sentence_transformers import SentenceTransformer",
         "from optical_hf.late_interaction import build_index, encode_token_states, maxsim_topk",
         "",
         f'student = SentenceTransformer("{model_id}")',
-        f'teacher = SentenceTransformer("{teacher}")',
+        "teacher = student  # the folder holds the pair" if pair else f'teacher = SentenceTransformer("{teacher}")',
         'queries, documents = ["<a query>"], ["<an English document>", "<another English document>"]',
         "",
         "# content tokens (no special or prompt tokens) on both sides; tokens=\"all\" keeps every token",

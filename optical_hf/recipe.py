@@ -53,7 +53,7 @@ from .model_card import StudentCardInfo, base_model_license, is_hub_repo_id
 from .options import OTLossConfig
 from .teacher_cache import build_teacher_cache
 from .trainer import OTDistillationTrainer
-from .vocabulary import DEFAULT_MAX_LENGTH, SCORINGS, Prompts, check_choice
+from .vocabulary import DEFAULT_MAX_LENGTH, EXPORTS, SCORINGS, Prompts, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,11 @@ class DistillArguments(RetrieverArguments, HybridBatchArguments, CodeSwitchArgum
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default="query,value", metadata={"help": "Comma-separated LoRA target modules."})
+    export: str = field(default="pair", metadata={
+        "help": "What the output folder holds: pair (one SentenceTransformer: encode_query runs the student, "
+                "encode_document the teacher, each with its prompt; the student's transformer alone loads with "
+                "AutoModel.from_pretrained(folder, subfolder='query_0_Transformer')) or student (the student alone, at "
+                "the folder's root; documents then need the teacher).", "choices": EXPORTS})
     aux_pairs: str | None = field(default=None, metadata={
         "help": "An auxiliary task: English (query, passage) pairs (TSV/CSV/JSONL with two columns, as --bitext) on "
                 "which the student also trains with MultipleNegativesRankingLoss, beside the bitext (multi-dataset "
@@ -193,6 +198,7 @@ class DistillArguments(RetrieverArguments, HybridBatchArguments, CodeSwitchArgum
         if self.front_end not in FRONT_ENDS:
             raise OpticalInputError(f"--front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
         self.scoring = check_choice(self.scoring or "dense", SCORINGS, "--scoring")
+        check_choice(self.export, EXPORTS, "--export")
         if self.push_adapter_only and not self.lora:
             raise OpticalInputError("--push_adapter_only needs --lora (there is no adapter to push otherwise)")
         if self.eval_size < 1:
@@ -609,7 +615,8 @@ def run(
             model_id=training_args.hub_model_id if push else None,
             scoring=args.scoring,
         )
-        save_student(final, output_dir, adapter_model=adapter_model, card=card)
+        save_student(final, output_dir, adapter_model=adapter_model, card=card,
+                     teacher_model=teacher if args.export == "pair" else None)
         print(format_metrics_table({"untrained student": before, "distilled student": after}))
         print(f"Student saved to {output_dir}")
     commit_url = None

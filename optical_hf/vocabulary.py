@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import OpticalInputError
 
-__all__ = ["ALIGNMENT_RULES", "ALPHA_SCHEDULES", "CITATION", "DEFAULT_MAX_LENGTH", "HYBRID_GRANULARITIES", "POOLINGS", "SCORINGS", "TOKEN_SELECTIONS", "Prompts", "check_choice"]
+__all__ = ["ALIGNMENT_RULES", "ALPHA_SCHEDULES", "CITATION", "DEFAULT_MAX_LENGTH", "EXPORTS", "HYBRID_GRANULARITIES", "POOLINGS", "SCORINGS", "TOKEN_SELECTIONS", "Prompts", "check_choice"]
 
 CITATION = """@inproceedings{huang2023optical,
   title={Improving Cross-lingual Information Retrieval on Low-Resource Languages via Optimal Transport Distillation},
@@ -35,6 +35,9 @@ HYBRID_GRANULARITIES = ("batch", "entry")
 """Whether hybrid batches draw the monolingual kind per batch or per entry."""
 ALIGNMENT_RULES = ("mutual-argmax", "threshold")
 """How a word plan becomes word links (:func:`optical_hf.code_switch.align`)."""
+EXPORTS = ("pair", "student")
+"""What a student folder holds: ``"pair"`` (one SentenceTransformer whose ``encode_query`` is the student and
+``encode_document`` the teacher, each with its prompt) or ``"student"`` (the student alone)."""
 DEFAULT_MAX_LENGTH = 128
 """Tokens kept per sentence unless a model's position limit is smaller (both front ends and the CLI)."""
 

@@ -481,7 +481,8 @@ def test_distill_end_to_end(front_end, extra, model_dirs, data, tmp_path, capsys
     assert (info["ot"]["reg"], info["ot"]["sentence_weight"], info["ot"]["contrastive_weight"]) == (0.2, 0.5, 0.1)
     assert len(list(cache.glob("*.pt"))) == 1  # the teacher ran once over the train + eval English sides
 
-    # The folder holds the distilled student: re-evaluated from disk, it scores the "after" metrics.
+    # The folder holds the distilled student (encode_query; the folder is the pair): re-evaluated from disk, it scores
+    # the "after" metrics.
     args, _, _ = recipe.build_parser().parse_args_into_dataclasses(
         args=["--bitext", str(data["tsv"]), "--eval_size", "8"], look_for_args_file=False)
     heldout = recipe.load_splits(args, seed=42)[1]["sw"]
@@ -490,7 +491,7 @@ def test_distill_end_to_end(front_end, extra, model_dirs, data, tmp_path, capsys
     scores = bitext_retrieval(reloaded, teacher, heldout["source"], heldout["target"])
     assert {f"heldout_{key}": value for key, value in scores.items()} == pytest.approx(retrieval_after)
     # make_multilingual's MSE (x100) of the student's sources against the teacher's English targets, negated
-    mse = 100 * ((reloaded.encode(heldout["source"]) - teacher.encode(heldout["target"])) ** 2).mean()
+    mse = 100 * ((reloaded.encode_query(heldout["source"]) - teacher.encode(heldout["target"])) ** 2).mean()
     assert result["after"]["heldout-mse_negative_mse"] == pytest.approx(-mse, rel=1e-4)
     assert result["before"]["heldout-mse_negative_mse"] != pytest.approx(-mse, rel=1e-4)
 
@@ -503,7 +504,8 @@ def test_distill_push_to_hub(model_dirs, data, tmp_path, monkeypatch, capsys, hu
     assert f"Pushed to {hub.endpoint}/{REPO_ID}/commit/" in capsys.readouterr().out
     assert any(path.name.startswith("checkpoint-") for path in out.iterdir())  # kept locally, never uploaded
     uploaded = hub.uploaded_files(REPO_ID)
-    assert {"model.safetensors", "modules.json", "README.md", "optical_hf.json"} <= uploaded
+    assert {"query_0_Transformer/model.safetensors", "document_0_Transformer/model.safetensors", "modules.json",
+            "router_config.json", "README.md", "optical_hf.json"} <= uploaded  # the pair: student and teacher
     assert not any(path.startswith("checkpoint-") for path in uploaded)
     remote_info = json.loads((hub.repo_dir(REPO_ID) / "optical_hf.json").read_text(encoding="utf-8"))
     assert remote_info["model_id"] == REPO_ID
@@ -593,7 +595,7 @@ def test_ctrl_c_prints_what_was_kept_and_a_resume_command_that_works(model_dirs,
                    f"with: {resume}"
     monkeypatch.setattr(NonFiniteLossCallback, "on_pre_optimizer_step", real)
     assert cli(*shlex.split(resume)[1:]) == 0
-    assert (out / "model.safetensors").is_file()
+    assert (out / "query_0_Transformer" / "model.safetensors").is_file()  # the pair's student
 
 
 def test_ctrl_c_before_any_checkpoint_says_so(model_dirs, data, tmp_path, monkeypatch, capsys):
@@ -733,9 +735,9 @@ def test_distill_saves_the_prompts_so_encode_query_applies_them(model_dirs, data
     reloaded = SentenceTransformer(str(out), device="cpu")
     queries = ["kiehtaw kisnurwa"]
     torch.testing.assert_close(reloaded.encode_query(queries, convert_to_tensor=True),
-                               reloaded.encode(queries, prompt="query: ", convert_to_tensor=True))
+                               reloaded.encode_query(queries, prompt="query: ", convert_to_tensor=True))
     assert not torch.allclose(reloaded.encode_query(queries, convert_to_tensor=True),
-                              reloaded.encode(queries, convert_to_tensor=True))
+                              reloaded.encode_query(queries, prompt="", convert_to_tensor=True))
 
 
 @pytest.fixture
@@ -798,3 +800,45 @@ def test_distill_runs_the_retrieval_evaluators_during_training(front_end, model_
                               "--eval_steps", 2)) == 0
     results = out / "eval" / "bitext_retrieval_evaluation_heldout_results.csv"
     assert len(results.read_text(encoding="utf-8").splitlines()) == 3  # header + evaluations at steps 2 and 4
+
+
+def test_the_saved_folder_is_the_whole_retriever(data, tmp_path, monkeypatch, hub):
+    """Two steps on the packaged teacher (as both models): the folder's encode_query is the trained student with its
+    prompt, encode_document the teacher with its; AutoModel loads the student; the pushed repo loads the same."""
+    from transformers import AutoModel
+
+    from optical_hf.export import QUERY_SUBFOLDER
+
+    packaged = recipe.packaged_teacher_path()
+    out = tmp_path / "pair"
+    argv = ["distill", "--bitext", data["tsv"], "--eval_size", 8, "--max_steps", 2, "--per_device_train_batch_size", 8,
+            "--output_dir", out, "--disable_tqdm", "true", "--query_prompt", "q: ", "--document_prompt", "d: ",
+            "--learning_rate", "1e-3"]
+    with online(monkeypatch, hub):
+        assert cli(*argv, "--push_to_hub", "--hub_model_id", REPO_ID) == 0
+    teacher = SentenceTransformer(packaged, device="cpu")
+    queries, documents = ["kiehtaw kisnurwa"], ["the cat sleeps", "rain falls"]
+    for folder in (out, hub.repo_dir(REPO_ID)):
+        pair = SentenceTransformer(str(folder), device="cpu")
+        student = SentenceTransformer(str(folder / QUERY_SUBFOLDER), device="cpu")  # its transformer alone
+        torch.testing.assert_close(pair.encode_document(documents, convert_to_tensor=True),
+                                   teacher.encode(documents, prompt="d: ", convert_to_tensor=True), atol=1e-5, rtol=0)
+        query = pair.encode_query(queries, convert_to_tensor=True)
+        assert not torch.allclose(query, teacher.encode(queries, prompt="q: ", convert_to_tensor=True), atol=1e-4)
+        # the student's transformer with the pair's pooling and normalisation: mean-pooled, unit norm
+        hidden = AutoModel.from_pretrained(str(folder), subfolder=QUERY_SUBFOLDER)
+        tokens = student.tokenizer(["q: " + queries[0]], return_tensors="pt")
+        with torch.no_grad():
+            states = hidden(**tokens).last_hidden_state
+        expected = torch.nn.functional.normalize(states.mean(dim=1), dim=-1)
+        torch.testing.assert_close(query, expected, atol=1e-5, rtol=0)
+    assert StudentCardInfo.load(out).export == "pair"
+    assert "model.encode_document(" in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_export_student_saves_the_student_alone(model_dirs, data, tmp_path):
+    out = tmp_path / "student-only"
+    assert cli(*_distill_argv(model_dirs, data["tsv"], out, "--export", "student")) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "router_config.json").exists()
+    assert StudentCardInfo.load(out).export == "student"
+    assert "teacher.encode_document(" in (out / "README.md").read_text(encoding="utf-8")

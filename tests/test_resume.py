@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoTokenizer, TrainerCallback, TrainingArgu
 import optical_hf.export
 from optical_hf import OTDistillationDataCollator, OTDistillationLoss, OTDistillationTrainer, bitext_from_pairs
 from optical_hf.cli import main
-from optical_hf.export import save_student
+from optical_hf.export import QUERY_SUBFOLDER, save_student
 from optical_hf.model_card import StudentCardInfo
 from optical_hf.recipe import last_complete_checkpoint
 
@@ -134,7 +134,7 @@ def test_cli_resume_from_latest_checkpoint_reaches_the_uninterrupted_weights(res
               "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--per_device_train_batch_size", "8",
               "--learning_rate", "2e-3", "--seed", "0", "--output_dir", str(out), "--disable_tqdm", "true"]
     assert main([*common, "--student", str(model_dirs["student"])]) == 0
-    uninterrupted = load_file(out / "model.safetensors")
+    uninterrupted = load_file(out / QUERY_SUBFOLDER / "model.safetensors")  # the pair folder's student
     if interruption == "killed-while-saving":
         _kill_while_saving(out / "checkpoint-6")
     else:
@@ -147,7 +147,7 @@ def test_cli_resume_from_latest_checkpoint_reaches_the_uninterrupted_weights(res
     expected = (f"Skipping incomplete checkpoint(s) {out / 'checkpoint-6'} (interrupted while saving); resuming from "
                 f"{out / 'checkpoint-3'}")
     assert skipped == ([expected] if interruption == "killed-while-saving" else [])
-    resumed = load_file(out / "model.safetensors")
+    resumed = load_file(out / QUERY_SUBFOLDER / "model.safetensors")
     assert _max_difference(resumed, uninterrupted) <= ATOL
     assert _max_difference(load_file(other / "model.safetensors"),
                            load_file(model_dirs["student"] / "model.safetensors")) > 1e-2
