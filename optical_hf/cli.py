@@ -220,6 +220,7 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--oracle", action="store_true",
                         help="add the teacher on the human English translations of the queries (AfriQA upper bound)")
     parser.add_argument("--batch_size", type=int, default=64, help="encoding batch size (default: 64)")
+    _log_level_flag(parser)
     parser.add_argument("--output_json", metavar="FILE", help="also write the metrics to this JSON file")
     return parser
 
@@ -238,7 +239,16 @@ def _push_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
     parser.add_argument("--token", help="Hub token (default: the saved login)")
     parser.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    _log_level_flag(parser)
     return parser
+
+
+def _log_level_flag(parser: argparse.ArgumentParser) -> None:
+    """``--log_level`` as distill has it (the Trainer's flag): optical_hf's messages at that level, the libraries'
+    (transformers, datasets, sentence-transformers) at WARNING unless a lower level is asked for."""
+    parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                        help="optical_hf's log level (default: info); transformers and datasets log at warning "
+                             "unless a lower level is given")
 
 
 def make_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -278,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from .recipe import setup_logging
 
-            setup_logging(logging.INFO)
+            level = getattr(logging, args.log_level.upper())
+            setup_logging(level, None if args.log_level == "info" else level)
             if args.command == "evaluate":
                 _evaluate(args)
             else:

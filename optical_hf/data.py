@@ -139,11 +139,18 @@ def _load_file(builder: str, path: Path, **config: Any) -> datasets.Dataset:
 
     Each read gets a fresh, temporary cache folder and keeps the result in memory: ``datasets`` keys its cache of a
     local file on the path and modification time only, so a file rewritten within one timestamp would otherwise load
-    its old pairs.
+    its old pairs. The "Generating train split" progress bar of that read is not shown (a local file parses in
+    seconds; the bar, new at every read, would be the noisiest line of a run).
     """
-    with tempfile.TemporaryDirectory(prefix="optical-hf-bitext-") as cache_dir:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir,
-                                     keep_in_memory=True, **config)
+    shown = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        with tempfile.TemporaryDirectory(prefix="optical-hf-bitext-") as cache_dir:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir,
+                                         keep_in_memory=True, **config)
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def _text_lines(path: Path) -> list[str]:

@@ -126,7 +126,8 @@ class DistillArguments(RetrieverArguments, HybridBatchArguments, CodeSwitchArgum
     eval_bitext_target: list[str] | None = field(default=None, metadata={
         "help": "English side of --eval_bitext text files (one per --language)."})
     eval_size: int = field(default=100, metadata={
-        "help": "Pairs held out of each --bitext when --eval_bitext is not given."})
+        "help": "Pairs held out of each --bitext when --eval_bitext is not given (a bitext with fewer than twice as "
+                "many pairs holds out a fifth of them, with a warning)."})
     eval_beir: str | None = field(default=None, metadata={
         "help": "Optional cross-lingual retrieval set in BEIR layout (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)."})
     eval_beir_split: str = field(default="test", metadata={"help": "qrels split of --eval_beir."})
@@ -325,10 +326,16 @@ def load_splits(args: DistillArguments, seed: int) -> tuple[DatasetDict, Dataset
             evaluation[language] = load_bitext(flags["eval_bitext"], flags["eval_bitext_target"],
                                                source_lang=flags["source_lang"], **columns)
             continue
-        if len(data[language]) <= args.eval_size:
-            raise OpticalInputError(f"--bitext {flags['bitext'] or DEMO_BITEXT}: {len(data[language])} pairs, not "
-                                    f"enough to hold out --eval_size {args.eval_size}")
-        split = data[language].train_test_split(test_size=args.eval_size, shuffle=False)  # the last pairs held out
+        pairs, held_out = len(data[language]), args.eval_size
+        if pairs < 4:
+            raise OpticalInputError(f"--bitext {flags['bitext'] or DEMO_BITEXT}: {pairs} pair(s), too few to train "
+                                    "and hold some out")
+        if pairs < 2 * held_out:  # a small bitext: hold out a fifth (at least 2) rather than refuse
+            held_out = max(2, pairs // 5)
+            logger.warning("--bitext %s: %d pairs, fewer than twice --eval_size %d: holding out %d (a fifth) for "
+                           "the before/after evaluation", flags["bitext"] or DEMO_BITEXT, pairs, args.eval_size,
+                           held_out)
+        split = data[language].train_test_split(test_size=held_out, shuffle=False)  # the last pairs held out
         data[language], evaluation[language] = split["train"], split["test"]
     if args.max_pairs:
         for language, pairs in data.items():
@@ -483,12 +490,15 @@ def last_complete_checkpoint(output_dir: Path) -> str:
     raise OpticalInputError(f"--resume_from_checkpoint: no complete checkpoint-* folder in {output_dir}")
 
 
-def setup_logging(log_level: int) -> None:
-    """Log optical_hf, transformers and datasets at ``log_level`` on stderr, as the Hugging Face example scripts do."""
+def setup_logging(log_level: int, library_level: int | None = None) -> None:
+    """Log optical_hf at ``log_level`` and transformers, datasets and sentence-transformers at ``library_level``
+    (default: ``log_level``, but never below WARNING, so a first run is not buried under model configs) on stderr."""
+    library_level = max(log_level, logging.WARNING) if library_level is None else library_level
     logging.basicConfig(format="[%(levelname)s|%(name)s] %(message)s", handlers=[logging.StreamHandler(sys.stderr)])
     logging.getLogger("optical_hf").setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+    logging.getLogger("sentence_transformers").setLevel(library_level)
+    datasets.utils.logging.set_verbosity(library_level)
+    transformers.utils.logging.set_verbosity(library_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
 
@@ -505,9 +515,11 @@ def run(
         OpticalInputError: a bad flag, file or model path (before any training).
         NonFiniteLossError: the loss or gradients became NaN/infinite; nothing is saved or pushed.
     """
-    if training_args.should_log:  # --log_level passive (the default) then means INFO on the main process
-        transformers.utils.logging.set_verbosity_info()
-    setup_logging(training_args.get_process_log_level())  # --log_level, --log_level_replica (WARNING by default)
+    if training_args.log_level == "passive":  # the default: optical_hf INFO on the main process, libraries WARNING
+        setup_logging(logging.INFO if training_args.should_log else logging.WARNING)
+    else:  # an explicit --log_level (and --log_level_replica) applies to the libraries too
+        level = training_args.get_process_log_level()
+        setup_logging(level, level)
     # Every option is checked before anything is loaded or written.
     check_finite(training_args)
     packaged = packaged_teacher_path() if args.teacher is None or args.student is None else None
@@ -524,11 +536,11 @@ def run(
     token, training_args.hub_token = training_args.hub_token, None  # checkpoints pickle training_args: keep it out
     with training_args.main_process_first(desc="checking --output_dir"):
         prepare_output_dir(training_args.output_dir)
+    train, evaluation = load_splits(args, training_args.seed)  # the data first: a bad file fails before any model loads
     teacher = load_sentence_transformer(teacher_name, "--teacher")
     student = load_sentence_transformer(student_name, "--student")
     teacher.max_seq_length = student.max_seq_length = args.max_length
     prompts = resolve_prompts(args, student, teacher)
-    train, evaluation = load_splits(args, training_args.seed)
     if args.code_switch_p is not None:  # one language (checked with the flags)
         train = {language: code_switched_bitext(pairs, student, args, training_args.seed)
                  for language, pairs in train.items()}

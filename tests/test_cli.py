@@ -842,3 +842,39 @@ def test_export_student_saves_the_student_alone(model_dirs, data, tmp_path):
     assert (out / "model.safetensors").is_file() and not (out / "router_config.json").exists()
     assert StudentCardInfo.load(out).export == "student"
     assert "teacher.encode_document(" in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_small_bitext_holds_out_a_fifth_and_its_data_is_read_before_any_model(model_dirs, data, tmp_path, caplog,
+                                                                                 monkeypatch):
+    loaded = []
+    real = recipe.load_sentence_transformer
+    monkeypatch.setattr(recipe, "load_sentence_transformer", lambda *a, **k: loaded.append(a[1]) or real(*a, **k))
+    splits = []
+    real_splits = recipe.load_splits
+    monkeypatch.setattr(recipe, "load_splits",
+                        lambda *a, **k: splits.append(list(loaded)) or real_splits(*a, **k))
+    argv = ["distill", "--teacher", model_dirs["teacher"], "--student", model_dirs["student"], "--bitext", data["tsv"],
+            "--max_steps", 2, "--per_device_train_batch_size", 8, "--output_dir", tmp_path / "out"]
+    with caplog.at_level(logging.WARNING, logger="optical_hf.recipe"):
+        assert cli(*argv) == 0  # 40 pairs, the default --eval_size 100
+    assert splits == [[]], "the bitext was read after a model loaded"
+    assert any("40 pairs, fewer than twice --eval_size 100: holding out 8" in r.getMessage() for r in caplog.records)
+    info = StudentCardInfo.load(tmp_path / "out")
+    assert info.train_pairs == 32
+
+
+def test_a_first_run_is_quiet(model_dirs, data, tmp_path):
+    """The libraries log at WARNING by default (no model configs), optical_hf's own messages at INFO; --log_level is
+    a flag of every subcommand."""
+    argv = [sys.executable, "-m", "optical_hf", *map(str, _distill_argv(model_dirs, data["tsv"], tmp_path / "out"))]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = run.stderr.splitlines()
+    assert not any("BertConfig" in line or '"hidden_size"' in line for line in log), "a model config was printed"
+    assert any("optical_hf" in line and "Training on" in line for line in log)
+    assert len(log) < 60, f"{len(log)} lines of log for a 4-step run:\n" + "\n".join(log[:80])
+    for command in (["evaluate", "--model", str(model_dirs["student"]), "--teacher", str(model_dirs["teacher"]),
+                     "--bitext", str(data["tsv"])], ["push", str(tmp_path / "out"), "--repo_id", "org/x"]):
+        help_text = subprocess.run([sys.executable, "-m", "optical_hf", command[0], "--help"], capture_output=True,
+                                   text=True, timeout=60).stdout
+        assert "--log_level" in help_text, command[0]

@@ -46,7 +46,7 @@ def test_accelerate_launch_of_the_example_on_two_cpu_processes(model_dirs, tmp_p
            str(Path(__file__).parents[1] / "examples" / "distill.py"),
            "--teacher", str(model_dirs["teacher"]), "--student", str(model_dirs["student"]), "--bitext", str(pairs),
            "--eval_size", "8", "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(out),
-           "--disable_tqdm", "true"]
+           "--disable_tqdm", "true", "--log_level", "info"]  # info: the Trainer's own lines too (default: warning)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}  # no accelerate config
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
