@@ -34,6 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import OpticalInputError
+from .fingerprint import model_fingerprint
 from .model_card import CARD_INFO_NAME, StudentCardInfo, write_model_card
 
 __all__ = [
@@ -217,6 +218,9 @@ def save_student(
     staging.mkdir()  # unlike tempfile.mkdtemp (0700), mkdir applies the umask
     card = card or StudentCardInfo(teacher=teacher, base_model=model.model_card_data.base_model)
     card.export = "pair" if teacher_model is not None else "student"
+    if teacher_model is not None:  # the card names the teacher it was saved with, and its weights' fingerprint
+        card.teacher = card.teacher or teacher_model.model_card_data.base_model or _local_name(teacher_model)
+        card.teacher_fingerprint = model_fingerprint(teacher_model)
     store_prompts(model, card)
     try:
         adapter_model = adapter_model if adapter_model is not None else model
@@ -225,12 +229,18 @@ def save_student(
         saved.save(str(staging), create_model_card=False)
         if has_adapters(adapter_model):
             _save_adapter(adapter_model, staging / ADAPTER_DIR)
-        write_model_card(staging, card)
+        write_model_card(staging, card, name=output_dir.name)
         _finish_staging(staging)
         _swap_in(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def _local_name(model: SentenceTransformer) -> str | None:
+    """The folder (or id) ``model``'s transformer was loaded from, when its first module is a ``Transformer``."""
+    first = model[0]
+    return (first.auto_model.name_or_path or None) if isinstance(first, Transformer) else None
 
 
 def _umask() -> int:

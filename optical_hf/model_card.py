@@ -130,6 +130,7 @@ class StudentCardInfo:
     model_id: str | None = None
     scoring: str = "dense"
     export: str = "student"
+    teacher_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.scoring, SCORINGS, "StudentCardInfo.scoring")
@@ -191,7 +192,8 @@ class StudentCardInfo:
         return cls(**data)
 
 
-def render_model_card(info: StudentCardInfo, model: SentenceTransformer, *, adapter_only: bool = False) -> ModelCard:
+def render_model_card(info: StudentCardInfo, model: SentenceTransformer, *, adapter_only: bool = False,
+                      name: str | None = None) -> ModelCard:
     """The README of a student: sentence-transformers' card for ``model`` with the OPTICAL section and usage snippet.
 
     ``model`` is the saved student (its architecture, dimensions and maximum length go into the card).
@@ -201,7 +203,8 @@ def render_model_card(info: StudentCardInfo, model: SentenceTransformer, *, adap
     if adapter_only and info.base_model is None:
         raise ValueError("An adapter-only card needs StudentCardInfo.base_model (the Hub id the adapter applies to).")
     model_id = info.model_id or PLACEHOLDER_MODEL_ID
-    model_name = model_id.rsplit("/", 1)[-1] if info.model_id else f"optical-student-{'-'.join(info.languages) or 'xx'}"
+    model_name = model_id.rsplit("/", 1)[-1] if info.model_id else (
+        name or f"optical-student-{'-'.join(info.languages) or 'xx'}")
     card_data = _card_data(info, model, model_name, adapter_only)
     teacher = info.teacher or PLACEHOLDER_TEACHER_ID
     language = ", ".join(info.languages) or "low-resource-language"
@@ -229,13 +232,15 @@ def render_model_card(info: StudentCardInfo, model: SentenceTransformer, *, adap
     return card
 
 
-def write_model_card(folder: str | Path, info: StudentCardInfo) -> Path:
+def write_model_card(folder: str | Path, info: StudentCardInfo, name: str | None = None) -> Path:
     """Write ``folder/README.md`` rendered from ``info`` and the student saved in ``folder``, and
-    ``folder/optical_hf.json``; return the README path."""
+    ``folder/optical_hf.json``; return the README path. ``name``: the card's title when ``info`` has no Hub id
+    (default: the folder's name)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"Cannot write a model card into {folder}: not a directory.")
-    card = render_model_card(info, SentenceTransformer(str(folder), device="cpu", local_files_only=True))
+    card = render_model_card(info, SentenceTransformer(str(folder), device="cpu", local_files_only=True),
+                             name=name or folder.name)
     info.save(folder)
     path = folder / MODEL_CARD_NAME
     card.save(path)

@@ -56,3 +56,15 @@ def test_maxsim_search_from_texts_or_a_token_index(models):
     with pytest.raises(ValueError, match="scoring must be one of"):
         retrieve(pair, QUERIES, DOCUMENTS, scoring="bm25")
     assert isinstance(index, TokenIndex) and torch.isfinite(index.vectors.float()).all()
+
+
+def test_the_pair_card_names_its_teacher_and_its_folder(model_dirs, tmp_path):
+    from optical_hf.fingerprint import model_fingerprint
+
+    student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+    folder = save_student(student, tmp_path / "optical-tiny-ha", card=StudentCardInfo(language="ha"),
+                          teacher_model=teacher)
+    info = StudentCardInfo.load(folder)
+    assert info.teacher == str(model_dirs["teacher"]) and info.teacher_fingerprint == model_fingerprint(teacher)
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert "optical-tiny-ha" in card and "optical-student-ha" not in card and "path/to/english-teacher" not in card
