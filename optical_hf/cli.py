@@ -134,7 +134,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .corpora import flores_pairs, load_afriqa_gold, load_beir
     from .data import load_bitext
     from .evaluation import bitext_retrieval, evaluate_clir, format_metrics_table
-    from .late_interaction import evaluate_clir_maxsim
+    from .late_interaction import bitext_retrieval_maxsim, evaluate_clir_maxsim
     from .recipe import load_sentence_transformer, packaged_teacher_path
 
     if args.oracle and not args.afriqa:
@@ -142,8 +142,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.bitext_target and not args.bitext:
         raise OpticalInputError("--bitext_target needs --bitext")
     task = next(name for name in TASKS if getattr(args, name))
-    if args.scoring == "maxsim" and task in ("bitext", "flores"):
-        raise OpticalInputError(f"--scoring maxsim ranks documents; --{task} is scored densely (bitext P@1)")
     # Data first, so that a bad file fails before the models are loaded.
     if task == "bitext":
         pairs = load_bitext(args.bitext, args.bitext_target)
@@ -159,14 +157,15 @@ def _evaluate(args: argparse.Namespace) -> None:
     query_prompt = args.query_prompt if args.query_prompt is not None else card and card.query_prompt
     document_prompt = args.document_prompt if args.document_prompt is not None else card and card.document_prompt
     teacher_prompt = args.teacher_prompt if args.teacher_prompt is not None else card and card.teacher_prompt
-    scoring = args.scoring or (card.scoring if card and task not in ("bitext", "flores") else "dense")
+    scoring = args.scoring or (card.scoring if card else "dense")
     model = load_sentence_transformer(args.model, "--model")
     teacher = load_sentence_transformer(teacher_name, "--teacher")
     common = {"batch_size": args.batch_size, "show_progress_bar": True}
 
     if task in ("bitext", "flores"):
-        rows = {"model": bitext_retrieval(model, teacher, sources, targets, source_prompt=query_prompt,
-                                          target_prompt=teacher_prompt, **common)}
+        mine = bitext_retrieval_maxsim if scoring == "maxsim" else bitext_retrieval  # maxsim: src->tgt P@1 only
+        rows = {"model": mine(model, teacher, sources, targets, source_prompt=query_prompt,
+                              target_prompt=teacher_prompt, **common)}
     else:
         clir = functools.partial(evaluate_clir_maxsim if scoring == "maxsim" else evaluate_clir, doc_model=teacher,
                                  data=data, query_prompt=query_prompt, doc_prompt=document_prompt, **common)

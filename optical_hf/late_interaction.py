@@ -444,3 +444,36 @@ def evaluate_clir_maxsim(
     """
     evaluator = MaxSimCLIREvaluator(data, doc_model, name="", write_csv=False, **kwargs)
     return evaluator(query_model)
+
+
+def bitext_retrieval_maxsim(
+    source_model: SentenceTransformer,
+    target_model: SentenceTransformer,
+    sources: Sequence[str],
+    targets: Sequence[str],
+    *,
+    source_prompt: str | None = None,
+    target_prompt: str | None = None,
+    tokens: str = DEFAULT_TOKENS,
+    batch_size: int = 64,
+    show_progress_bar: bool = False,
+) -> dict[str, float]:
+    """Bitext retrieval by MaxSim: each source's tokens (``source_model.encode_query``) against the token index of
+    all targets (``target_model.encode_document``); P@1 of finding its own translation.
+
+    MaxSim is one-sided (query tokens look for their best document token), so only the source-to-target direction is
+    scored: ``{"p@1_src2tgt", "p@1"}`` (the same value), the keys of
+    :func:`optical_hf.evaluation.bitext_retrieval`'s dense scores.
+    """
+    if len(sources) != len(targets) or not sources:
+        raise ValueError(f"bitext retrieval needs aligned, non-empty sources and targets, got {len(sources)} and "
+                         f"{len(targets)}")
+    # each side's prompt only (None: none), as the dense bitext scores do
+    index = build_index(target_model, targets, prompt=target_prompt or "", tokens=tokens, batch_size=batch_size,
+                        show_progress_bar=show_progress_bar)
+    states = encode_token_states(source_model, sources, side="query", prompt=source_prompt or "", tokens=tokens,
+                                 batch_size=batch_size, show_progress_bar=show_progress_bar)
+    _, best = maxsim_topk(states, index, top_k=1)
+    precision = float((best[:, 0] == torch.arange(len(sources))).float().mean())
+    return {"p@1_src2tgt": precision, "p@1": precision}
+

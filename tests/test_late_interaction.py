@@ -432,3 +432,23 @@ def test_the_training_maxsim_and_the_index_scan_score_the_same():
     scanned = torch.empty(3, 3).scatter_(1, ids, scores)
     # the index stores unit vectors in fp16: cosines to ~1e-3 (a different scale or reduction would miss by ~0.1-1)
     torch.testing.assert_close(scanned / query_mask.sum(1, keepdim=True), batched, atol=2e-3, rtol=0)
+
+
+def test_evaluate_scores_bitext_by_maxsim(model_dirs, tmp_path, capsys):
+    from optical_hf.late_interaction import bitext_retrieval_maxsim
+
+    pairs = toy_bitext(12, seed=2)
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("source\ttarget\n" + "".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", "--model", str(model_dirs["student"]), "--teacher", str(model_dirs["teacher"]),
+                 "--bitext", str(tsv), "--scoring", "maxsim", "--output_json", str(out)]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    student, teacher = sentence_transformer(model_dirs["student"]), sentence_transformer(model_dirs["teacher"])
+    expected = bitext_retrieval_maxsim(student, teacher, [s for s, _ in pairs], [t for _, t in pairs])
+    assert report["scoring"] == "maxsim" and report["metrics"]["model"] == pytest.approx(expected)
+    # by hand: the share of sources whose best target by sum_i max_j cos is their own translation
+    index = build_index(teacher, [t for _, t in pairs], prompt="")
+    states = encode_token_states(student, [s for s, _ in pairs], side="query", prompt="")
+    _, best = maxsim_topk(states, index, top_k=1)
+    assert expected["p@1"] == pytest.approx((best[:, 0] == torch.arange(12)).float().mean().item())
