@@ -202,7 +202,7 @@ def _crash_in_model_save(monkeypatch, model):
 
 
 def _crash_in_model_card(monkeypatch, model):
-    def write_model_card(folder, info):
+    def write_model_card(folder, info, name=None):
         (Path(folder) / "README.md").write_text("---\nlanguage:", encoding="utf-8")
         raise KeyboardInterrupt  # e.g. Ctrl-C while the card is written
 
