@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -166,7 +166,6 @@ class HybridBatches:
     dataset: datasets.Dataset
     batch_sampler: Callable[..., HybridBatchSampler]
     callback: HybridAlphaCallback
-    state: HybridState = field(repr=False)
 
 
 def with_monolingual(bitext: datasets.Dataset, source: str = "source", target: str = "target") -> datasets.Dataset:
@@ -185,4 +184,4 @@ def hybrid_batches(bitext: datasets.Dataset, args: HybridBatchArguments, source:
     state = HybridState(schedule(0, 1))
     sampler = functools.partial(HybridBatchSampler, n_cross=len(bitext), state=state,
                                 granularity=args.hybrid_granularity)
-    return HybridBatches(with_monolingual(bitext, source, target), sampler, HybridAlphaCallback(schedule, state), state)
+    return HybridBatches(with_monolingual(bitext, source, target), sampler, HybridAlphaCallback(schedule, state))
