@@ -135,7 +135,7 @@ class Setting:
     """The frozen teacher (passages, English side); also the student's initialisation unless ``student_path``."""
     query_prompt: str | None
     doc_prompt: str | None
-    target_prompt: str | None
+    teacher_prompt: str | None
     student_path: str | None = None
     """The student's initialisation when it is another model than the teacher (its untrained state is the floor)."""
     mse_both_sides: bool = False
@@ -231,7 +231,7 @@ def custom_setting(args: argparse.Namespace) -> Setting:
     student = str(Path(args.student).expanduser()) if args.student else None
     name = f"custom:{Path(teacher).name}" + (f"<-{Path(student).name}" if student else "")
     return Setting(name, f"teacher {teacher}, student {student or 'the teacher'}", teacher, args.query_prompt,
-                   args.doc_prompt, args.target_prompt, student_path=student, mse_both_sides=student is not None)
+                   args.doc_prompt, args.teacher_prompt, student_path=student, mse_both_sides=student is not None)
 
 
 def make_settings(names: Sequence[str], e5: str | None, custom: Setting | None = None) -> dict[str, Setting]:
@@ -367,7 +367,7 @@ def train_student(
         student[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
 
-    source_prompt, target_prompt = setting.query_prompt, setting.target_prompt
+    query_prompt, teacher_prompt = setting.query_prompt, setting.teacher_prompt
     with tempfile.TemporaryDirectory(prefix="optical-quality-") as output_dir:
         train_size = len(bitext) * (2 if method == "mse" and setting.mse_both_sides else 1)
         args = SentenceTransformerTrainingArguments(
@@ -379,7 +379,7 @@ def train_student(
             warmup_steps=config.warmup,
             seed=config.seed,
             data_seed=config.seed,
-            prompts={"source": source_prompt} if method == "mse" and source_prompt else None,
+            prompts={"source": query_prompt} if method == "mse" and query_prompt else None,
             save_strategy="no",
             report_to="none",
             logging_steps=max(1, math.ceil(train_size / config.batch_size) // 5),
@@ -388,7 +388,7 @@ def train_student(
         )
         if method == "mse":
             if labels is None:
-                labels = teacher_labels(teacher, list(bitext["target"]), target_prompt)
+                labels = teacher_labels(teacher, list(bitext["target"]), teacher_prompt)
             sources, labels = list(bitext["source"]), labels.tolist()
             if setting.mse_both_sides:  # the student also learns to map the English side onto the teacher
                 sources, labels = sources + list(bitext["target"]), labels + labels
@@ -402,7 +402,7 @@ def train_student(
             if switching.code_switch_p is not None:
                 bitext = code_switched_bitext(bitext, student, switching, config.seed)
             trainer = build_trainer(student, teacher, bitext, args, OTLossConfig(**dict(config.loss)),
-                                    Prompts(query=source_prompt or "", teacher=target_prompt or ""), hybrid=hybrid)
+                                    Prompts(query=query_prompt or "", teacher=teacher_prompt or ""), hybrid=hybrid)
         started = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - started
@@ -572,7 +572,7 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
             bitext, info = bitexts[lang]
             student_model = {"student": setting.student_path} if setting.student_path else {}
             if name.startswith("custom:"):  # its prompts are flags: the record keeps them (and its key covers them)
-                student_model["prompts"] = [setting.query_prompt, setting.doc_prompt, setting.target_prompt]
+                student_model["prompts"] = [setting.query_prompt, setting.doc_prompt, setting.teacher_prompt]
             bases = {scoring: {"setting": name if scoring == "dense" else f"{name}, {scoring}", "lang": lang,
                                "split": args.split, "eval": eval_fingerprint(data), "model": setting.model_path,
                                **student_model}
@@ -957,7 +957,7 @@ def reproduce(record: dict[str, Any]) -> str:
     if setting.startswith("custom:"):
         flags += ["--settings", "custom", "--teacher", record["model"]]
         flags += ["--student", record["student"]] if "student" in record else []
-        for flag, prompt in zip(("--query-prompt", "--doc-prompt", "--target-prompt"), record["prompts"]):
+        for flag, prompt in zip(("--query-prompt", "--doc-prompt", "--teacher-prompt"), record["prompts"]):
             flags += [flag, prompt] if prompt is not None else []
     elif setting != "e5":
         flags += ["--settings", setting]
@@ -989,7 +989,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student", help="--settings custom: the student's initialisation (default: the teacher)")
     parser.add_argument("--query-prompt", help="--settings custom: the student's prompt on queries and bitext sources")
     parser.add_argument("--doc-prompt", help="--settings custom: the teacher's prompt on passages")
-    parser.add_argument("--target-prompt", help="--settings custom: the teacher's prompt on the English side")
+    parser.add_argument("--teacher-prompt", help="--settings custom: the teacher's prompt on the English side")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
                         help="trained systems (none: the floor and oracle only)")
     parser.add_argument("--scoring", nargs="+", default=["dense"], choices=list(SCORINGS),
@@ -1034,7 +1034,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not (args.data_dir / "afriqa" / "gold_passages").is_dir():
         parser.error(f"--data-dir {args.data_dir}: no afriqa/gold_passages folder there")
     custom_flags = [f"--{name.replace('_', '-')}" for name in ("teacher", "student", "query_prompt", "doc_prompt",
-                                                                 "target_prompt") if getattr(args, name) is not None]
+                                                                 "teacher_prompt") if getattr(args, name) is not None]
     if "custom" in args.settings and not args.teacher:
         parser.error("--settings custom needs --teacher (a SentenceTransformer folder)")
     if custom_flags and "custom" not in args.settings:

@@ -16,6 +16,12 @@ __version__ = "0.1.0"
 
 #: Public name -> submodule that defines it.
 _EXPORTS = {
+    "build_search_index": "faiss_index",
+    "build_index": "late_interaction",
+    "load_search_index": "faiss_index",
+    "QdrantIndex": "qdrant_index",
+    "FaissMaxSimIndex": "faiss_index",
+    "FaissDenseIndex": "faiss_index",
     "CITATION": "vocabulary",
     "AuxiliaryLoss": "auxiliary",
     "BitextError": "data",

@@ -142,6 +142,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.bitext_target and not args.bitext:
         raise OpticalInputError("--bitext_target needs --bitext")
     task = next(name for name in TASKS if getattr(args, name))
+    if (args.index or args.index_factory) and task not in ("afriqa", "beir"):
+        raise OpticalInputError("--index and --index_factory apply to --afriqa and --beir (a document corpus)")
+    if args.index_factory and not args.index:
+        raise OpticalInputError("--index_factory needs --index (the folder the new index is saved to)")
     # Data first, so that a bad file fails before the models are loaded.
     if task == "bitext":
         pairs = load_bitext(args.bitext, args.bitext_target)
@@ -164,11 +168,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     if task in ("bitext", "flores"):
         mine = bitext_retrieval_maxsim if scoring == "maxsim" else bitext_retrieval  # maxsim: src->tgt P@1 only
-        rows = {"model": mine(model, teacher, sources, targets, source_prompt=query_prompt,
-                              target_prompt=teacher_prompt, **common)}
+        rows = {"model": mine(model, teacher, sources, targets, query_prompt=query_prompt,
+                              teacher_prompt=teacher_prompt, **common)}
     else:
+        index = args.index and _search_index(args, teacher, data, scoring, document_prompt)
         clir = functools.partial(evaluate_clir_maxsim if scoring == "maxsim" else evaluate_clir, doc_model=teacher,
-                                 data=data, query_prompt=query_prompt, doc_prompt=document_prompt, **common)
+                                 data=data, query_prompt=query_prompt, doc_prompt=document_prompt, **common,
+                                 **({"index": index} if index else {}))
         rows = {"model": clir(model)}
         if args.oracle:
             rows["oracle"] = clir(teacher, use_translations=True)
@@ -180,6 +186,25 @@ def _evaluate(args: argparse.Namespace) -> None:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"Metrics written to {args.output_json}")
+
+
+def _search_index(args: argparse.Namespace, teacher: Any, data: Any, scoring: str, prompt: str | None) -> Any:
+    """The FAISS index of ``--index``: loaded when the folder exists (the evaluator checks that the teacher, prompt
+    and corpus are the ones in use), else built from the corpus with ``--index_factory`` and saved there."""
+    from .faiss_index import build_search_index, load_search_index
+
+    folder = Path(args.index)
+    if folder.exists():
+        if args.index_factory:
+            raise OpticalInputError(f"--index {folder} exists; --index_factory only applies to a new index")
+        index = load_search_index(folder)
+        print(f"index: {folder} ({index.kind}, {index.factory}, {index.num_passages} passages)")
+        return index
+    index = build_search_index(teacher, list(data.corpus.values()), list(data.corpus), scoring=scoring, prompt=prompt,
+                               factory=args.index_factory, batch_size=args.batch_size, show_progress_bar=True)
+    index.save(folder)
+    print(f"index: {folder} (new: {index.kind}, {index.factory}, {index.num_passages} passages)")
+    return index
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -218,6 +243,12 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     add_flags(parser, RetrieverArguments)  # --teacher, the prompts, --scoring: declared once, as distill's
     parser.add_argument("--oracle", action="store_true",
                         help="add the teacher on the human English translations of the queries (AfriQA upper bound)")
+    parser.add_argument("--index", metavar="DIR",
+                        help="FAISS search index folder of the corpus (--afriqa/--beir): searched when it exists (it "
+                             "must have been built by the same teacher and prompt), else built and saved there")
+    parser.add_argument("--index_factory", metavar="FACTORY",
+                        help="FAISS factory string of a new --index, e.g. Flat, HNSW32 (dense) or IVF1024,PQ32np "
+                             "(maxsim token vectors). Default: by corpus size (optical_hf.faiss_index.default_factory)")
     parser.add_argument("--batch_size", type=int, default=64, help="encoding batch size (default: 64)")
     _log_level_flag(parser)
     parser.add_argument("--output_json", metavar="FILE", help="also write the metrics to this JSON file")

@@ -42,14 +42,16 @@ class OTDistillationConfig(OTLossConfig, HybridBatchArguments, TeacherCacheArgum
 
     Example::
 
-        OTDistillationConfig("optical-xlmr-sw", max_steps=1000, reg=0.1, sentence_weight=1.0, source_prompt="query: ")
+        OTDistillationConfig("optical-xlmr-sw", max_steps=1000, reg=0.1, sentence_weight=1.0, query_prompt="query: ")
     """
 
     max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Truncation length of both sides (tokens)."})
-    source_prompt: str | None = field(default=None, metadata={
-        "help": "Prefix of the low-resource sentences (e.g. 'query: ' for e5 students)."})
-    target_prompt: str | None = field(default=None, metadata={
-        "help": "Prefix of the English sentences given to the teacher (e.g. 'query: ' for e5 teachers)."})
+    query_prompt: str | None = field(default=None, metadata={
+        "help": "The student's query prompt: prefix of the low-resource sentences (e.g. 'query: ' for e5 students), "
+                "saved as its 'query' prompt (Prompts.query)."})
+    teacher_prompt: str | None = field(default=None, metadata={
+        "help": "Prefix of the English sentences given to the teacher (e.g. 'query: ' for e5 teachers; "
+                "Prompts.teacher)."})
     source_column: str = field(default="source", metadata={"help": "Dataset column of the low-resource sentences."})
     target_column: str = field(default="target", metadata={"help": "Dataset column of the English sentences."})
     pooling: Literal["mean", "cls"] = field(default="mean", metadata={

@@ -32,6 +32,7 @@ from sentence_transformers.sentence_transformer.evaluation import InformationRet
 from sentence_transformers.util import cos_sim, semantic_search
 
 from optical_hf.corpora import RetrievalData
+from optical_hf.errors import OpticalInputError
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -233,6 +234,30 @@ def _report(
     return metrics
 
 
+def run_from_hits(hits: Sequence[Sequence[dict[str, Any]]], query_ids: Sequence[str]) -> Run:
+    """A search index's hits (:data:`optical_hf.faiss_index.Hits`) as a run ``{qid: {passage id: score}}``."""
+    return {qid: {hit["id"]: hit["score"] for hit in row} for qid, row in zip(query_ids, hits)}
+
+
+def check_search_index(index: Any, evaluator: CLIREvaluator, kind: str, tokens: str | None = None) -> Any:
+    """``index`` if it is a ``kind`` search index of exactly the evaluator's documents, built by its ``doc_model``
+    with its document prompt (and token selection ``tokens``); else an :class:`OpticalInputError` saying what
+    differs (:func:`optical_hf.late_interaction.check_index`)."""
+    from .late_interaction import check_index
+
+    where = f"{type(evaluator).__name__} {evaluator.name!r}: the {type(index).__name__}"
+    if index.kind != kind:
+        raise OpticalInputError(f"{where} is a {index.kind} index; this evaluator scores {kind}")
+    ids = getattr(index, "ids", None)  # a Qdrant collection is checked by its size
+    if (sorted(ids) != sorted(evaluator.corpus_ids) if ids is not None
+            else index.num_passages != len(evaluator.corpus_ids)):
+        stray = sorted(set(ids or ()) ^ set(evaluator.corpus_ids))[:3]
+        raise OpticalInputError(f"{where}'s {index.num_passages} passage ids are not the corpus's "
+                                f"{len(evaluator.corpus_ids)} document ids" + (f" (e.g. {stray})" if ids else ""))
+    check_index(index, evaluator.doc_model, prompt=evaluator.corpus_prompt, tokens=tokens, where=where)
+    return index
+
+
 class CLIREvaluator(InformationRetrievalEvaluator):
     """Sentence-transformers ``InformationRetrievalEvaluator`` for cross-lingual retrieval: queries encoded by the
     model being evaluated (the student), the corpus by a frozen ``doc_model`` (the teacher).
@@ -262,6 +287,9 @@ class CLIREvaluator(InformationRetrievalEvaluator):
             the evaluated model this is the translation oracle (upper bound).
         corpus_embeddings: ``(len(data.corpus), dim)`` embeddings of the documents by ``doc_model``, in
             ``data.corpus`` order (e.g. cached on disk by the caller); default: encoded at the first call.
+        index: a dense search index of exactly ``data.corpus``'s documents built by ``doc_model``
+            (:class:`~optical_hf.faiss_index.FaissDenseIndex`, :class:`~optical_hf.qdrant_index.QdrantIndex`):
+            queries are searched there instead of by ``semantic_search``.
     """
 
     def __init__(
@@ -278,6 +306,7 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         write_csv: bool = True,
         use_translations: bool = False,
         corpus_embeddings: torch.Tensor | None = None,
+        index: Any = None,
     ):
         _check_corpus(data)
         if corpus_embeddings is not None and (
@@ -301,6 +330,7 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         self.csv_headers = ["epoch", "steps", *TREC_MEASURES]
         self.primary_metric = "mrr@10"
         self._corpus_embeddings = corpus_embeddings
+        self._index = None if index is None else check_search_index(index, self, "dense")
         self.last_timing: dict[str, float] = {}
         self.last_per_query: dict[str, dict[str, float]] = {}
         self.last_ranks: dict[str, int] = {}
@@ -316,14 +346,19 @@ class CLIREvaluator(InformationRetrievalEvaluator):
         return self._corpus_embeddings
 
     def compute_all_metrics(self, model: SentenceTransformer) -> dict[str, float]:
-        """Unprefixed :func:`compute_metrics` of ``model``'s queries against the cached teacher corpus embeddings."""
-        corpus = self.corpus_embeddings
+        """Unprefixed :func:`compute_metrics` of ``model``'s queries against the cached teacher corpus embeddings (or
+        the search index)."""
+        corpus = self.corpus_embeddings if self._index is None else None
         began = time.perf_counter()
         query_embeddings = self.embed_inputs(model, self.queries, encode_fn_name="query", prompt=self.query_prompt)
         encoded = time.perf_counter()
-        run = retrieve(query_embeddings, corpus, self.queries_ids, self.corpus_ids, top_k=self.top_k)
-        self.last_timing = search_timing(corpus.nelement() * corpus.element_size(), len(self.queries), began, encoded,
-                                         time.perf_counter())
+        if self._index is None:
+            run = retrieve(query_embeddings, corpus, self.queries_ids, self.corpus_ids, top_k=self.top_k)
+            size = corpus.nelement() * corpus.element_size()
+        else:
+            run = run_from_hits(self._index.search(query_embeddings.cpu(), self.top_k), self.queries_ids)
+            size = getattr(self._index, "memory_bytes", 0)
+        self.last_timing = search_timing(size, len(self.queries), began, encoded, time.perf_counter())
         self.last_per_query = per_query_metrics(self.qrels, run)
         self.last_ranks = first_relevant_ranks(self.qrels, run)
         return mean_metrics(self.last_per_query)
@@ -349,15 +384,17 @@ def evaluate_clir(
     top_k: int = 100,
     use_translations: bool = False,
     show_progress_bar: bool = True,
+    index: Any = None,
 ) -> dict[str, float]:
-    """One :class:`CLIREvaluator` run: ``query_model`` encodes the queries, ``doc_model`` the corpus.
+    """One :class:`CLIREvaluator` run: ``query_model`` encodes the queries, ``doc_model`` the corpus (or ``index``, a
+    dense search index of it, searches them).
 
     Returns:
         ``{"mrr@10", "ndcg@10", "map", "recall@1", "recall@10", "recall@100"}`` averaged over queries (unprefixed).
     """
     evaluator = CLIREvaluator(
         data, doc_model, query_prompt=query_prompt, doc_prompt=doc_prompt, batch_size=batch_size, top_k=top_k,
-        name="", show_progress_bar=show_progress_bar, write_csv=False, use_translations=use_translations,
+        name="", show_progress_bar=show_progress_bar, write_csv=False, use_translations=use_translations, index=index,
     )
     return evaluator(query_model)
 
@@ -394,8 +431,8 @@ class BitextRetrievalEvaluator(BaseEvaluator):
         targets: Sequence[str],
         target_model: SentenceTransformer,
         *,
-        source_prompt: str | None = None,
-        target_prompt: str | None = None,
+        query_prompt: str | None = None,
+        teacher_prompt: str | None = None,
         batch_size: int = 64,
         name: str = "bitext",
         show_progress_bar: bool = False,
@@ -408,7 +445,7 @@ class BitextRetrievalEvaluator(BaseEvaluator):
         super().__init__()
         self.sources, self.targets = list(sources), list(targets)
         self.target_model = target_model
-        self.source_prompt, self.target_prompt = source_prompt, target_prompt
+        self.query_prompt, self.teacher_prompt = query_prompt, teacher_prompt
         self.batch_size = batch_size
         self.name = name
         self.show_progress_bar = show_progress_bar
@@ -430,19 +467,19 @@ class BitextRetrievalEvaluator(BaseEvaluator):
         """``(len(targets), dim)`` embeddings of the targets by ``target_model``, computed on first access."""
         if self._target_embeddings is None:
             logger.info("Encoding the %d targets with the target model (once)", len(self.targets))
-            self._target_embeddings = self._encode(self.target_model, self.targets, self.target_prompt, "document")
+            self._target_embeddings = self._encode(self.target_model, self.targets, self.teacher_prompt, "document")
         return self._target_embeddings
 
     def __call__(
         self, model: SentenceTransformer, output_path: str | None = None, epoch: float = -1, steps: int = -1
     ) -> dict[str, float]:
-        source_embeddings = self._encode(model, self.sources, self.source_prompt, "query")
+        source_embeddings = self._encode(model, self.sources, self.query_prompt, "query")
         metrics = _bitext_precision(source_embeddings, self.target_embeddings, self.sources, self.targets)
         return _report(self, "bitext_retrieval", metrics, model, output_path, epoch, steps)
 
     def get_config_dict(self) -> dict[str, Any]:
         config: dict[str, Any] = {"pairs": len(self.sources)}
-        prompts = {"source_prompt": self.source_prompt, "target_prompt": self.target_prompt}
+        prompts = {"query_prompt": self.query_prompt, "teacher_prompt": self.teacher_prompt}
         config.update({key: value for key, value in prompts.items() if value})
         return config
 
@@ -453,8 +490,8 @@ def bitext_retrieval(
     sources: Sequence[str],
     targets: Sequence[str],
     *,
-    source_prompt: str | None = None,
-    target_prompt: str | None = None,
+    query_prompt: str | None = None,
+    teacher_prompt: str | None = None,
     batch_size: int = 64,
     show_progress_bar: bool = False,
 ) -> dict[str, float]:
@@ -464,7 +501,7 @@ def bitext_retrieval(
         ``{"p@1_src2tgt", "p@1_tgt2src", "p@1"}`` (unprefixed), ``p@1`` being the mean of both directions.
     """
     evaluator = BitextRetrievalEvaluator(
-        sources, targets, target_model, source_prompt=source_prompt, target_prompt=target_prompt,
+        sources, targets, target_model, query_prompt=query_prompt, teacher_prompt=teacher_prompt,
         batch_size=batch_size, name="", show_progress_bar=show_progress_bar, write_csv=False,
     )
     return evaluator(source_model)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -33,13 +33,17 @@ from torch import Tensor
 from .collation import content_mask, special_token_ids
 from .errors import OpticalInputError
 from .fingerprint import hash_tensor, model_fingerprint
-from .evaluation import CLIREvaluator, Run, first_relevant_ranks, mean_metrics, per_query_metrics, search_timing
+from .evaluation import (
+    CLIREvaluator, Run, check_search_index, first_relevant_ranks, mean_metrics, per_query_metrics, run_from_hits,
+    search_timing,
+)
 from .vocabulary import TOKEN_SELECTIONS, check_choice
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
     from .corpora import RetrievalData
+    from .faiss_index import Hits
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +114,47 @@ class TokenIndex:
         vectors = torch.cat([_normalise(state).half() for state in states])
         return cls(vectors, offsets, ids)
 
+    kind: ClassVar[str] = "maxsim"
+
     @property
     def num_passages(self) -> int:
         return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def search(self, queries: Sequence[Tensor], top_k: int = 10, **chunking: int) -> Hits:
+        """Exact MaxSim (:func:`maxsim_topk`) of per-query token states ``(n_tokens_i, dim)``, in the shape of every
+        search index (:data:`optical_hf.faiss_index.Hits`); ``chunking``: ``query_chunk_size``, ``token_chunk_size``."""
+        scores, positions = maxsim_topk(queries, self, top_k=top_k, **chunking)
+        return [[{"corpus_id": int(p), "score": float(s), "id": self.ids[int(p)]} for s, p in zip(row_s, row_p)]
+                for row_s, row_p in zip(scores.tolist(), positions.tolist())]
+
+    def add(self, states: Sequence[Tensor], ids: Sequence[str]) -> None:
+        """Append passages given their token states ``(n_tokens_i, dim)`` (normalised and stored in fp16); an id
+        already in the index is an error naming it."""
+        added = TokenIndex.from_token_states(states, ids)
+        taken = sorted(set(added.ids) & set(self.ids))
+        if taken or added.dim != self.dim:
+            raise OpticalInputError(f"TokenIndex.add: ids {taken[:3]} are already indexed" if taken else
+                                    f"TokenIndex.add: token dim {added.dim}, the index {self.dim}")
+        self.vectors = torch.cat([self.vectors, added.vectors])
+        self.offsets = torch.cat([self.offsets, added.offsets[1:] + self.offsets[-1]])
+        self.ids = self.ids + added.ids
+
+    def remove(self, ids: Sequence[str]) -> None:
+        """Drop the passages ``ids`` (an id not in the index, or removing every passage, is an error)."""
+        drop = set(ids)
+        unknown = sorted(drop - set(self.ids))
+        if unknown or len(drop) >= self.num_passages:
+            raise OpticalInputError(f"TokenIndex.remove: ids {unknown[:3]} are not in the index" if unknown else
+                                    "TokenIndex.remove: cannot remove every passage")
+        keep = torch.tensor([pid not in drop for pid in self.ids])
+        lengths = self.offsets.diff()
+        self.vectors = self.vectors[torch.repeat_interleave(keep, lengths)]
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths[keep].cumsum(0)])
+        self.ids = [pid for pid in self.ids if pid not in drop]
 
     @property
     def memory_bytes(self) -> int:
@@ -157,19 +199,21 @@ class TokenIndex:
         return index
 
 
-def check_index(index: TokenIndex, model: SentenceTransformer, *, prompt: str | None, tokens: str,
+def check_index(index: Any, model: SentenceTransformer, *, prompt: str | None, tokens: str | None,
                 where: str = "the index") -> None:
-    """Raise :class:`OpticalInputError` saying what differs when ``index`` was not built by ``model`` (its
+    """Raise :class:`OpticalInputError` saying what differs when ``index`` (any search index: a
+    :class:`TokenIndex`, a FAISS or Qdrant index) was not built by ``model`` (its
     :func:`~optical_hf.fingerprint.model_fingerprint`) with the document ``prompt`` and token selection ``tokens``
-    in use now. An index without ``built_by`` (made from token states directly) is not checked."""
+    (``None`` for a dense index) in use now. An index without ``built_by`` (made from vectors directly) is not
+    checked."""
     if not index.built_by:
         return
     expected = {"fingerprint": model_fingerprint(model), "prompt": prompt, "tokens": tokens}
     differs = [f"{key} {index.built_by.get(key)!r} (in use: {value!r})" for key, value in expected.items()
                if index.built_by.get(key) != value]
     dim = model.get_embedding_dimension()
-    if dim is not None and index.vectors.shape[1] != dim:
-        differs.append(f"dim {index.vectors.shape[1]} (in use: {dim})")
+    if dim is not None and index.dim != dim:
+        differs.append(f"dim {index.dim} (in use: {dim})")
     if differs:
         raise OpticalInputError(f"{where} was built by {index.built_by.get('model')!r} with other settings than the "
                                 f"document model in use: {'; '.join(differs)}; build the index again with it")
@@ -276,9 +320,7 @@ def maxsim_retrieve(
     query_ids = [str(i) for i in range(len(query_states))] if query_ids is None else list(query_ids)
     if len(query_ids) != len(query_states):
         raise ValueError(f"maxsim_retrieve: {len(query_ids)} query ids for {len(query_states)} queries")
-    scores, indices = maxsim_topk(query_states, index, top_k=top_k, **chunking)
-    return {qid: {index.ids[i]: score for i, score in zip(row_ids.tolist(), row_scores.tolist())}
-            for qid, row_scores, row_ids in zip(query_ids, scores, indices)}
+    return run_from_hits(index.search(query_states, top_k, **chunking), query_ids)
 
 
 def encode_token_states(
@@ -345,10 +387,15 @@ def build_index(
     lengths = torch.cat([block.offsets.diff() for block in blocks])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     ids = [str(i) for i in range(len(passages))] if ids is None else list(ids)
-    built_by = {"model": str(getattr(model, "model_card_data", None) and model.model_card_data.base_model
-                             or getattr(model[0], "name_or_path", None) or type(model).__name__),
-                "fingerprint": model_fingerprint(model), "prompt": prompt, "tokens": tokens}
-    return TokenIndex(torch.cat([block.vectors for block in blocks]), offsets, ids, built_by)
+    return TokenIndex(torch.cat([block.vectors for block in blocks]), offsets, ids, built_by(model, prompt, tokens))
+
+
+def built_by(model: SentenceTransformer, prompt: str | None, tokens: str | None) -> dict[str, Any]:
+    """What a search index records about the model that encoded its passages (:func:`check_index` compares it):
+    ``{"model": name or path, "fingerprint", "prompt": document prompt, "tokens": token selection or None (dense)}``."""
+    return {"model": str(getattr(model, "model_card_data", None) and model.model_card_data.base_model
+                         or getattr(model[0], "name_or_path", None) or type(model).__name__),
+            "fingerprint": model_fingerprint(model), "prompt": prompt, "tokens": tokens}
 
 
 class MaxSimCLIREvaluator(CLIREvaluator):
@@ -360,7 +407,7 @@ class MaxSimCLIREvaluator(CLIREvaluator):
     them with ``pytrec_eval``.
     Metric keys, CSV file (``clir_evaluation_{name}_results.csv``), model-card storage and primary metric
     (``mrr@10``) are CLIREvaluator's. Index memory and query latency are logged at each call and kept in
-    :attr:`last_timing` (``index_bytes``, ``index_tokens``, ``encode_ms_per_query``, ``search_ms_per_query``).
+    :attr:`last_timing` (``index_bytes``, ``encode_ms_per_query``, ``search_ms_per_query``).
 
     Args:
         data, doc_model, query_prompt, doc_prompt, batch_size, top_k, name, show_progress_bar, write_csv,
@@ -388,20 +435,13 @@ class MaxSimCLIREvaluator(CLIREvaluator):
         _check_tokens(query_tokens, "query_tokens")
         _check_tokens(doc_tokens, "doc_tokens")
         super().__init__(data, doc_model, name=name, **kwargs)
-        if index is not None and sorted(index.ids) != sorted(self.corpus_ids):
-            stray = sorted(set(index.ids) ^ set(self.corpus_ids))[:3]
-            raise ValueError(f"MaxSimCLIREvaluator {name!r}: the index's {index.num_passages} passage ids are not the "
-                             f"corpus's {len(self.corpus_ids)} document ids (e.g. {stray or 'a repeated id'})")
-        if index is not None:
-            check_index(index, doc_model, prompt=self.corpus_prompt, tokens=doc_tokens,
-                        where=f"MaxSimCLIREvaluator {name!r}: the index")
+        self._index = None if index is None else check_search_index(index, self, "maxsim", doc_tokens)
         self.query_tokens, self.doc_tokens = query_tokens, doc_tokens
         self.chunking = {"query_chunk_size": query_chunk_size, "token_chunk_size": token_chunk_size}
-        self._index = index
 
     @property
-    def index(self) -> TokenIndex:
-        """The teacher's token index of the corpus, built on first access."""
+    def index(self) -> Any:
+        """The teacher's token index of the corpus (exact, built on first access) or the search index given."""
         if self._index is None:
             logger.info("Encoding the token states of the %d documents with the document model (once)",
                         len(self.corpus))
@@ -418,11 +458,13 @@ class MaxSimCLIREvaluator(CLIREvaluator):
                                      tokens=self.query_tokens, batch_size=self.batch_size,
                                      show_progress_bar=self.show_progress_bar)
         encoded = time.perf_counter()
-        run = maxsim_retrieve(states, index, self.queries_ids, top_k=self.top_k, **self.chunking)
-        self.last_timing = {**search_timing(index.memory_bytes, len(states), began, encoded, time.perf_counter()),
-                            "index_tokens": len(index.vectors)}
-        logger.info("MaxSim: index of %d passages, %d tokens, %.1f MiB fp16; %.2f ms/query encoding, %.2f ms/query "
-                    "search", index.num_passages, len(index.vectors), index.memory_bytes / 2**20,
+        exact = {"query_chunk_size", "token_chunk_size"} if isinstance(index, TokenIndex) else set()
+        run = run_from_hits(index.search(states, self.top_k, **{k: v for k, v in self.chunking.items() if k in exact}),
+                            self.queries_ids)
+        size = getattr(index, "memory_bytes", 0)
+        self.last_timing = search_timing(size, len(states), began, encoded, time.perf_counter())
+        logger.info("MaxSim (%s): index of %d passages, %.1f MiB; %.2f ms/query encoding, %.2f ms/query search",
+                    type(index).__name__, index.num_passages, size / 2**20,
                     self.last_timing["encode_ms_per_query"], self.last_timing["search_ms_per_query"])
         self.last_per_query = per_query_metrics(self.qrels, run)
         self.last_ranks = first_relevant_ranks(self.qrels, run)
@@ -452,8 +494,8 @@ def bitext_retrieval_maxsim(
     sources: Sequence[str],
     targets: Sequence[str],
     *,
-    source_prompt: str | None = None,
-    target_prompt: str | None = None,
+    query_prompt: str | None = None,
+    teacher_prompt: str | None = None,
     tokens: str = DEFAULT_TOKENS,
     batch_size: int = 64,
     show_progress_bar: bool = False,
@@ -469,9 +511,9 @@ def bitext_retrieval_maxsim(
         raise ValueError(f"bitext retrieval needs aligned, non-empty sources and targets, got {len(sources)} and "
                          f"{len(targets)}")
     # each side's prompt only (None: none), as the dense bitext scores do
-    index = build_index(target_model, targets, prompt=target_prompt or "", tokens=tokens, batch_size=batch_size,
+    index = build_index(target_model, targets, prompt=teacher_prompt or "", tokens=tokens, batch_size=batch_size,
                         show_progress_bar=show_progress_bar)
-    states = encode_token_states(source_model, sources, side="query", prompt=source_prompt or "", tokens=tokens,
+    states = encode_token_states(source_model, sources, side="query", prompt=query_prompt or "", tokens=tokens,
                                  batch_size=batch_size, show_progress_bar=show_progress_bar)
     _, best = maxsim_topk(states, index, top_k=1)
     precision = float((best[:, 0] == torch.arange(len(sources))).float().mean())

@@ -553,7 +553,7 @@ def run(
         name = _heldout_name(language, args)
         evaluators += [
             BitextRetrievalEvaluator(pairs["source"], pairs["target"], teacher, name=name, show_progress_bar=True,
-                                     source_prompt=prompts.query, target_prompt=prompts.teacher),
+                                     query_prompt=prompts.query, teacher_prompt=prompts.teacher),
             # make_multilingual's metric: the student's sources vs the teacher's English targets
             MSEEvaluator([prompts.teacher + text for text in pairs["target"]],
                          [prompts.query + text for text in pairs["source"]], teacher, name=f"{name}-mse"),
@@ -588,7 +588,7 @@ def run(
             training_args, **loss_config.to_dict(), **{f.name: getattr(args, f.name) for f in dataclasses.fields(
                 HybridBatchArguments)}, cache_teacher=args.cache_teacher,
             teacher_cache_dir=args.teacher_cache_dir, max_length=args.max_length,
-            source_prompt=prompts.query or None, target_prompt=prompts.teacher or None,
+            query_prompt=prompts.query or None, teacher_prompt=prompts.teacher or None,
         )
         trainer = OTDistillationTrainer(  # the student SentenceTransformer keeps its modules (pooling, Normalize ...)
             model=student, teacher=teacher, args=trainer_args, train_dataset=train_data, eval_dataset=eval_data,

@@ -80,8 +80,8 @@ class OTDistillationTrainer(Trainer):
         teacher: the frozen English teacher: ``AutoModel``, ``SentenceTransformer``, or a model id/path
             (loaded as a SentenceTransformer). Token embeddings must have the student's size.
         args: an :class:`optical_hf.OTDistillationConfig`: the ``TrainingArguments``, the objective's
-            :class:`optical_hf.OTLossConfig` fields, and this trainer's options (``max_length``, ``source_prompt``,
-            ``target_prompt``, ``source_column``, ``target_column``, ``pooling``, ``cache_teacher``,
+            :class:`optical_hf.OTLossConfig` fields, and this trainer's options (``max_length``, ``query_prompt``,
+            ``teacher_prompt``, ``source_column``, ``target_column``, ``pooling``, ``cache_teacher``,
             ``teacher_cache_dir``). Plain ``TrainingArguments`` are accepted and get the defaults of the others.
             ``remove_unused_columns`` is forced to False (the collator needs the text columns).
         train_dataset / eval_dataset: bitext ``datasets.Dataset`` with ``args.source_column`` / ``args.target_column``.
@@ -90,7 +90,7 @@ class OTDistillationTrainer(Trainer):
             ``name_or_path``); a SentenceTransformer teacher has its own.
         peft_config: optional peft config (e.g. ``LoraConfig``) to train adapters only.
         data_collator: default :class:`optical_hf.OTDistillationDataCollator` over the source and target columns,
-            with ``args.source_prompt`` / ``args.target_prompt``, the same collator as the sentence-transformers
+            with ``args.query_prompt`` / ``args.teacher_prompt``, the same collator as the sentence-transformers
             front end (a replacement must produce its keys).
         evaluator: sentence-transformers evaluator(s) (e.g. :class:`optical_hf.evaluation.CLIREvaluator`,
             ``MSEEvaluator``; a list runs them in sequence) run at each evaluation, after ``eval_loss``, on the student
@@ -172,7 +172,7 @@ class OTDistillationTrainer(Trainer):
         self._student_head = nn.Sequential(*list(self.student_pipeline.children())[1:]).to(args.device)
         self._columns = (args.source_column, args.target_column)
         if data_collator is None:
-            prompts = {column: prompt for column, prompt in zip(self._columns, (args.source_prompt, args.target_prompt))
+            prompts = {column: prompt for column, prompt in zip(self._columns, (args.query_prompt, args.teacher_prompt))
                        if prompt}
             data_collator = OTDistillationDataCollator(self.student_pipeline.preprocess, prompts=prompts,
                                                        max_length=args.max_length,
@@ -263,7 +263,7 @@ class OTDistillationTrainer(Trainer):
         with self.args.main_process_first(desc="teacher cache"):
             self.data_collator.teacher_cache = build_teacher_cache(
                 self.accelerator.unwrap_model(self.teacher), [text for d in sets for text in d[target]],
-                prompt=self.args.target_prompt, cache_dir=self.args.teacher_cache_dir,
+                prompt=self.args.teacher_prompt, cache_dir=self.args.teacher_cache_dir,
             )
 
     def compute_loss(
@@ -418,7 +418,7 @@ class OTDistillationTrainer(Trainer):
             ot=self.args.to_dict(),
             training={"front_end": "trainer", "steps": self.state.global_step, "pooling": self.args.pooling,
                       "max_length": self.args.max_length},
-            query_prompt=self.args.source_prompt or None,
+            query_prompt=self.args.query_prompt or None,
         )
 
 

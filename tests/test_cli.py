@@ -31,7 +31,7 @@ from sentence_transformers import SentenceTransformer
 import optical_hf
 import optical_hf.cli
 import optical_hf.evaluation
-from optical_hf import BitextError, recipe
+from optical_hf import BitextError, OpticalInputError, recipe
 from optical_hf.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PUSH_FAILED, main
 from optical_hf.corpora import flores_pairs, load_afriqa_gold, load_beir
 from optical_hf.evaluation import bitext_retrieval, evaluate_clir
@@ -419,7 +419,7 @@ def test_evaluate_bitext_gives_the_teacher_its_own_prompt(model_dirs, data, tmp_
                         lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
     assert cli("evaluate", "--model", student, "--bitext", data["tsv"]) == 0
     assert cli("evaluate", "--model", student, "--bitext", data["tsv"], "--teacher_prompt", "") == 0
-    assert [(c["source_prompt"], c["target_prompt"]) for c in calls] == [("query: ", "en: "), ("query: ", "")]
+    assert [(c["query_prompt"], c["teacher_prompt"]) for c in calls] == [("query: ", "en: "), ("query: ", "")]
 
 
 def test_evaluate_uses_the_packaged_copy_of_a_card_teacher(data, tmp_path):
@@ -878,3 +878,34 @@ def test_a_first_run_is_quiet(model_dirs, data, tmp_path):
         help_text = subprocess.run([sys.executable, "-m", "optical_hf", command[0], "--help"], capture_output=True,
                                    text=True, timeout=60).stdout
         assert "--log_level" in help_text, command[0]
+
+
+@pytest.mark.parametrize("scoring", ["dense", "maxsim"])
+def test_evaluate_builds_then_searches_a_faiss_index(scoring, model_dirs, data, tmp_path, capsys):
+    argv = ["evaluate", "--model", model_dirs["student"], "--teacher", model_dirs["teacher"], "--beir", data["beir"],
+            "--scoring", scoring, "--batch_size", 16]
+    assert cli(*argv, "--output_json", tmp_path / "exact.json") == 0
+    factory = "Flat" if scoring == "dense" else "IVF2,Flat"
+    assert cli(*argv, "--index", tmp_path / "index", "--index_factory", factory,
+               "--output_json", tmp_path / "built.json") == 0
+    assert f"(new: {scoring}, {factory}, 40 passages)" in capsys.readouterr().out
+    assert cli(*argv, "--index", tmp_path / "index", "--output_json", tmp_path / "loaded.json") == 0
+    assert f"index: {tmp_path / 'index'} ({scoring}, {factory}, 40 passages)" in capsys.readouterr().out
+    exact, built, loaded = (json.loads((tmp_path / f"{name}.json").read_text())["metrics"]["model"]
+                            for name in ("exact", "built", "loaded"))
+    assert built == loaded
+    if scoring == "dense":  # a Flat index is exact
+        assert built == pytest.approx(exact, abs=1e-6)
+    else:  # every list probed, but only the passages of each query token's 64 nearest tokens are candidates
+        assert {k: built[k] for k in ("mrr@10", "recall@10")} == pytest.approx(
+            {k: exact[k] for k in ("mrr@10", "recall@10")}, abs=1e-6)
+        assert built["recall@100"] <= exact["recall@100"]
+    # the index was built by the teacher: searching it with the student as document model is refused
+    with pytest.raises(OpticalInputError, match="fingerprint"):
+        cli("--debug", "evaluate", "--model", model_dirs["student"], "--teacher", model_dirs["student"],
+            "--beir", data["beir"], "--scoring", scoring, "--index", tmp_path / "index")
+
+
+def test_evaluate_index_flags_need_a_corpus(model_dirs, data, tmp_path, capsys):
+    assert cli("evaluate", "--model", model_dirs["student"], "--bitext", data["tsv"], "--index", tmp_path) == 2
+    assert "--index and --index_factory apply to --afriqa and --beir" in capsys.readouterr().err

@@ -309,7 +309,7 @@ def test_bitext_retrieval_is_perfect_for_identical_model_and_sentences(teacher):
 def test_bitext_retrieval_prompts_and_mean(teacher, student):
     targets = [sentence[::-1] for sentence in SENTENCES]
     with mock.patch.object(student, "encode", wraps=student.encode) as student_encode:
-        metrics = bitext_retrieval(student, teacher, SENTENCES, targets, source_prompt="query: ")
+        metrics = bitext_retrieval(student, teacher, SENTENCES, targets, query_prompt="query: ")
     assert student_encode.call_args.kwargs["prompt"] == "query: "
     assert metrics["p@1"] == pytest.approx((metrics["p@1_src2tgt"] + metrics["p@1_tgt2src"]) / 2)
     assert all(0.0 <= value <= 1.0 for value in metrics.values())

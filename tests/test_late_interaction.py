@@ -249,14 +249,14 @@ COMPASS = RetrievalData(
 def test_maxsim_evaluator_on_a_hand_checkable_ranking():
     teacher, student = token_model(TEACHER_VECTORS), token_model(STUDENT_VECTORS)
     evaluator = MaxSimCLIREvaluator(COMPASS, teacher, name="compass", write_csv=False, token_chunk_size=2)
-    runs, real_retrieve = [], optical_hf.late_interaction.maxsim_retrieve
+    runs, real_retrieve = [], optical_hf.late_interaction.run_from_hits
 
     def spy(*args, **kwargs):
         runs.append(real_retrieve(*args, **kwargs))
         return runs[-1]
 
     with (
-        mock.patch.object(optical_hf.late_interaction, "maxsim_retrieve", spy),
+        mock.patch.object(optical_hf.late_interaction, "run_from_hits", spy),
         mock.patch.object(teacher, "encode", wraps=teacher.encode) as teacher_encode,
     ):
         first = evaluator(student)

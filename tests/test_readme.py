@@ -67,5 +67,7 @@ def test_readme_python_snippets_run(model_dirs, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "Soko hufunguliwa saa ngapi?" in printed  # the retrieval example printed its ranking
     assert "MaxSim: Mto hufurika lini?" in printed  # and its late-interaction ranking
+    assert all(f"{engine}:" in printed for engine in ("FAISS MaxSim", "FAISS dense", "Qdrant MaxSim"))
+    assert (tmp_path / "optical-e5-sw-index" / "index.json").is_file()
     assert (tmp_path / "optical-e5-sw" / "modules.json").is_file()
     assert (tmp_path / "optical-xlmr-sw" / "modules.json").is_file()

@@ -123,8 +123,8 @@ def test_fingerprint_changes_with_weights_prompt_length_and_texts(model_dirs, bi
 def _trainer(model_dirs, dataset, tmp_path, teacher, eval_dataset=None, cache_teacher=True) -> OTDistillationTrainer:
     args = OTDistillationConfig(
         output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=16, learning_rate=5e-4,
-        report_to=[], save_strategy="no", seed=0, sentence_weight=1.0, source_prompt="query: ",
-        target_prompt="query: ", cache_teacher=cache_teacher, teacher_cache_dir=str(tmp_path / "cache"),
+        report_to=[], save_strategy="no", seed=0, sentence_weight=1.0, query_prompt="query: ",
+        teacher_prompt="query: ", cache_teacher=cache_teacher, teacher_cache_dir=str(tmp_path / "cache"),
     )
     return OTDistillationTrainer(
         model=AutoModel.from_pretrained(model_dirs["student_no_dropout"]), teacher=teacher,

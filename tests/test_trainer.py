@@ -123,7 +123,7 @@ def test_gradient_accumulation_matches_large_batch(model_dirs, bitext, tmp_path)
 
 
 def test_the_trainer_collates_like_the_sentence_transformers_front_end(model_dirs, bitext, tmp_path):
-    trainer = _trainer(model_dirs, bitext, tmp_path, args={"source_prompt": "query: ", "target_prompt": "query: ",
+    trainer = _trainer(model_dirs, bitext, tmp_path, args={"query_prompt": "query: ", "teacher_prompt": "query: ",
                                                            "marginals": "content"})
     rows = [{"source": "kitacwa", "target": "the cat"}, {"source": "kigodwa kieerhtwa", "target": "a big dog"}]
     batch = trainer.data_collator(rows)
@@ -198,7 +198,7 @@ def test_save_model_writes_the_optical_card_and_push_to_hub_pushes_that_folder(m
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
     trainer = _trainer(model_dirs, bitext, tmp_path, peft_config=lora,
-                       args={"max_steps": 2, "hub_revision": "v1", "hub_token": "hf_test", "source_prompt": "query: "})
+                       args={"max_steps": 2, "hub_revision": "v1", "hub_token": "hf_test", "query_prompt": "query: "})
     trainer.train()
     trainer.card_info = StudentCardInfo(language="sw", teacher="org/english-teacher", license="mit")
     with online(monkeypatch, hub):
@@ -219,7 +219,7 @@ def test_save_model_writes_the_optical_card_and_push_to_hub_pushes_that_folder(m
 def test_save_model_without_card_info_says_what_the_trainer_knows(model_dirs, bitext, tmp_path):
     from optical_hf.model_card import StudentCardInfo
 
-    trainer = _trainer(model_dirs, bitext, tmp_path, args={"max_steps": 1, "source_prompt": "query: "})
+    trainer = _trainer(model_dirs, bitext, tmp_path, args={"max_steps": 1, "query_prompt": "query: "})
     trainer.train()
     trainer.save_model()
     info = StudentCardInfo.load(tmp_path / "run")
@@ -231,12 +231,12 @@ def test_save_model_without_card_info_says_what_the_trainer_knows(model_dirs, bi
 def test_config_holds_the_loss_and_trainer_options_once(tmp_path):
     (config,) = HfArgumentParser((OTDistillationConfig,)).parse_args_into_dataclasses(
         args=["--output_dir", str(tmp_path), "--ot_reg", "0.3", "--cost", "sqeuclidean", "--debias",
-              "--contrastive_weight", "0.5", "--pooling", "cls", "--source_prompt", "query: ",
+              "--contrastive_weight", "0.5", "--pooling", "cls", "--query_prompt", "query: ",
               "--cache_teacher", "false"],
         look_for_args_file=False,
     )
     assert config.to_dict() == OTLossConfig(reg=0.3, cost="sqeuclidean", debias=True, contrastive_weight=0.5).to_dict()
-    assert (config.pooling, config.source_prompt, config.cache_teacher) == ("cls", "query: ", False)
+    assert (config.pooling, config.query_prompt, config.cache_teacher) == ("cls", "query: ", False)
     loss_fields = {f.name for f in dataclasses.fields(OTLossConfig)}
     assert loss_fields <= {f.name for f in dataclasses.fields(OTDistillationConfig)}
     assert not loss_fields & set(OTDistillationConfig.__dict__["__annotations__"])  # inherited, not re-declared
@@ -274,7 +274,7 @@ def test_sentence_transformer_teacher_gives_its_own_sentence_embedding(model_dir
 
     monkeypatch.setattr(optical_hf.losses, "distillation_losses", spy)
     trainer = _trainer(model_dirs, bitext, tmp_path, teacher=teacher, args={
-        "sentence_weight": 1.0, "target_prompt": "query: ", "cache_teacher": cache_teacher,
+        "sentence_weight": 1.0, "teacher_prompt": "query: ", "cache_teacher": cache_teacher,
         "teacher_cache_dir": str(tmp_path / "cache")})
     rows = [bitext[i] for i in range(8)]
     batch = trainer.data_collator(rows)

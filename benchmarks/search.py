@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Search-at-scale benchmark: the approximate indexes (FAISS, Qdrant) against the exact scans, in one run.
+
+**Real corpus.** The AfriQA gold pool of ``quality.py`` (``shared/README.md`` protocol; the e5 teacher's passages,
+cached by ``quality.py``) and the ``--lang`` ``--split`` questions encoded by ``--student`` (default: the untrained
+multilingual-e5-small with ``"query: "``, the floor; any trained student folder works). For every mode: recall@10
+and @100 of its top 100 against the exact scan's (the overlap of the two top-k sets), MRR@10 against the qrels,
+build seconds, index bytes and per-query search latency (p50, p95; one query at a time, query encoding excluded).
+Modes: dense exact (``util.semantic_search``), FAISS HNSW32 and IVF-Flat, Qdrant (local mode: a Python scan, so its
+latency is not a server's); MaxSim exact (:class:`~optical_hf.late_interaction.TokenIndex`), FAISS at
+``--factories`` and the search settings of ``--sweep``, Qdrant local mode.
+
+**Scale.** Synthetic passages with the real corpus's statistics (token counts drawn from the real passages, each
+token a real passage token plus Gaussian noise of ``--noise`` times its norm, renormalised) at each ``--sizes``
+passage count, searched by the real queries with the default FAISS MaxSim index: build seconds, bytes per passage,
+latency, and recall@100 against the exact scan of the same synthetic corpus.
+
+Writes ``OUTPUT_DIR/search.json``, ``search.md`` and ``search.png``::
+
+    python benchmarks/search.py                      # hau dev, sizes 3110 10000 30000
+    python benchmarks/search.py --sizes 100000 1000000 --sweep 16,64,256 32,128,256   # on a larger machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import quality  # the AfriQA data, the e5 setting and the cached teacher passages: one source with quality.py
+import torch
+from common import machine_info
+from qdrant_client import QdrantClient
+from sentence_transformers.util import semantic_search
+
+from optical_hf import FaissDenseIndex, FaissMaxSimIndex, QdrantIndex, TokenIndex
+from optical_hf.evaluation import mean_metrics, per_query_metrics, run_from_hits
+from optical_hf.faiss_index import default_factory
+from optical_hf.late_interaction import encode_token_states
+
+logger = logging.getLogger("benchmarks.search")
+TOP_K = 100
+
+
+def timed_search(index: Any, queries: Any, top_k: int = TOP_K) -> tuple[list[list[dict[str, Any]]], list[float]]:
+    """Hits of each query searched alone, and each search's milliseconds."""
+    hits, latency = [], []
+    for query in queries:
+        began = time.perf_counter()
+        hits += index.search(query.unsqueeze(0) if query.ndim == 1 else [query], top_k)
+        latency.append(1000 * (time.perf_counter() - began))
+    return hits, latency
+
+
+def compare(name: str, hits: list, latency: list[float], exact: list, qids: list[str], qrels: dict,
+            **extra: Any) -> dict[str, Any]:
+    """One row: recall@10/@100 of ``hits`` against ``exact`` (top-k overlap), MRR@10 by qrels, latency p50/p95."""
+    def overlap(k: int) -> float:
+        return statistics.fmean(len({h["id"] for h in a[:k]} & {h["id"] for h in e[:k]}) / len(e[:k])
+                                for a, e in zip(hits, exact))
+    metrics = mean_metrics(per_query_metrics(qrels, run_from_hits(hits, qids)))
+    latency = sorted(latency)
+    return {"mode": name, "recall@10_vs_exact": overlap(10), "recall@100_vs_exact": overlap(100),
+            "mrr@10": metrics["mrr@10"], "p50_ms": latency[len(latency) // 2],
+            "p95_ms": latency[min(len(latency) - 1, int(0.95 * len(latency)))], **extra}
+
+
+def built(make: Any) -> tuple[Any, float]:
+    began = time.perf_counter()
+    return make(), time.perf_counter() - began
+
+
+def real_corpus(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TokenIndex, list[torch.Tensor]]:
+    """The real-corpus rows; also the exact token index and the query token states, for the scale part."""
+    setting = quality.make_settings(["e5"], args.e5_path)["e5"]
+    teacher = quality.load_model(setting.model_path, "cpu", args.doc_max_length)
+    student = teacher if args.student is None else quality.load_model(args.student, "cpu", 128)
+    data = quality.split_retrieval(args.data_dir, args.lang, args.split)
+    qids = [qid for qid in data.queries if any(g > 0 for g in data.qrels.get(qid, {}).values())]
+    texts = [data.queries[qid] for qid in qids]
+    qrels = {qid: data.qrels[qid] for qid in qids}
+    cache = {"max_length": args.doc_max_length, "batch_size": 32, "cache_dir": args.cache_dir}
+    embeddings = quality.doc_index(teacher, setting, data.corpus, scoring="dense", **cache)
+    tokens = quality.doc_index(teacher, setting, data.corpus, scoring="maxsim-content", **cache)
+    ids = list(data.corpus)
+    dense_queries = student.encode_query(texts, prompt=setting.query_prompt, convert_to_tensor=True,
+                                         normalize_embeddings=True).cpu()
+    token_queries = encode_token_states(student, texts, side="query", prompt=setting.query_prompt, tokens="content")
+    rows = []
+
+    exact_dense, latency = [], []
+    for query in dense_queries:
+        start = time.perf_counter()
+        exact_dense += semantic_search(query.unsqueeze(0), embeddings, top_k=TOP_K)
+        latency.append(1000 * (time.perf_counter() - start))
+    exact_dense = [[{**h, "id": ids[h["corpus_id"]]} for h in row] for row in exact_dense]
+    rows.append(compare("dense exact (semantic_search)", exact_dense, latency, exact_dense, qids, qrels,
+                        kind="dense", build_s=0.0, index_bytes=embeddings.nelement() * 4))
+    nlist = 2 ** round(np.log2(np.sqrt(len(ids))))
+    for factory in ("HNSW32", f"IVF{nlist},Flat"):
+        index, seconds = built(lambda f=factory: FaissDenseIndex.from_embeddings(embeddings, ids, factory=f))
+        hits, latency = timed_search(index, dense_queries)
+        rows.append(compare(f"dense FAISS {factory}", hits, latency, exact_dense, qids, qrels, kind="dense",
+                            build_s=seconds, index_bytes=index.memory_bytes, nprobe=index.nprobe))
+    client = QdrantClient(":memory:")
+    index, seconds = built(lambda: QdrantIndex.from_embeddings(client, "dense", embeddings, ids))
+    hits, latency = timed_search(index, dense_queries)
+    rows.append(compare("dense Qdrant (local mode)", hits, latency, exact_dense, qids, qrels, kind="dense",
+                        build_s=seconds))
+
+    exact_maxsim, latency = timed_search(tokens, token_queries)
+    rows.append(compare("maxsim exact (TokenIndex, fp16)", exact_maxsim, latency, exact_maxsim, qids, qrels,
+                        kind="maxsim", build_s=0.0, index_bytes=tokens.memory_bytes))
+    default = default_factory("maxsim", len(tokens.vectors), tokens.dim)
+    for factory, keep_exact in [(default, True), (default, False), *((f, True) for f in args.factories)]:
+        logger.info("Building FAISS %s over %d tokens", factory, len(tokens.vectors))
+        index, seconds = built(lambda f=factory, k=keep_exact: FaissMaxSimIndex.from_token_index(
+            tokens, factory=f, keep_exact=k))
+        rerank = "exact fp16" if keep_exact else "decoded codes"
+        for nprobe, token_k, candidates in args.sweep:
+            index.nprobe, index.token_k, index.candidates = nprobe, token_k, candidates
+            hits, latency = timed_search(index, token_queries)
+            rows.append(compare(f"maxsim FAISS {factory}, re-rank {rerank}", hits, latency, exact_maxsim, qids,
+                                qrels, kind="maxsim", build_s=seconds, index_bytes=index.memory_bytes, nprobe=nprobe,
+                                token_k=token_k, candidates=candidates))
+            logger.info("%s", rows[-1])
+    if not args.skip_qdrant_maxsim:
+        logger.info("Writing %d passages' tokens to Qdrant (local mode)", tokens.num_passages)
+        index, seconds = built(lambda: QdrantIndex.from_token_index(client, "tokens", tokens))
+        hits, latency = timed_search(index, token_queries[:args.qdrant_queries])
+        rows.append(compare("maxsim Qdrant (local mode)", hits, latency, exact_maxsim[:len(hits)], qids[:len(hits)],
+                            {q: qrels[q] for q in qids[:len(hits)]}, kind="maxsim", build_s=seconds,
+                            queries=len(hits)))
+    return rows, tokens, token_queries
+
+
+def synthetic(tokens: TokenIndex, size: int, noise: float, seed: int) -> TokenIndex:
+    """``size`` passages with the real corpus's token counts and token vectors (plus noise), normalised, fp16."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = tokens.offsets.diff()[torch.randint(tokens.num_passages, (size,), generator=generator)]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    vectors = torch.empty(int(offsets[-1]), tokens.dim, dtype=torch.float16)
+    for start in range(0, len(vectors), 1 << 20):
+        end = min(start + (1 << 20), len(vectors))
+        picked = tokens.vectors[torch.randint(len(tokens.vectors), (end - start,), generator=generator)].float()
+        picked += noise * torch.randn(picked.shape, generator=generator) / tokens.dim ** 0.5
+        vectors[start:end] = torch.nn.functional.normalize(picked, dim=-1).half()
+    return TokenIndex(vectors, offsets, [f"s{i}" for i in range(size)])
+
+
+def scale(args: argparse.Namespace, tokens: TokenIndex, queries: list[torch.Tensor]) -> list[dict[str, Any]]:
+    rows = []
+    queries = queries[:args.scale_queries]
+    for size in args.sizes:
+        logger.info("Scale: %d synthetic passages", size)
+        corpus = synthetic(tokens, size, args.noise, seed=size)
+        exact, exact_latency = timed_search(corpus, queries)
+        index, seconds = built(lambda c=corpus: FaissMaxSimIndex.from_token_index(c))
+        hits, latency = timed_search(index, queries)
+        recall = statistics.fmean(len({h["id"] for h in a} & {h["id"] for h in e}) / len(e)
+                                  for a, e in zip(hits, exact))
+        latency, exact_latency = sorted(latency), sorted(exact_latency)
+        p95 = min(len(latency) - 1, int(0.95 * len(latency)))
+        codes = index.memory_bytes - corpus.memory_bytes  # the FAISS part; the fp16 tokens re-rank
+        rows.append({"passages": size, "tokens": len(corpus.vectors), "factory": index.factory, "build_s": seconds,
+                     "index_bytes": codes, "bytes_per_passage": codes / size,
+                     "exact_bytes": corpus.memory_bytes, "p50_ms": latency[len(latency) // 2], "p95_ms": latency[p95],
+                     "exact_p95_ms": exact_latency[p95], "recall@100_vs_exact": recall})
+        logger.info("%s", rows[-1])
+        del corpus, index
+    return rows
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = ["# Search at scale", "", f"`{result['machine']['command']}` on {result['machine']['hardware']} "
+             f"({result['machine']['cores_available']} cores), {result['machine']['date']}.", ""]
+    if result["real"]:
+        lines += [f"## AfriQA gold pool ({result['lang']} {result['split']}, {result['passages']} passages, "
+                  f"{result['queries']} queries; student {result['student']})", "",
+                  "| mode | nprobe / token_k / candidates | recall@10 vs exact | recall@100 vs exact | MRR@10 | "
+                  "build s | index MiB | p50 ms | p95 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in result["real"]:
+            settings = " / ".join(str(row[k]) for k in ("nprobe", "token_k", "candidates") if k in row) or "-"
+            size = f"{row['index_bytes'] / 2**20:.1f}" if "index_bytes" in row else "-"
+            mode = row["mode"] + (f", first {row['queries']} queries" if "queries" in row else "")
+            lines.append(f"| {mode} | {settings} | {row['recall@10_vs_exact']:.3f} | "
+                         f"{row['recall@100_vs_exact']:.3f} | {row['mrr@10']:.4f} | {row['build_s']:.1f} | {size} | "
+                         f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} |")
+    if result["scale"]:
+        lines += ["", f"## Scale: synthetic passages (real token counts, real tokens + noise {result['noise']}), "
+                  "default FAISS MaxSim index (candidates from the codes, re-ranked over the fp16 tokens)", "",
+                  "| passages | tokens | factory | build s | codes MiB | code bytes/passage | fp16 tokens MiB | p50 ms | "
+                  "p95 ms | exact p95 ms | recall@100 vs exact |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in result["scale"]:
+            lines.append(f"| {row['passages']} | {row['tokens']} | {row['factory']} | {row['build_s']:.0f} | "
+                         f"{row['index_bytes'] / 2**20:.0f} | {row['bytes_per_passage']:.0f} | "
+                         f"{row['exact_bytes'] / 2**20:.0f} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | "
+                         f"{row['exact_p95_ms']:.1f} | {row['recall@100_vs_exact']:.3f} |")
+        lines += ["", "The synthetic tokens are noisier than real ones, so their exact top 100 is flatter and its recall "
+                  "here is a lower bound; the real-corpus rows above measure fidelity, these rows memory and latency."]
+        last = result["scale"][-1]
+        lines += ["", f"At {last['bytes_per_passage']:.0f} code bytes and {last['exact_bytes'] / last['passages']:.0f} "
+                  f"fp16 bytes per passage, 1M passages take {last['bytes_per_passage'] * 1e6 / 2**30:.1f} GiB of "
+                  f"codes plus {last['exact_bytes'] / last['passages'] * 1e6 / 2**30:.0f} GiB of fp16 tokens "
+                  "(extrapolated from the largest size run, not measured)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["scale"]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    sizes = [row["passages"] for row in rows]
+    for axis, key, label in zip(axes, ("p95_ms", "bytes_per_passage", "recall@100_vs_exact"),
+                                ("p95 latency (ms)", "index bytes / passage", "recall@100 vs exact")):
+        axis.plot(sizes, [row[key] for row in rows], marker="o", label="FAISS MaxSim")
+        if key == "p95_ms":
+            axis.plot(sizes, [row["exact_p95_ms"] for row in rows], marker="s", label="exact scan")
+            axis.legend()
+        axis.set_xscale("log")
+        axis.set_xlabel("passages")
+        axis.set_title(label)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=quality.DEFAULT_DATA)
+    parser.add_argument("--lang", default="hau")
+    parser.add_argument("--split", default="dev")
+    parser.add_argument("--student", help="student folder encoding the queries (default: the untrained e5)")
+    parser.add_argument("--e5-path", default=None)
+    parser.add_argument("--doc-max-length", type=int, default=256)
+    parser.add_argument("--cache-dir", type=Path, default=quality.DEFAULT_CACHE)
+    parser.add_argument("--factories", nargs="*", default=[], help="FAISS MaxSim factories besides the default")
+    parser.add_argument("--sweep", nargs="+", default=[(16, 64, 256), (32, 256, 1000)],
+                        type=lambda v: tuple(map(int, v.split(","))),
+                        help="MaxSim search settings NPROBE,TOKEN_K,CANDIDATES (default: the library's, and a wider one)")
+    parser.add_argument("--sizes", nargs="*", type=int, default=[3110, 10000, 30000])
+    parser.add_argument("--noise", type=float, default=0.5)
+    parser.add_argument("--scale-queries", type=int, default=100)
+    parser.add_argument("--qdrant-queries", type=int, default=50, help="queries searched in Qdrant's local mode")
+    parser.add_argument("--skip-qdrant-maxsim", action="store_true")
+    parser.add_argument("--output-dir", type=Path, default=quality.REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--report-only", action="store_true", help="render search.md from the stored search.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report_only:
+        result = json.loads((args.output_dir / "search.json").read_text(encoding="utf-8"))
+        (args.output_dir / "search.md").write_text(render(result), encoding="utf-8")
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from importlib.metadata import version
+
+    rows, tokens, queries = real_corpus(args)
+    result = {"machine": machine_info("cpu", faiss=version("faiss-cpu"), qdrant_client=version("qdrant-client")),
+              "lang": args.lang, "split": args.split, "student": args.student or "untrained multilingual-e5-small",
+              "passages": tokens.num_passages, "queries": len(queries), "noise": args.noise, "real": rows,
+              "scale": scale(args, tokens, queries)}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "search.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (args.output_dir / "search.md").write_text(render(result), encoding="utf-8")
+    if result["scale"]:
+        plot(result, args.output_dir / "search.png")
+    print(render(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""benchmarks/search.py on the synthetic AfriQA layout of test_benchmark_quality, with a tiny random model as "e5":
+every mode runs, exact settings reproduce the exact scans, and the report, JSON and plot are written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import sentence_transformer
+from test_benchmark_quality import _data_dir
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def search():
+    sys.path.insert(0, str(BENCHMARKS))  # search.py imports quality.py and common.py as its neighbours
+    try:
+        import search as module
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        for name in ("search", "quality", "common"):
+            sys.modules.pop(name, None)
+
+
+def test_search_benchmark_on_a_copy_of_the_layout(search, model_dirs, tmp_path):
+    model = tmp_path / "model"
+    sentence_transformer(model_dirs["student"]).save(str(model))
+    out = tmp_path / "out"
+    search.main(["--data-dir", str(_data_dir(tmp_path / "data")), "--lang", "xx", "--e5-path", str(model),
+                 "--doc-max-length", "32", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out),
+                 "--factories", "IVF2,Flat", "--sweep", "2,1000,1000", "1,2,3", "--sizes", "25", "40",
+                 "--scale-queries", "4", "--qdrant-queries", "3"])
+    result = json.loads((out / "search.json").read_text(encoding="utf-8"))
+    rows = {(row["mode"], row.get("nprobe"), row.get("token_k")): row for row in result["real"]}
+    assert result["passages"] == 60 and result["queries"] == 10
+    exact_dense = rows["dense exact (semantic_search)", None, None]
+    exact_maxsim = rows["maxsim exact (TokenIndex, fp16)", None, None]
+    assert exact_dense["recall@100_vs_exact"] == exact_maxsim["recall@100_vs_exact"] == 1.0
+    # every list probed, every token fetched, every candidate re-ranked: the exact ranking and MRR
+    for factory in ("Flat, re-rank exact fp16", "Flat, re-rank decoded codes", "IVF2,Flat, re-rank exact fp16"):
+        full = rows[f"maxsim FAISS {factory}", 2, 1000]
+        assert full["recall@10_vs_exact"] == 1.0 and full["mrr@10"] == pytest.approx(exact_maxsim["mrr@10"], abs=1e-6)
+        tight = rows[f"maxsim FAISS {factory}", 1, 2]  # 3 candidates only: at most 3 of the exact top 10
+        assert tight["recall@10_vs_exact"] <= 0.3 + 1e-9
+    assert rows["dense FAISS HNSW32", 16, None]["recall@10_vs_exact"] == 1.0  # 40 passages: HNSW finds them all
+    assert rows["maxsim Qdrant (local mode)", None, None]["recall@10_vs_exact"] == 1.0
+    assert [row["passages"] for row in result["scale"]] == [25, 40]
+    assert all(row["recall@100_vs_exact"] == 1.0 and row["index_bytes"] > 0 for row in result["scale"])
+    report = (out / "search.md").read_text(encoding="utf-8")
+    assert "| maxsim FAISS IVF2,Flat, re-rank exact fp16 | 1 / 2 / 3 |" in report and "1M passages take" in report
+    assert (out / "search.png").stat().st_size > 0
+
+
+def test_synthetic_passages_keep_the_real_token_counts(search):
+    from optical_hf import TokenIndex
+
+    real = TokenIndex.from_token_states([torch.randn(n, 8) for n in (3, 5, 7)])
+    fake = search.synthetic(real, 50, noise=0.5, seed=0)
+    assert fake.num_passages == 50 and set(fake.offsets.diff().tolist()) <= {3, 5, 7}
+    assert torch.allclose(fake.vectors.float().norm(dim=1), torch.ones(len(fake.vectors)), atol=1e-2)
