@@ -51,6 +51,10 @@ CARD_TAGS = (
     "optimal-transport",
     "loss:OTDistillationLoss",
 )
+MAXSIM_TAGS = tuple("late-interaction" if tag == "dense" else tag for tag in CARD_TAGS)
+"""A MaxSim student's tags: searched by late interaction, not by its dense embedding."""
+MAXSIM_SIMILARITY = ("MaxSim (late interaction: the sum over the query's tokens of the best cosine with a document "
+                     "token; `optical_hf.retrieve`); `model.similarity` is the cosine of sentence embeddings")
 ADAPTER_TAGS = ("peft", "lora")
 
 _LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}$")
@@ -210,7 +214,7 @@ def render_model_card(info: StudentCardInfo, model: SentenceTransformer, *, adap
     language = ", ".join(info.languages) or "low-resource-language"
     card = ModelCard.from_template(
         card_data,
-        template_str=_template(),
+        template_str=_template(info.scoring),
         hf_emoji="🤗",
         usage_snippet=_usage_snippet(model_id, teacher, language, info),
         optical_language=language,
@@ -259,7 +263,7 @@ def _card_data(
         train_datasets=[_train_dataset(info)],
         task_name=f"cross-lingual retrieval: {', '.join(info.languages) or 'low-resource-language'} queries against English "
                   "documents encoded by the teacher",
-        tags=[*CARD_TAGS, *(ADAPTER_TAGS if adapter_only else ())],
+        tags=[*(MAXSIM_TAGS if info.scoring == "maxsim" else CARD_TAGS), *(ADAPTER_TAGS if adapter_only else ())],
         local_files_only=True,
         generate_widget_examples=False,
     )
@@ -298,9 +302,12 @@ def _sentence_transformers_citation() -> dict[str, str]:
     return card_data.citations
 
 
-def _template() -> str:
-    """sentence-transformers' card template with the OPTICAL section inserted before its "Usage" section."""
+def _template(scoring: str = "dense") -> str:
+    """sentence-transformers' card template with the OPTICAL section inserted before its "Usage" section; for a
+    MaxSim student, its "Similarity Function" says how the student is searched (:data:`MAXSIM_SIMILARITY`)."""
     st_template = SentenceTransformerModelCardData.template_path.read_text(encoding="utf-8")
+    if scoring == "maxsim":
+        st_template = st_template.replace("{{ similarity_fn_name }}", MAXSIM_SIMILARITY)
     section = TEMPLATE_PATH.read_text(encoding="utf-8")
     head, usage, tail = st_template.partition(ST_USAGE_HEADING)
     if not usage:

@@ -234,3 +234,13 @@ def test_packaged_template_is_the_model_cards_template():
     assert TEMPLATE_PATH.read_text(encoding="utf-8") == (REPO_ROOT / "model_cards" / "optical_student.md").read_text(
         encoding="utf-8"
     )
+
+
+def test_a_maxsim_students_card_says_how_it_is_searched(model):
+    dense = render_model_card(make_info(), model)
+    maxsim = render_model_card(make_info(scoring="maxsim"), model)
+    assert "dense" in dense.data.tags and "late-interaction" not in dense.data.tags
+    assert "late-interaction" in maxsim.data.tags and "dense" not in maxsim.data.tags
+    assert "**Similarity Function:** Cosine Similarity" in dense.text
+    assert "**Similarity Function:** MaxSim (late interaction" in maxsim.text
+    assert "maxsim_topk(query_tokens, index" in maxsim.text and "maxsim_topk" not in dense.text
