@@ -139,6 +139,14 @@ class _FaissIndex:
         _faiss().write_index(self.index, str(folder / INDEX_FILE))
         (folder / METADATA_FILE).write_text(json.dumps(self._metadata(), ensure_ascii=False), encoding="utf-8")
 
+    def _queries(self, vectors: Tensor | np.ndarray) -> np.ndarray:
+        """``(n, dim)`` normalised float32 query vectors; another ``dim`` than the index's is an error."""
+        matrix = _matrix(vectors)
+        if matrix.ndim != 2 or matrix.shape[1] != self.dim:
+            raise OpticalInputError(f"{type(self).__name__}: query vectors of shape {tuple(matrix.shape)}, the index "
+                                    f"holds dim {self.dim} (built by {self.built_by.get('model', 'another model')})")
+        return matrix
+
     def _hits(self, scores: np.ndarray, positions: np.ndarray) -> Hits:
         return [[{"corpus_id": int(p), "score": float(s), "id": self.ids[int(p)]}
                  for s, p in zip(row_scores, row_positions) if p >= 0]
@@ -167,7 +175,7 @@ class FaissDenseIndex(_FaissIndex):
     def search(self, queries: Tensor | np.ndarray, top_k: int = 10) -> Hits:
         """The ``top_k`` passages of each ``(n_q, dim)`` query embedding."""
         _set_search_parameters(self.index, self.nprobe, self.ef_search)
-        scores, positions = self.index.search(_matrix(queries), min(top_k, self.num_passages))
+        scores, positions = self.index.search(self._queries(queries), min(top_k, self.num_passages))
         return self._hits(scores, positions)
 
 
@@ -243,7 +251,7 @@ class FaissMaxSimIndex(_FaissIndex):
         lengths = [len(q) for q in queries]
         if not queries or min(lengths) == 0:
             raise ValueError("FaissMaxSimIndex.search: need >= 1 query, each with tokens")
-        tokens = _matrix(torch.cat([torch.as_tensor(q) for q in queries]))
+        tokens = self._queries(torch.cat([torch.as_tensor(q) for q in queries]))
         similarities, token_ids = self.index.search(tokens, min(self.token_k, self.index.ntotal))
         passages = np.searchsorted(self.offsets.numpy(), token_ids, side="right") - 1
         hits, start = [], 0

@@ -115,6 +115,10 @@ def test_faiss_indexes_round_trip_as_folders_with_their_metadata(corpus, queries
     (tmp_path / "broken" / "index.json").write_text("{}")
     with pytest.raises(OpticalInputError, match="broken"):
         load_search_index(tmp_path / "broken")
+    with pytest.raises(OpticalInputError, match=r"shape \(2, 8\), the index holds dim 16"):
+        again.search(torch.randn(2, 8))
+    with pytest.raises(OpticalInputError, match="the index holds dim 16"):
+        loaded.search([torch.randn(3, 8)])
     with pytest.raises(OpticalInputError, match="distinct passage ids"):
         FaissDenseIndex.from_embeddings(torch.randn(3, DIM), ["a", "a", "b"])
 
