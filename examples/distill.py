@@ -12,8 +12,9 @@ prints the held-out bitext-retrieval accuracy before and after, and writes ./opt
 
 This is ``optical-hf distill`` (the recipe in optical_hf/recipe.py: ``build_parser`` and ``run``), with its one-line
 error messages and exit statuses (OPTICAL_HF_DEBUG=1 shows tracebacks) and its logging (INFO on the main process;
---log_level / --log_level_replica as in the Hugging Face example scripts). Every flag: python examples/distill.py
---help (OT options, LoRA, front end, and all Trainer arguments).
+--log_level / --log_level_replica as in the Hugging Face example scripts). Flags: python examples/distill.py
+--help (the recipe's: OT options, LoRA, front end, strategies; and the common Trainer arguments); --help-all adds
+every other Trainer argument.
 """
 
 import sys

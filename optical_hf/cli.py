@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -63,6 +64,10 @@ def _distill(argv: list[str]) -> None:
 
     parser = build_parser()
     parser.prog = f"{PROG} distill"
+    if "--help-all" in argv:
+        argv = ["--help" if arg == "--help-all" else arg for arg in argv]
+    elif {"-h", "--help"} & set(argv):
+        _hide_rare_training_flags(parser)
     use_cpu_processes_if_no_gpu()
     distill_args, loss_config, training_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True, look_for_args_file=False
@@ -73,6 +78,32 @@ def _distill(argv: list[str]) -> None:
         run(distill_args, loss_config, training_args)
     except KeyboardInterrupt:
         raise Interrupted(_kept_after_interrupt(Path(training_args.output_dir), argv)) from None
+
+
+COMMON_TRAINING_FLAGS = (
+    "output_dir", "num_train_epochs", "max_steps", "learning_rate", "warmup_ratio", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "seed", "bf16", "fp16", "use_cpu", "logging_steps", "eval_strategy", "eval_steps",
+    "save_strategy", "save_steps", "save_total_limit", "resume_from_checkpoint", "push_to_hub", "hub_model_id",
+    "hub_private_repo", "report_to",
+)
+"""The ``TrainingArguments`` flags that ``distill --help`` lists; ``--help-all`` lists every one."""
+
+
+def _hide_rare_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Keep the recipe's own flags and :data:`COMMON_TRAINING_FLAGS` in ``--help``; say how many others
+    ``--help-all`` shows."""
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    from .recipe import DistillArguments
+    from .options import OTLossConfig
+
+    ours = {f.name for cls in (DistillArguments, OTLossConfig) for f in dataclasses.fields(cls)}
+    training = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)} - ours
+    hidden = [action for action in parser._actions if action.dest in training - set(COMMON_TRAINING_FLAGS)]
+    for action in hidden:
+        action.help = argparse.SUPPRESS
+    parser.epilog = (f"{len(hidden)} more transformers TrainingArguments flags (optimizer, scheduler, logging, "
+                     f"distributed, Hub ...): {PROG} distill --help-all")
 
 
 class Interrupted(Exception):

@@ -128,6 +128,16 @@ def test_subcommand_help(command, flags, capsys):
     assert [flag for flag in flags if flag not in out] == []
 
 
+def test_distill_help_lists_the_common_trainer_flags_and_help_all_every_one(capsys):
+    assert cli("distill", "--help") == 0
+    short = capsys.readouterr().out
+    assert "--learning_rate" in short and "--reg" in short and "--adam_beta1" not in short
+    assert "more transformers TrainingArguments flags" in short and "optical-hf distill --help-all" in short
+    assert cli("distill", "--help-all") == 0
+    full = capsys.readouterr().out
+    assert "--adam_beta1" in full and "--learning_rate" in full and len(full.splitlines()) > len(short.splitlines())
+
+
 def test_version(capsys):
     assert cli("--version") == 0
     assert capsys.readouterr().out.strip() == f"optical-hf {optical_hf.__version__}"
