@@ -45,12 +45,13 @@ for phase in ${PHASES[*]}; do
       step "${Q[@]}" --langs hau --methods ot --tag paper-ot-lr$lr --lr $lr "${PAPER[@]}"
     done ;;
   final)  # recipe vs its simplest sentence-level control and MSE, pooled over seeds and languages; in the order run.
-          # Each system at its rate selected by the grid (quality.md): SENT_LR names the control's when it is not 2e-5
+          # Each system at its rate selected by the grid (quality.md): RECIPE_LR and SENT_LR name the recipe's and
+          # the control's when it is not 2e-5 (the tags are then the grid's, e.g. recipe-lr1e-4)
     SENT=(--loss ot_weight=0 sentence_weight=100)   # contrastive + sentence MSE, no OT term (weight chosen on hau)
-    SENT_TAG=contrastive+sent100${SENT_LR:+-lr$SENT_LR}
+    RECIPE_TAG=recipe${RECIPE_LR:+-lr$RECIPE_LR} SENT_TAG=contrastive+sent100${SENT_LR:+-lr$SENT_LR}
     for langs in "hau --seeds 1 2" "zul --seeds 0" "kin --seeds 0" "twi ibo --seeds 0" "zul --seeds 1 2"; do
       # shellcheck disable=SC2086
-      step "${Q[@]}" --langs $langs --methods ot --tag recipe
+      step "${Q[@]}" --langs $langs --methods ot --tag "$RECIPE_TAG" --lr "${RECIPE_LR:-2e-5}"
       step "${Q[@]}" --langs $langs --methods ot --tag "$SENT_TAG" --lr "${SENT_LR:-2e-5}" "${SENT[@]}"
       step "${Q[@]}" --langs $langs --methods mse --tag lr2e-4 --lr 2e-4
     done ;;
