@@ -462,11 +462,13 @@ def _card_metrics(metrics: dict[str, float], args: DistillArguments) -> list[dic
         if kind in heldout:
             language, eval_name = heldout[kind]
             rows.append({"task_type": "translation-retrieval", "dataset_name": eval_name, "dataset_type": "bitext",
-                         "metric_type": metric, "metric_name": f"{metric} ({language}/en bitext retrieval)",
+                         "metric_type": metric,  # the bitext evaluator is dense whatever --scoring is
+                         "metric_name": f"{metric} ({language}/en bitext retrieval, dense)",
                          "value": value, "split": "held-out"})
         elif kind == "clir":
             rows.append({"task_type": "information-retrieval", "dataset_name": Path(args.eval_beir).name,
-                         "dataset_type": "beir", "metric_type": metric, "metric_name": metric, "value": value,
+                         "dataset_type": "beir", "metric_type": metric, "metric_name": f"{metric} ({args.scoring})",
+                         "value": value,
                          "split": args.eval_beir_split})
     return rows
 
