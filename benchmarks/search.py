@@ -275,7 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     (args.output_dir / "search.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (args.output_dir / "search.md").write_text(render(result), encoding="utf-8")
     if result["scale"]:
-        plot(result, args.output_dir / "search.png")
+        try:
+            plot(result, args.output_dir / "search.png")
+        except ImportError:
+            logger.warning("No search.png: the plot needs matplotlib (pip install 'optical-hf[bench]')")
     print(render(result))
 
 
