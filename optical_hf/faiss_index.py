@@ -15,6 +15,7 @@ search, so the candidate step and the re-ranking are written here.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -27,11 +28,10 @@ import torch
 from torch import Tensor
 
 from .errors import OpticalInputError
+from .late_interaction import DEFAULT_TOKENS, TokenIndex, build_index, built_by, hits
 
 if TYPE_CHECKING:
     import faiss
-
-    from .late_interaction import TokenIndex
 
 __all__ = ["FaissDenseIndex", "FaissMaxSimIndex", "Hits", "build_search_index", "default_factory", "load_search_index"]
 
@@ -122,9 +122,10 @@ class _FaissIndex:
     def num_passages(self) -> int:
         return len(self.ids)
 
-    @property
+    @functools.cached_property
     def memory_bytes(self) -> int:
-        """Bytes of the serialised FAISS index (codes, lists, graph), what it holds in memory to within a few %."""
+        """Bytes of the serialised FAISS index (codes, lists, graph), what it holds in memory to within a few %;
+        computed once (the index is not changed after it is built)."""
         return int(_faiss().serialize_index(self.index).nbytes)
 
     def _metadata(self) -> dict[str, Any]:
@@ -146,11 +147,6 @@ class _FaissIndex:
             raise OpticalInputError(f"{type(self).__name__}: query vectors of shape {tuple(matrix.shape)}, the index "
                                     f"holds dim {self.dim} (built by {self.built_by.get('model', 'another model')})")
         return matrix
-
-    def _hits(self, scores: np.ndarray, positions: np.ndarray) -> Hits:
-        return [[{"corpus_id": int(p), "score": float(s), "id": self.ids[int(p)]}
-                 for s, p in zip(row_scores, row_positions) if p >= 0]
-                for row_scores, row_positions in zip(scores.tolist(), positions.tolist())]
 
 
 @dataclass
@@ -176,7 +172,7 @@ class FaissDenseIndex(_FaissIndex):
         """The ``top_k`` passages of each ``(n_q, dim)`` query embedding."""
         _set_search_parameters(self.index, self.nprobe, self.ef_search)
         scores, positions = self.index.search(self._queries(queries), min(top_k, self.num_passages))
-        return self._hits(scores, positions)
+        return hits(scores.tolist(), positions.tolist(), self.ids)
 
 
 @dataclass
@@ -239,7 +235,7 @@ class FaissMaxSimIndex(_FaissIndex):
         if self.exact is not None:
             self.exact.save(Path(folder) / EXACT_FILE)
 
-    @property
+    @functools.cached_property
     def memory_bytes(self) -> int:
         """The FAISS index's bytes plus the exact fp16 tokens' if kept."""
         return super().memory_bytes + (0 if self.exact is None else self.exact.memory_bytes)
@@ -285,8 +281,7 @@ class FaissMaxSimIndex(_FaissIndex):
         maxima = torch.full((len(query), len(keep)), -torch.inf).scatter_reduce_(
             1, owner.expand(len(query), -1), sims, reduce="amax")
         scores, order = maxima.sum(0).topk(min(top_k, len(keep)))
-        return [{"corpus_id": int(keep[o]), "score": float(s), "id": self.ids[int(keep[o])]}
-                for s, o in zip(scores.tolist(), order.tolist())]
+        return hits([scores.tolist()], [keep[order.numpy()].tolist()], self.ids)[0]
 
 
 def _ids(ids: Sequence[str] | None, count: int) -> list[str]:
@@ -307,12 +302,15 @@ def load_search_index(folder: str | Path) -> FaissDenseIndex | FaissMaxSimIndex:
         raise OpticalInputError(f"{folder}: not a saved FAISS search index ({type(err).__name__}: {err})") from err
     if metadata.get("format") != FOLDER_FORMAT or metadata.get("kind") not in ("dense", "maxsim"):
         raise OpticalInputError(f"{folder}: {METADATA_FILE} is not format {FOLDER_FORMAT} of a dense or maxsim index")
+    required = ("ids", "built_by", "factory", "nprobe", "ef_search",
+                *(("offsets", "token_k", "candidates", "exact") if metadata["kind"] == "maxsim" else ()))
+    missing = [key for key in required if key not in metadata]
+    if missing:
+        raise OpticalInputError(f"{folder}: {METADATA_FILE} lacks {', '.join(missing)}; save the index again")
     common = {"built_by": metadata["built_by"], "factory": metadata["factory"], "nprobe": metadata["nprobe"],
               "ef_search": metadata["ef_search"]}
     if metadata["kind"] == "dense":
         return FaissDenseIndex(index, metadata["ids"], **common)
-    from .late_interaction import TokenIndex
-
     exact = TokenIndex.load(folder / EXACT_FILE) if metadata["exact"] else None
     return FaissMaxSimIndex(index, metadata["ids"], **common, offsets=torch.tensor(metadata["offsets"]),
                             token_k=metadata["token_k"], candidates=metadata["candidates"], exact=exact)
@@ -326,8 +324,6 @@ def build_search_index(
     ``prompt``) and index them with FAISS ``factory`` (default: :func:`default_factory`): sentence embeddings for
     ``scoring="dense"``, token vectors (``tokens`` selection, default ``"content"``) for ``"maxsim"``. The index
     records what built it (:func:`optical_hf.late_interaction.built_by`)."""
-    from .late_interaction import DEFAULT_TOKENS, build_index, built_by
-
     if scoring == "maxsim":
         token_index = build_index(model, texts, ids, prompt=prompt, tokens=tokens or DEFAULT_TOKENS,
                                   batch_size=batch_size, show_progress_bar=show_progress_bar)

@@ -128,8 +128,7 @@ class TokenIndex:
         """Exact MaxSim (:func:`maxsim_topk`) of per-query token states ``(n_tokens_i, dim)``, in the shape of every
         search index (:data:`optical_hf.faiss_index.Hits`); ``chunking``: ``query_chunk_size``, ``token_chunk_size``."""
         scores, positions = maxsim_topk(queries, self, top_k=top_k, **chunking)
-        return [[{"corpus_id": int(p), "score": float(s), "id": self.ids[int(p)]} for s, p in zip(row_s, row_p)]
-                for row_s, row_p in zip(scores.tolist(), positions.tolist())]
+        return hits(scores.tolist(), positions.tolist(), self.ids)
 
     def add(self, states: Sequence[Tensor], ids: Sequence[str]) -> None:
         """Append passages given their token states ``(n_tokens_i, dim)`` (normalised and stored in fp16); an id
@@ -197,6 +196,13 @@ class TokenIndex:
             raise OpticalInputError(f"{path}: the TokenIndex checksum does not match its content (the file is "
                                     "damaged); build the index again")
         return index
+
+
+def hits(scores: Sequence[Sequence[float]], positions: Sequence[Sequence[int]], ids: Sequence[str]) -> Hits:
+    """Per-query ``scores`` and passage ``positions`` (best first) as :data:`optical_hf.faiss_index.Hits`; a negative
+    position (FAISS's "no result") is left out."""
+    return [[{"corpus_id": int(p), "score": float(s), "id": ids[int(p)]} for s, p in zip(row_s, row_p) if p >= 0]
+            for row_s, row_p in zip(scores, positions)]
 
 
 def check_index(index: Any, model: SentenceTransformer, *, prompt: str | None, tokens: str | None,

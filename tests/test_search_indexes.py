@@ -174,3 +174,12 @@ def test_an_index_built_by_another_teacher_is_refused(model_dirs):
         assert len(retrieve(student, questions, search_index, top_k=2, document_model=teacher)[0]) == 2
         with pytest.raises(OpticalInputError, match="fingerprint"):
             retrieve(student, questions, search_index, top_k=2, document_model=student)
+
+
+def test_a_metadata_file_missing_a_key_names_the_folder(corpus, tmp_path):
+    FaissMaxSimIndex.from_token_index(corpus, factory="Flat").save(tmp_path / "index")
+    metadata = json.loads((tmp_path / "index" / "index.json").read_text())
+    del metadata["offsets"]
+    (tmp_path / "index" / "index.json").write_text(json.dumps(metadata))
+    with pytest.raises(OpticalInputError, match=r"index\.json lacks offsets; save the index again"):
+        load_search_index(tmp_path / "index")
