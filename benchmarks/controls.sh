@@ -58,13 +58,16 @@ for phase in ${PHASES[*]}; do
       step "${Q[@]}" --langs $langs --methods ot --tag "$SENT_TAG" --lr "${SENT_LR:-2e-5}" "${SENT[@]}"
       step "${Q[@]}" --langs $langs --methods mse --tag lr2e-4 --lr 2e-4
     done ;;
-  strategies)  # the training strategies against the recipe (issue: training strategies), Hausa and Zulu first
-    for langs in "hau zul --seeds 0" "hau zul --seeds 1 2" "ibo kin twi --seeds 0"; do
+  strategies)  # the training strategies against the recipe (issue: training strategies), at the recipe's selected rate
+               # (RECIPE_LR, as in `final`: the recipe's records are shared); Hausa seed 0 first
+    RECIPE_TAG=recipe${RECIPE_LR:+-lr$RECIPE_LR} LR=(--lr "${RECIPE_LR:-2e-5}") S=${RECIPE_LR:+-lr$RECIPE_LR}
+    for langs in "hau --seeds 0" "zul --seeds 0" "hau zul --seeds 1 2" "ibo kin twi --seeds 0"; do
       # shellcheck disable=SC2086
-      step "${Q[@]}" --langs $langs --methods ot --tag recipe
-      step "${Q[@]}" --langs $langs --methods ot --tag hybrid0.5 --strategy hybrid_alpha=0.5
-      step "${Q[@]}" --langs $langs --methods ot --tag hybrid0.5-entry --strategy hybrid_alpha=0.5 hybrid_granularity=entry
-      step "${Q[@]}" --langs $langs --methods ot --tag codeswitch0.5 --strategy code_switch_p=0.5
+      step "${Q[@]}" --langs $langs --methods ot --tag "$RECIPE_TAG" "${LR[@]}"
+      step "${Q[@]}" --langs $langs --methods ot --tag "hybrid0.5$S" "${LR[@]}" --strategy hybrid_alpha=0.5
+      step "${Q[@]}" --langs $langs --methods ot --tag "codeswitch0.5$S" "${LR[@]}" --strategy code_switch_p=0.5
+      step "${Q[@]}" --langs $langs --methods ot --tag "hybrid0.5-entry$S" "${LR[@]}" --strategy hybrid_alpha=0.5 \
+        hybrid_granularity=entry
     done ;;
   *) echo "unknown phase $phase (controls | cross | grid | final | grid-controls | strategies)"; exit 2 ;;
   esac
