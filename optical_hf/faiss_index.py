@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import OpticalInputError
-from .late_interaction import DEFAULT_TOKENS, TokenIndex, build_index, built_by, hits
+from .late_interaction import METADATA_FILE, DEFAULT_TOKENS, TokenIndex, build_index, built_by, hits
 
 if TYPE_CHECKING:
     import faiss
@@ -38,9 +38,10 @@ __all__ = ["FaissDenseIndex", "FaissMaxSimIndex", "Hits", "build_search_index", 
 Hits = list[list[dict[str, Any]]]
 """One list per query, best first, of ``{"corpus_id": position, "score": float, "id": stored passage id}`` (the
 shape of ``sentence_transformers.util.semantic_search``, plus the stored id)."""
-INDEX_FILE, METADATA_FILE, EXACT_FILE = "index.faiss", "index.json", "tokens.pt"
-FOLDER_FORMAT = 1
-"""Version of the folder layout written by :meth:`FaissDenseIndex.save` and :meth:`FaissMaxSimIndex.save`."""
+INDEX_FILE, EXACT_FOLDER = "index.faiss", "exact"
+FOLDER_FORMAT = 2
+"""Version of the folder layout written by :meth:`FaissDenseIndex.save` and :meth:`FaissMaxSimIndex.save` (2: the
+exact tokens kept for re-ranking are a :class:`~optical_hf.late_interaction.TokenIndex` folder, ``exact/``)."""
 FLAT_UP_TO = 50_000
 """Dense default: an exact ``Flat`` index up to this many passages, HNSW above."""
 TRAIN_PER_LIST = 64
@@ -129,7 +130,7 @@ class _FaissIndex:
         return int(_faiss().serialize_index(self.index).nbytes)
 
     def _metadata(self) -> dict[str, Any]:
-        return {"format": FOLDER_FORMAT, "kind": self.kind, "factory": self.factory, "dim": self.dim,
+        return {"format": FOLDER_FORMAT, "engine": "faiss", "kind": self.kind, "factory": self.factory, "dim": self.dim,
                 "ids": self.ids, "built_by": self.built_by, "nprobe": self.nprobe, "ef_search": self.ef_search}
 
     def save(self, folder: str | Path) -> None:
@@ -230,10 +231,10 @@ class FaissMaxSimIndex(_FaissIndex):
                 "candidates": self.candidates, "exact": self.exact is not None}
 
     def save(self, folder: str | Path) -> None:
-        """:meth:`_FaissIndex.save`, plus the exact token index (``tokens.pt``, :meth:`TokenIndex.save`) if kept."""
+        """:meth:`_FaissIndex.save`, plus the exact token index (``exact/``, :meth:`TokenIndex.save`) if kept."""
         super().save(folder)
         if self.exact is not None:
-            self.exact.save(Path(folder) / EXACT_FILE)
+            self.exact.save(Path(folder) / EXACT_FOLDER)
 
     @functools.cached_property
     def memory_bytes(self) -> int:
@@ -291,27 +292,36 @@ def _ids(ids: Sequence[str] | None, count: int) -> list[str]:
     return ids
 
 
-def load_search_index(folder: str | Path) -> FaissDenseIndex | FaissMaxSimIndex:
-    """Read a folder written by ``save``: the index of the kind it records, with its ids, metadata and search
-    parameters. A folder that is not one (missing file, other format) is an :class:`OpticalInputError` naming it."""
+def load_search_index(folder: str | Path, mmap: bool = False) -> TokenIndex | FaissDenseIndex | FaissMaxSimIndex:
+    """Read a folder written by any index's ``save``: an exact :class:`~optical_hf.late_interaction.TokenIndex` or a
+    FAISS index of the kind it records, with its ids, metadata and search parameters. ``mmap``: map the exact fp16
+    tokens (a ``TokenIndex``, or those a FAISS MaxSim index re-ranks with) instead of reading them. A folder that is
+    not one (missing file, other format) is an :class:`OpticalInputError` naming it."""
     folder = Path(folder)
     try:
         metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
-        index = _faiss().read_index(str(folder / INDEX_FILE))
-    except (OSError, ValueError, RuntimeError) as err:
-        raise OpticalInputError(f"{folder}: not a saved FAISS search index ({type(err).__name__}: {err})") from err
-    if metadata.get("format") != FOLDER_FORMAT or metadata.get("kind") not in ("dense", "maxsim"):
-        raise OpticalInputError(f"{folder}: {METADATA_FILE} is not format {FOLDER_FORMAT} of a dense or maxsim index")
+    except (OSError, ValueError) as err:
+        raise OpticalInputError(f"{folder}: not a saved search index ({type(err).__name__}: {err})") from err
+    if isinstance(metadata, dict) and metadata.get("engine") == "exact":
+        return TokenIndex.load(folder, mmap=mmap)
+    if (not isinstance(metadata, dict) or metadata.get("engine") != "faiss" or metadata.get("format") != FOLDER_FORMAT
+            or metadata.get("kind") not in ("dense", "maxsim")):
+        raise OpticalInputError(f"{folder}: {METADATA_FILE} is not format {FOLDER_FORMAT} of a FAISS dense or maxsim "
+                                "index, nor a TokenIndex; build the index again")
     required = ("ids", "built_by", "factory", "nprobe", "ef_search",
                 *(("offsets", "token_k", "candidates", "exact") if metadata["kind"] == "maxsim" else ()))
     missing = [key for key in required if key not in metadata]
     if missing:
         raise OpticalInputError(f"{folder}: {METADATA_FILE} lacks {', '.join(missing)}; save the index again")
+    try:
+        index = _faiss().read_index(str(folder / INDEX_FILE))
+    except (OSError, RuntimeError) as err:
+        raise OpticalInputError(f"{folder}: no readable {INDEX_FILE} ({type(err).__name__}: {err})") from err
     common = {"built_by": metadata["built_by"], "factory": metadata["factory"], "nprobe": metadata["nprobe"],
               "ef_search": metadata["ef_search"]}
     if metadata["kind"] == "dense":
         return FaissDenseIndex(index, metadata["ids"], **common)
-    exact = TokenIndex.load(folder / EXACT_FILE) if metadata["exact"] else None
+    exact = TokenIndex.load(folder / EXACT_FOLDER, mmap=mmap) if metadata["exact"] else None
     return FaissMaxSimIndex(index, metadata["ids"], **common, offsets=torch.tensor(metadata["offsets"]),
                             token_k=metadata["token_k"], candidates=metadata["candidates"], exact=exact)
 

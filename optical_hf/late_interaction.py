@@ -19,6 +19,7 @@ The search is an exact scan of the fp16 index (why no late-interaction library: 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import pickle
 import time
@@ -51,9 +52,11 @@ DEFAULT_TOKENS = "content"
 """The default token selection on both sides (why: the README's "Design choices", row "MaxSim tokens")."""
 SIDES = ("query", "document")
 """Which encoder of a model :func:`encode_token_states` runs (``encode_query`` or ``encode_document``)."""
-INDEX_FORMAT = 3
-"""Version of :meth:`TokenIndex.save`'s file layout (2: with ``built_by`` and a checksum; 3: the checksum hashes each
-tensor's name, dtype and shape too, as the teacher cache's does)."""
+INDEX_FORMAT = 4
+"""Version of :meth:`TokenIndex.save`'s layout (3: one file; 4: a folder of :data:`TOKENS_FILE` and
+:data:`METADATA_FILE`, which :func:`optical_hf.faiss_index.load_search_index` reads like a FAISS index's folder)."""
+TOKENS_FILE, METADATA_FILE = "tokens.pt", "index.json"
+"""The files of a saved :class:`TokenIndex` folder (``index.json`` is also a FAISS index folder's metadata file)."""
 ENCODE_BLOCK = 1024
 """Texts encoded per ``encode`` call, so that only one block's padded token states are alive at a time."""
 
@@ -168,33 +171,47 @@ class TokenIndex:
         hasher.update("\n".join(self.ids).encode("utf-8"))
         return hasher.hexdigest()
 
-    def save(self, path: str | Path) -> None:
-        """Write the index, what built it and its checksum to ``path`` with ``torch.save``."""
-        torch.save({"format": INDEX_FORMAT, "vectors": self.vectors, "offsets": self.offsets, "ids": self.ids,
-                    "built_by": self.built_by, "dim": self.vectors.shape[1], "dtype": str(self.vectors.dtype),
-                    "checksum": self.checksum()}, path)
+    def save(self, folder: str | Path) -> None:
+        """Write the index as a folder that can sit beside the model: :data:`TOKENS_FILE` (the fp16 vectors and the
+        offsets, ``torch.save``) and :data:`METADATA_FILE` (format, kind, dim, sizes, ids, what built it and the
+        checksum). The folder is created if needed; its two files are replaced (each written aside, then renamed
+        over the old one: an index mapped from them, ``load(mmap=True)``, stays valid), nothing else is touched."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": INDEX_FORMAT, "engine": "exact", "kind": self.kind, "dim": self.dim,
+                    "num_passages": self.num_passages, "num_tokens": len(self.vectors), "built_by": self.built_by,
+                    "checksum": self.checksum(), "ids": self.ids}
+        tokens, meta = folder / f"{TOKENS_FILE}.tmp", folder / f"{METADATA_FILE}.tmp"
+        torch.save({"vectors": self.vectors, "offsets": self.offsets}, tokens)
+        meta.write_text(json.dumps(metadata, ensure_ascii=False), encoding="utf-8")
+        tokens.replace(folder / TOKENS_FILE)
+        meta.replace(folder / METADATA_FILE)
 
     @classmethod
-    def load(cls, path: str | Path) -> TokenIndex:
-        """Read an index written by :meth:`save`; a file that is not one, lacks a key, or whose checksum or values
-        are wrong (a damaged file) is an :class:`OpticalInputError` naming it."""
+    def load(cls, folder: str | Path, mmap: bool = False) -> TokenIndex:
+        """Read a folder written by :meth:`save`. ``mmap=True`` maps :data:`TOKENS_FILE` instead of reading it (pages
+        are read when a search touches them: an index larger than memory). A folder that is not one, a missing key,
+        or a checksum or values that are wrong (a damaged file) is an :class:`OpticalInputError` naming it."""
+        folder = Path(folder)
         try:
-            state = torch.load(path, weights_only=True)
+            metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+            state = torch.load(folder / TOKENS_FILE, weights_only=True, mmap=mmap)
         except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-            raise OpticalInputError(f"{path}: not a TokenIndex file ({type(err).__name__}: {err})") from err
-        if not isinstance(state, dict) or state.get("format") != INDEX_FORMAT:
-            raise OpticalInputError(f"{path}: not a TokenIndex file of format {INDEX_FORMAT} (written by "
+            raise OpticalInputError(f"{folder}: not a TokenIndex folder ({type(err).__name__}: {err})") from err
+        if not isinstance(metadata, dict) or metadata.get("format") != INDEX_FORMAT or metadata.get("engine") != "exact":
+            raise OpticalInputError(f"{folder}: not a TokenIndex folder of format {INDEX_FORMAT} (written by "
                                     "TokenIndex.save); build the index again")
-        missing = [key for key in ("vectors", "offsets", "ids", "built_by", "checksum") if key not in state]
+        missing = [key for key in ("ids", "built_by", "checksum") if key not in metadata] + [
+            key for key in ("vectors", "offsets") if not isinstance(state, dict) or key not in state]
         if missing:
-            raise OpticalInputError(f"{path}: the TokenIndex file lacks {', '.join(missing)}; build the index again")
+            raise OpticalInputError(f"{folder}: the TokenIndex lacks {', '.join(missing)}; build the index again")
         try:
-            index = cls(state["vectors"], state["offsets"], list(state["ids"]), dict(state["built_by"]))
+            index = cls(state["vectors"], state["offsets"], list(metadata["ids"]), dict(metadata["built_by"]))
         except (TypeError, ValueError) as err:
-            raise OpticalInputError(f"{path}: damaged TokenIndex ({' '.join(str(err).split())}); build it again") from err
-        if index.checksum() != state["checksum"]:
-            raise OpticalInputError(f"{path}: the TokenIndex checksum does not match its content (the file is "
-                                    "damaged); build the index again")
+            raise OpticalInputError(f"{folder}: damaged TokenIndex ({' '.join(str(err).split())}); build it again") from err
+        if index.checksum() != metadata["checksum"]:
+            raise OpticalInputError(f"{folder}: the TokenIndex checksum does not match its content (a damaged file); "
+                                    "build the index again")
         return index
 
 

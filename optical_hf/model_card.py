@@ -351,22 +351,22 @@ def _usage_snippet(model_id: str, teacher: str, language: str, info: StudentCard
 
 
 def _maxsim_snippet(model_id: str, teacher: str, info: StudentCardInfo) -> str:
-    """The late-interaction code block: student query tokens against teacher passage tokens, ranked by MaxSim."""
-    query_prompt = f", prompt={info.query_prompt!r}" if info.query_prompt else ""
-    document_prompt = f", prompt={info.document_prompt!r}" if info.document_prompt else ""
+    """The late-interaction code block: :func:`optical_hf.retrieve` with the student's query tokens against the
+    teacher's document tokens (a pair folder holds both; a student-only folder names its teacher)."""
     pair = info.export == "pair"  # one model: encode_query is the student's, encode_document the teacher's
+    query_prompt = "" if pair or not info.query_prompt else f", query_prompt={info.query_prompt!r}"
+    document = "" if pair else (f', document_model=SentenceTransformer("{teacher}")'
+                                + (f", document_prompt={info.document_prompt!r}" if info.document_prompt else ""))
     lines = [
         "from sentence_transformers import SentenceTransformer",
-        "from optical_hf.late_interaction import build_index, encode_token_states, maxsim_topk",
+        "from optical_hf import retrieve",
         "",
-        f'student = SentenceTransformer("{model_id}")',
-        "teacher = student  # the folder holds the pair" if pair else f'teacher = SentenceTransformer("{teacher}")',
+        f'model = SentenceTransformer("{model_id}")'
+        + ("  # encode_query: the student; encode_document: the teacher" if pair else "  # the student"),
         'queries, documents = ["<a query>"], ["<an English document>", "<another English document>"]',
-        "",
-        "# content tokens (no special or prompt tokens) on both sides; tokens=\"all\" keeps every token",
-        f'query_tokens = encode_token_states(student, queries, side="query"{query_prompt})',
-        f"index = build_index(teacher, documents{document_prompt})  # fp16; index.save(path) / TokenIndex.load(path)",
-        "scores, document_indices = maxsim_topk(query_tokens, index, top_k=10)  # sum_i max_j cos(q_i, d_j)",
+        "# MaxSim: sum_i max_j cos(q_i, d_j) over content tokens (no special or prompt tokens); an index of many",
+        "# documents: optical_hf.late_interaction.build_index(...), index.save(folder), load_search_index(folder)",
+        f'hits = retrieve(model, queries, documents, top_k=10, scoring="maxsim"{query_prompt}{document})',
     ]
     return "```python\n" + "\n".join(lines) + "\n```"
 

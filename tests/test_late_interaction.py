@@ -23,6 +23,7 @@ import optical_hf.late_interaction
 from optical_hf.cli import EXIT_BAD_INPUT, main
 from optical_hf.corpora import RetrievalData, load_beir
 from optical_hf.errors import OpticalInputError
+from optical_hf.faiss_index import load_search_index
 from optical_hf.export import save_student
 from optical_hf.late_interaction import (
     MaxSimCLIREvaluator,
@@ -144,46 +145,67 @@ def test_maxsim_rejects_bad_inputs():
 # ---- the fp16 index -----------------------------------------------------------------------------------------------
 
 
-def test_token_index_is_fp16_reports_its_memory_and_round_trips(tmp_path):
+def test_token_index_is_fp16_reports_its_memory_and_round_trips_as_a_folder(tmp_path):
     index = TokenIndex.from_token_states(random_states(PASSAGE_LENGTHS), ids=[f"d{i}" for i in range(6)])
     assert index.vectors.dtype == torch.float16 and index.vectors.shape == (22, 8)
     assert index.offsets.tolist() == [0, 3, 4, 9, 11, 18, 22]
     assert index.memory_bytes == 22 * 8 * 2 + 7 * 8
     assert torch.allclose(index.vectors.float().norm(dim=1), torch.ones(22), atol=1e-3)
-    index.save(tmp_path / "index.pt")
-    loaded = TokenIndex.load(tmp_path / "index.pt")
-    assert torch.equal(loaded.vectors, index.vectors) and torch.equal(loaded.offsets, index.offsets)
-    assert loaded.ids == index.ids and loaded.memory_bytes == index.memory_bytes
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "README.md").write_text("mine")
+    index.save(tmp_path / "index")
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["README.md", "index.json", "tokens.pt"]
+    metadata = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert (metadata["kind"], metadata["dim"], metadata["num_passages"], metadata["num_tokens"]) == ("maxsim", 8, 6, 22)
+    assert metadata["ids"] == index.ids
+    for mmap in (False, True):  # mmap: the tokens are mapped from the file, not read
+        loaded = TokenIndex.load(tmp_path / "index", mmap=mmap)
+        assert torch.equal(loaded.vectors, index.vectors) and torch.equal(loaded.offsets, index.offsets)
+        assert loaded.ids == index.ids and loaded.memory_bytes == index.memory_bytes
+        assert loaded.search(random_states([2]), top_k=3) == index.search(random_states([2]), top_k=3)
+    assert isinstance(load_search_index(tmp_path / "index"), TokenIndex)  # the loader of every saved index
+    loaded.save(tmp_path / "index")  # unchanged, over the file it is mapped from
+    assert torch.equal(loaded.vectors, index.vectors) and TokenIndex.load(tmp_path / "index").ids == index.ids
+    loaded.add(random_states([2]), ["d6"])
+    loaded.remove(["d0"])
+    loaded.save(tmp_path / "index")  # over the folder it was mapped from
+    assert TokenIndex.load(tmp_path / "index").ids == ["d1", "d2", "d3", "d4", "d5", "d6"]
 
 
-def test_a_damaged_index_file_is_refused_naming_it(tmp_path):
+def test_a_damaged_index_folder_is_refused_naming_it(tmp_path):
     index = TokenIndex.from_token_states(random_states(PASSAGE_LENGTHS), ids=[f"d{i}" for i in range(6)])
-    path = tmp_path / "index.pt"
+    path = tmp_path / "index"
     index.save(path)
-    damaged = tmp_path / "damaged.pt"
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path / "tokens.pt", weights_only=True)
     state["vectors"][3:8] = float("nan")  # what flipped bytes in the vectors do
-    torch.save(state, damaged)
-    with pytest.raises(OpticalInputError, match=rf"{damaged}: damaged TokenIndex \(TokenIndex: 5 token vector\(s\) "
+    torch.save(state, path / "tokens.pt")
+    with pytest.raises(OpticalInputError, match=rf"{path}: damaged TokenIndex \(TokenIndex: 5 token vector\(s\) "
                                                 r"are NaN or infinite, in passage\(s\) \['d1', 'd2'\]"):
-        TokenIndex.load(damaged)
-    state = torch.load(path, weights_only=True)
+        TokenIndex.load(path)
+    index.save(path)
+    state = torch.load(path / "tokens.pt", weights_only=True)
     state["vectors"][0, 0] += 0.5  # a finite but changed value
-    torch.save(state, damaged)
-    with pytest.raises(OpticalInputError, match=f"{damaged}: the TokenIndex checksum does not match"):
-        TokenIndex.load(damaged)
-    del state["ids"]
-    torch.save(state, damaged)
-    with pytest.raises(OpticalInputError, match=f"{damaged}: the TokenIndex file lacks ids"):
-        TokenIndex.load(damaged)
-    empty = tmp_path / "empty.pt"
-    empty.write_bytes(b"")
-    with pytest.raises(OpticalInputError, match=f"{empty}: not a TokenIndex file"):
-        TokenIndex.load(empty)
-    notes = tmp_path / "notes.txt"
-    notes.write_text("not an index", encoding="utf-8")
-    with pytest.raises(OpticalInputError, match=f"{notes}: not a TokenIndex file"):
+    torch.save(state, path / "tokens.pt")
+    with pytest.raises(OpticalInputError, match=f"{path}: the TokenIndex checksum does not match"):
+        TokenIndex.load(path)
+    index.save(path)
+    metadata = json.loads((path / "index.json").read_text())
+    del metadata["ids"]
+    (path / "index.json").write_text(json.dumps(metadata))
+    with pytest.raises(OpticalInputError, match=f"{path}: the TokenIndex lacks ids"):
+        TokenIndex.load(path)
+    index.save(path)
+    (path / "tokens.pt").write_bytes(b"")
+    with pytest.raises(OpticalInputError, match=f"{path}: not a TokenIndex folder"):
+        TokenIndex.load(path)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "index.json").write_text('{"format": 3}', encoding="utf-8")
+    (notes / "tokens.pt").write_bytes((path / "index.json").read_bytes())
+    with pytest.raises(OpticalInputError, match=f"{notes}: not a TokenIndex"):
         TokenIndex.load(notes)
+    with pytest.raises(OpticalInputError, match=f"{tmp_path / 'missing'}: not a TokenIndex folder"):
+        TokenIndex.load(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"NaN or infinite, in passage\(s\) \['1'\]"):
         TokenIndex.from_token_states([torch.ones(2, 8), torch.full((1, 8), float("inf"))])
 
@@ -194,8 +216,8 @@ def test_an_index_knows_what_built_it_and_refuses_another_teacher(tmp_path):
         build_index(teacher, [])
     index = build_index(teacher, list(COMPASS.corpus.values()), list(COMPASS.corpus), prompt=None, tokens="all")
     assert set(index.built_by) == {"model", "fingerprint", "prompt", "tokens"}
-    index.save(tmp_path / "index.pt")
-    loaded = TokenIndex.load(tmp_path / "index.pt")
+    index.save(tmp_path / "index")
+    loaded = TokenIndex.load(tmp_path / "index")
     assert loaded.built_by == index.built_by
     MaxSimCLIREvaluator(COMPASS, teacher, index=loaded, doc_tokens="all")  # the same teacher and settings: accepted
     with pytest.raises(OpticalInputError, match=r"other settings than the document model in use: fingerprint '\w+' "
@@ -348,11 +370,19 @@ def test_student_folder_keeps_scoring_and_evaluate_uses_it(model_dirs, beir, tmp
     assert json.loads((folder / "optical_hf.json").read_text(encoding="utf-8"))["scoring"] == "maxsim"
     readme = (folder / "README.md").read_text(encoding="utf-8")
     assert "Late interaction (MaxSim)" in readme
-    assert "encode_token_states(student, queries, side=\"query\", prompt='query: ')" in readme
+    assert "retrieve(model, queries, documents, top_k=10, scoring=\"maxsim\", query_prompt='query: '" in readme
     snippet = readme.split("Late interaction (MaxSim)")[1].split("```python\n")[1].split("```")[0]
     namespace: dict = {}
     exec(snippet.replace(PLACEHOLDER_MODEL_ID, str(folder)), namespace)  # the card's snippet runs as written
-    assert namespace["scores"].shape == namespace["document_indices"].shape == (1, 2)
+    assert [len(hits) for hits in namespace["hits"]] == [2]
+    card = StudentCardInfo(language="sw", query_prompt="query: ", scoring="maxsim")
+    pair = save_student(sentence_transformer(model_dirs["student"]), tmp_path / "maxsim-pair", card=card,
+                        teacher_model=sentence_transformer(model_dirs["teacher"]))
+    snippet = (pair / "README.md").read_text(encoding="utf-8").split("Late interaction (MaxSim)")[1]
+    snippet = snippet.split("```python\n")[1].split("```")[0]
+    assert 'retrieve(model, queries, documents, top_k=10, scoring="maxsim")' in snippet  # the pair knows its prompts
+    exec(snippet.replace(PLACEHOLDER_MODEL_ID, str(pair)), namespace)
+    assert [len(hits) for hits in namespace["hits"]] == [2]
 
     output = tmp_path / "metrics.json"
     assert main(["evaluate", "--model", str(folder), "--beir", str(beir), "--output_json", str(output)]) == 0

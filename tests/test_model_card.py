@@ -243,4 +243,4 @@ def test_a_maxsim_students_card_says_how_it_is_searched(model):
     assert "late-interaction" in maxsim.data.tags and "dense" not in maxsim.data.tags
     assert "**Similarity Function:** Cosine Similarity" in dense.text
     assert "**Similarity Function:** MaxSim (late interaction" in maxsim.text
-    assert "maxsim_topk(query_tokens, index" in maxsim.text and "maxsim_topk" not in dense.text
+    assert 'scoring="maxsim"' in maxsim.text and "retrieve(" not in dense.text

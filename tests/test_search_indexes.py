@@ -95,12 +95,13 @@ def test_faiss_indexes_round_trip_as_folders_with_their_metadata(corpus, queries
     assert isinstance(loaded, FaissMaxSimIndex) and loaded.ids == maxsim.ids and loaded.built_by == maxsim.built_by
     assert (loaded.nprobe, loaded.token_k, loaded.candidates, loaded.factory) == (3, 20, 30, "IVF4,PQ8np")
     assert ranking(loaded.search(queries)) == ranking(maxsim.search(queries))
-    assert torch.equal(loaded.exact.vectors, corpus.vectors)  # the fp16 tokens re-ranking uses: tokens.pt
+    assert torch.equal(loaded.exact.vectors, corpus.vectors)  # the fp16 tokens re-ranking uses: exact/
+    assert torch.equal(load_search_index(tmp_path / "maxsim", mmap=True).exact.vectors, corpus.vectors)
     metadata = json.loads((tmp_path / "maxsim" / "index.json").read_text())
     assert metadata["kind"] == "maxsim" and metadata["built_by"]["prompt"] == "passage: " and metadata["exact"]
     compressed = FaissMaxSimIndex.from_token_index(corpus, factory="IVF4,PQ8np", keep_exact=False)
     compressed.save(tmp_path / "compressed")
-    assert not (tmp_path / "compressed" / "tokens.pt").exists()
+    assert not (tmp_path / "compressed" / "exact").exists()
     assert ranking(load_search_index(tmp_path / "compressed").search(queries)) == ranking(compressed.search(queries))
 
     dense = FaissDenseIndex.from_embeddings(torch.randn(12, DIM), [f"d{i}" for i in range(12)],
