@@ -67,3 +67,21 @@ def test_synthetic_passages_keep_the_real_token_counts(search):
     fake = search.synthetic(real, 50, noise=0.5, seed=0)
     assert fake.num_passages == 50 and set(fake.offsets.diff().tolist()) <= {3, 5, 7}
     assert torch.allclose(fake.vectors.float().norm(dim=1), torch.ones(len(fake.vectors)), atol=1e-2)
+
+
+def test_export_size_reports_the_pair_against_the_student(model_dirs, tmp_path):
+    """benchmarks/export_size.py with a tiny model as "e5": each row's pair folder holds the student and the teacher."""
+    model = tmp_path / "model"
+    sentence_transformer(model_dirs["student"]).save(str(model))
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import export_size
+        report = export_size.main(["--e5", str(model), "--output", str(tmp_path / "export_size.md")])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        sys.modules.pop("export_size", None)
+    assert (tmp_path / "export_size.md").read_text(encoding="utf-8") == report
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ")][1:]  # after the header
+    ratios = {row[0].strip("| "): float(row[3].strip(" |")) for row in rows}
+    assert len(ratios) == 3 and ratios["all-MiniLM-L6-v2 → all-MiniLM-L6-v2"] == pytest.approx(2.0, abs=0.05)
+    assert all(ratio > 1 for ratio in ratios.values())
