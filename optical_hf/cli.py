@@ -60,6 +60,9 @@ def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 def _distill(argv: list[str]) -> None:
     """Parse ``argv`` with the recipe's HfArgumentParser (the flags of examples/distill.py) and run it."""
+    if {"-h", "--help"} & set(argv) and "--help-all" not in argv and (text := _stored_distill_help()) is not None:
+        print(text, end="")
+        raise SystemExit(0)
     from .recipe import build_parser, use_cpu_processes_if_no_gpu
 
     parser = build_parser()
@@ -102,8 +105,42 @@ def _hide_rare_training_flags(parser: argparse.ArgumentParser) -> None:
     hidden = [action for action in parser._actions if action.dest in training - set(COMMON_TRAINING_FLAGS)]
     for action in hidden:
         action.help = argparse.SUPPRESS
-    parser.epilog = (f"{len(hidden)} more transformers TrainingArguments flags (optimizer, scheduler, logging, "
-                     f"distributed, Hub ...): {PROG} distill --help-all")
+    parser.epilog = f"{len(hidden)} more transformers TrainingArguments flags (optimizer, ...): {PROG} distill --help-all"
+
+
+DISTILL_HELP = Path(__file__).parent / "resources" / "distill_help.txt"
+"""``distill --help`` as :func:`render_distill_help` writes it, printed without importing transformers (building the
+parser imports it: seconds). Its first line names the versions it was rendered with; with any other installed, the
+help is built live. ``tests/test_cli.py`` checks that it equals the live help."""
+HELP_WIDTH = 120
+
+
+def _help_versions() -> str:
+    """The versions the distill help depends on, read from the installed metadata (no import)."""
+    from importlib.metadata import version
+
+    return " ".join(f"{name}=={version(name)}" for name in ("optical-hf", "transformers", "sentence-transformers"))
+
+
+def render_distill_help() -> str:
+    """``optical-hf distill --help`` built live, :data:`HELP_WIDTH` columns wide, under its versions line (the content
+    of :data:`DISTILL_HELP`)."""
+    from .recipe import build_parser
+
+    parser = build_parser()
+    parser.prog = f"{PROG} distill"
+    _hide_rare_training_flags(parser)
+    parser.formatter_class = functools.partial(parser.formatter_class, width=HELP_WIDTH)
+    return f"# {_help_versions()}\n{parser.format_help()}"
+
+
+def _stored_distill_help() -> str | None:
+    """The stored help when it was rendered with the installed versions, else ``None``."""
+    try:
+        versions, text = DISTILL_HELP.read_text(encoding="utf-8").split("\n", 1)
+    except (OSError, ValueError):
+        return None
+    return text if versions == f"# {_help_versions()}" else None
 
 
 class Interrupted(Exception):

@@ -138,6 +138,19 @@ def test_distill_help_lists_the_common_trainer_flags_and_help_all_every_one(caps
     assert "--adam_beta1" in full and "--learning_rate" in full and len(full.splitlines()) > len(short.splitlines())
 
 
+def test_distill_help_is_the_stored_live_help_and_answers_without_transformers():
+    from optical_hf.cli import DISTILL_HELP, render_distill_help
+
+    assert DISTILL_HELP.read_text(encoding="utf-8") == render_distill_help(), (
+        "the stored distill --help is stale; write it again: python -c \"from optical_hf.cli import DISTILL_HELP, "
+        "render_distill_help; DISTILL_HELP.write_text(render_distill_help(), encoding='utf-8')\"")
+    probe = ("import sys; from optical_hf.cli import main\ntry:\n    main(['distill', '--help'])\nexcept SystemExit:\n"
+             "    pass\nassert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'imported'")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == DISTILL_HELP.read_text(encoding="utf-8").split("\n", 1)[1]
+
+
 def test_version(capsys):
     assert cli("--version") == 0
     assert capsys.readouterr().out.strip() == f"optical-hf {optical_hf.__version__}"
