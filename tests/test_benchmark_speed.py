@@ -71,7 +71,19 @@ def test_repeat_counts_below_one_are_refused_naming_the_flag(speed, flag, capsys
     assert f"argument {flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
-def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
+def test_report_only_needs_a_stored_json(speed, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--report-only", "--output-dir", str(tmp_path)])
+    assert f"--report-only: no {tmp_path / 'speed.json'} to render" in capsys.readouterr().err
+
+
+def test_stored_report_is_the_rendering_of_the_stored_json(speed):
+    results = SCRIPT.parent / "results"
+    rendered = speed.render_markdown(json.loads((results / "speed.json").read_text()))
+    assert rendered == (results / "speed.md").read_text(), "re-render it: python benchmarks/speed.py --report-only"
+
+
+def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path, monkeypatch):
     results = speed.main([
         "--quick", "--threads", "1", "--output-dir", str(tmp_path),
         "--student", str(model_dirs["student"]), "--teacher", str(model_dirs["teacher"]),
@@ -120,3 +132,12 @@ def test_quick_run_writes_complete_report(speed, model_dirs, tmp_path):
                     "### The objective alone", "## Targets"):
         assert heading in report
     assert "| ot_envelope |" in report and "| ot_cached_teacher |" in report and saved["machine"]["command"] in report
+
+    # --report-only re-renders the same report from the stored json alone, measuring nothing and leaving the json as is
+    stored = (tmp_path / "speed.json").read_bytes()
+    (tmp_path / "speed.md").write_text("stale")
+    for name in ("measure_all", "measure", "bench_ot_config", "bench_training", "machine_info"):
+        monkeypatch.setattr(speed, name, lambda *args, **kwargs: pytest.fail("--report-only measured something"))
+    assert speed.main(["--report-only", "--output-dir", str(tmp_path)]) == saved
+    assert (tmp_path / "speed.md").read_text() == report
+    assert (tmp_path / "speed.json").read_bytes() == stored
