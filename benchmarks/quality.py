@@ -1,40 +1,10 @@
 #!/usr/bin/env python
 """Retrieval-quality benchmark: OPTICAL (OT) distillation against sentence-level MSE distillation on AfriQA.
 
-Protocol (``shared/README.md``, "gold-pool" CLIR): for each AfriQA language with a gold-passage file for ``--split``
-(default ``dev``) under ``--data-dir`` (default ``../shared/data``), the queries are the native ``question_lang`` of
-that file, each query's relevant document is its own gold English Wikipedia passage, and the corpus is the pool of
-all distinct non-empty ``context`` passages of *every* gold-passage file found (every language and split). This is a
-closed-pool setup built from AfriQA's gold passages, not AfriQA's official open-retrieval task. Metrics: MRR@10
-(primary), nDCG@10, Recall@1/10/100 (``pytrec_eval``), and "gap closed" = (student - floor) / (oracle - floor).
-
-Systems, per setting and language (all students trained on the same bitext sample, steps and seed):
-
-* **floor**: the untrained student on the native questions;
-* **oracle**: the teacher on the human English translations (``question_translated``);
-* **mse**: sentence-level distillation (Reimers & Gurevych 2020): sentence-transformers' ``MSELoss`` with the
-  teacher's embeddings of the English side precomputed as labels, trained on the low-resource column only;
-* **ot**: :class:`optical_hf.OTDistillationLoss` with the library's default recipe, or the ``OTLossConfig`` fields
-  given with ``--loss KEY=VALUE`` (``--tag`` labels such a variant in the tables).
-
-Settings: ``e5`` (same-model transfer, the paper's setting): multilingual-e5-small is the frozen teacher (English
-side and passages, ``"passage: "``) and the student's initialisation (native queries, ``"query: "``; the teacher's
-English side of the bitext also gets ``"query: "``). ``cross`` (the library's main use case): all-MiniLM-L6-v2
-(English WordPiece, no prompts) is the frozen teacher, multilingual-e5-small (XLM-R tokenizer, ``"query: "``) the
-student's initialisation; both are 384-d, so no projection is needed, but they tokenise differently and start in
-different spaces. Its floor is the untrained student against the teacher's passages; its MSE student also learns the
-English side (Reimers & Gurevych 2020), so one epoch is twice the steps. ``minilm``: all-MiniLM-L6-v2 as teacher and
-initialisation.
-
-Bitext per language: LAFAND-MT train pairs (Kinyarwanda: LAFAND's dev file, as *training* bitext) plus the AfriQA
-*train* query translations, minus any question of the evaluated split; ``--budgets`` picks seeded nested samples
-(default: all pairs). The student's word-embedding matrix is frozen for every method alike unless
-``--no-freeze-embeddings``.
-
-Every finished run is appended to ``OUTPUT_DIR/OUTPUT_NAME.jsonl`` at once, keyed by everything that defines it
-(setting, language, split, evaluated data, method, pairs, seed and training/loss configuration); a run already stored
-is skipped, so a stopped command can simply be started again and a long table built over several sittings. The
-Markdown report ``OUTPUT_NAME.md`` is rendered from every stored record.
+``benchmarks/README.md`` ("quality.py") describes the protocol (closed-pool CLIR over AfriQA's gold passages), the
+systems (floor, oracle, mse, ot), settings, training bitext, metrics and records. Every finished run is appended at
+once to ``OUTPUT_DIR/OUTPUT_NAME.jsonl``, keyed by everything that defines it, and skipped when stored, so a stopped
+command can simply be started again; the report ``OUTPUT_NAME.md`` is rendered from every stored record.
 
 Example::
 
@@ -70,11 +40,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-from sentence_transformers import (  # noqa: E402
-    SentenceTransformer,
-    SentenceTransformerTrainer,
-    SentenceTransformerTrainingArguments,
-)
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer  # noqa: E402
+from sentence_transformers import SentenceTransformerTrainingArguments  # noqa: E402
 from sentence_transformers.sentence_transformer.losses import MSELoss  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -82,17 +49,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from optical_hf import OTLossConfig, bitext_from_pairs, load_bitext, model_fingerprint  # noqa: E402
-from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
-from optical_hf.evaluation import CLIREvaluator  # noqa: E402
-from optical_hf.significance import paired_test  # noqa: E402
-from optical_hf.late_interaction import INDEX_FORMAT, MaxSimCLIREvaluator, TokenIndex, build_index  # noqa: E402
+from optical_hf import (  # noqa: E402
+    CLIREvaluator, MaxSimCLIREvaluator, OTLossConfig, Prompts, TokenIndex, bitext_from_pairs, build_index,
+    code_switched_bitext, load_bitext, model_fingerprint, paired_test,
+)
 from optical_hf.arguments import CodeSwitchArguments, HybridBatchArguments  # noqa: E402
-from optical_hf.code_switch import code_switched_bitext  # noqa: E402
+from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
+from optical_hf.late_interaction import INDEX_FORMAT  # noqa: E402
 from optical_hf.recipe import build_trainer, packaged_teacher_path  # noqa: E402
 
 from benchmarks.common import machine_info  # noqa: E402
-from optical_hf.vocabulary import Prompts  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -160,9 +126,8 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------------------------ data
 def language_bitext(data_dir: Path, lang: str, exclude_questions: set[str]) -> tuple[datasets.Dataset, dict[str, Any]]:
-    """LAFAND pairs of ``lang`` plus its AfriQA train query translations, minus questions of the evaluated split.
-
-    A language without LAFAND bitext (Bemba) trains on its AfriQA train query translations alone.
+    """LAFAND pairs of ``lang`` (none for Bemba) plus its AfriQA train query translations, minus the evaluated
+    split's questions (``exclude_questions``).
 
     Returns:
         The bitext (columns ``source`` = ``lang`` sentence, ``target`` = English) and a dict of counts and files.
@@ -176,13 +141,9 @@ def language_bitext(data_dir: Path, lang: str, exclude_questions: set[str]) -> t
     queries_file = data_dir / "afriqa" / "queries" / lang / f"queries.afriqa.{lang}.en.train.json"
     queries = load_bitext(queries_file, source_column="question", target_column="translated_question")
     kept = [(s, t) for s, t in zip(queries["source"], queries["target"]) if s not in exclude_questions]
-    info = {
-        "lafand_file": None if split is None else f"lafand-mt/en-{lang}/{split}.{{{lang},en}}",
-        "lafand_pairs": len(lafand),
-        "afriqa_train_queries": len(queries),
-        "dropped_dev_duplicates": len(queries) - len(kept),
-        "pairs": len(lafand) + len(kept),
-    }
+    info = {"lafand_file": None if split is None else f"lafand-mt/en-{lang}/{split}.{{{lang},en}}",
+            "lafand_pairs": len(lafand), "afriqa_train_queries": len(queries),
+            "dropped_dev_duplicates": len(queries) - len(kept), "pairs": len(lafand) + len(kept)}
     if split is None:
         logger.info("%s: no LAFAND bitext in %s; training on the %d AfriQA train query translations only", lang,
                     lafand_dir, len(kept))
@@ -247,7 +208,8 @@ def make_settings(names: Sequence[str], e5: str | None, custom: Setting | None =
         elif name == "custom":
             settings[custom.name] = custom
         else:
-            settings[name] = Setting("minilm", "English teacher, all-MiniLM-L6-v2", packaged_teacher_path(), None, None, None)
+            settings[name] = Setting("minilm", "English teacher, all-MiniLM-L6-v2", packaged_teacher_path(),
+                                     None, None, None)
     return settings
 
 
@@ -258,31 +220,18 @@ def load_model(path: str, device: str, max_seq_length: int) -> SentenceTransform
     return model
 
 
-def doc_index(
-    teacher: SentenceTransformer,
-    setting: Setting,
-    corpus: dict[str, str],
-    max_length: int,
-    batch_size: int,
-    cache_dir: Path,
-    scoring: str,
-) -> Any:
+def doc_index(teacher: SentenceTransformer, setting: Setting, corpus: dict[str, str], max_length: int, batch_size: int,
+              cache_dir: Path, scoring: str) -> Any:
     """The teacher's passages of ``corpus`` (in its order), encoded once and cached on disk: ``(num_docs, dim)``
     normalised embeddings for ``dense`` scoring, a :class:`optical_hf.late_interaction.TokenIndex` (fp16 token states
-    of the tokens :data:`SCORINGS` names) for the MaxSim modes. The cache is keyed by content, like the library's
-    teacher cache: the teacher's weights (:func:`optical_hf.model_fingerprint`), the prompt, the max length, the pool's
-    ids and texts, and the scoring."""
-    key = {
-        "index_format": INDEX_FORMAT,
-        "teacher": model_fingerprint(teacher),
-        "prompt": setting.doc_prompt,
-        "max_length": max_length,
-        "pool": hashlib.sha1(json.dumps(list(corpus.items())).encode()).hexdigest(),  # in order
-    }
+    of the tokens :data:`SCORINGS` names; saved as a folder) for the MaxSim modes. The cache is keyed by content: the
+    teacher's weights (:func:`optical_hf.model_fingerprint`), the prompt, the max length, the pool and the scoring."""
+    key = {"index_format": INDEX_FORMAT, "teacher": model_fingerprint(teacher), "prompt": setting.doc_prompt,
+           "max_length": max_length, "pool": hashlib.sha1(json.dumps(list(corpus.items())).encode()).hexdigest()}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     tokens = SCORINGS[scoring]
     path = cache_dir / f"docs-{setting.name}-{digest}{'' if tokens is None else f'-{scoring}'}.pt"
-    if path.is_file():
+    if path.exists():  # a file (dense) or a TokenIndex folder
         logger.info("Teacher passages of %s from cache %s", setting.name, path)
         return torch.load(path) if tokens is None else TokenIndex.load(path)
     logger.info("Encoding %d passages with the %s teacher (%s, max %d tokens, cached to %s)", len(corpus),
@@ -308,15 +257,14 @@ def doc_index(
 def retrieval_metrics(
     model: SentenceTransformer, teacher: SentenceTransformer, setting: Setting, data: RetrievalData, docs: Any,
     scoring: str, use_translations: bool = False,
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, float], dict[str, float], dict[str, list[Any]]]:
     """Metrics of ``model`` encoding the queries of ``data`` (or their translations) against the cached ``docs`` of
     ``teacher`` (:func:`doc_index`), by the library's evaluator of ``scoring`` (``teacher`` is its ``doc_model``).
 
     Returns:
-        The metrics, the search cost (``index_mib``: fp32 embeddings or the fp16 token index; ``encode_ms_per_query``
-        and ``search_ms_per_query``: wall time on this machine) and the per-query values of :data:`PER_QUERY`
-        (``{"qids": [...], "mrr@10": [...], "recall@100": [...]}``) that the paired tests compare, with ``rank``, the
-        gold passage's rank (beyond the run's 100: 101), that the language-bias table compares.
+        The metrics, the search cost (``index_mib``, ``encode_ms_per_query``, ``search_ms_per_query``: wall time on
+        this machine) and the per-query values (``{"qids": [...], "mrr@10": [...], "recall@100": [...], "rank":
+        [...]}``; ``rank``: the gold passage's, 101 beyond the run's 100) of the paired tests and language-bias table.
     """
     common = {"query_prompt": setting.query_prompt, "doc_prompt": setting.doc_prompt, "name": "", "write_csv": False,
               "use_translations": use_translations}
@@ -330,33 +278,19 @@ def retrieval_metrics(
     cost = {"index_mib": timing["index_bytes"] / 2**20, "encode_ms_per_query": timing["encode_ms_per_query"],
             "search_ms_per_query": timing["search_ms_per_query"]}
     per_query = evaluator.last_per_query
-    queries = {"qids": list(per_query), **{name: [values[name] for values in per_query.values()]
-                                           for name in PER_QUERY},
-               "rank": [evaluator.last_ranks[qid] for qid in per_query]}  # of the gold passage (language bias)
+    queries = {"qids": list(per_query), **{name: [values[name] for values in per_query.values()] for name in PER_QUERY},
+               "rank": [evaluator.last_ranks[qid] for qid in per_query]}
     return {name: metrics[name] for name in METRICS}, cost, queries
 
 
 # -------------------------------------------------------------------------------------------------------- training
-def teacher_labels(teacher: SentenceTransformer, texts: list[str], prompt: str | None) -> torch.Tensor:
-    """``(len(texts), dim)`` teacher sentence embeddings of the English side: the labels of ``MSELoss``."""
-    return teacher.encode(texts, prompt=prompt, batch_size=64, convert_to_tensor=True, show_progress_bar=False).cpu()
-
-
 def train_student(
-    setting: Setting,
-    method: str,
-    bitext: datasets.Dataset,
-    teacher: SentenceTransformer,
-    config: TrainConfig,
-    device: str,
-    labels: torch.Tensor | None = None,
-    strategies: dict[str, Any] | None = None,
+    setting: Setting, method: str, bitext: datasets.Dataset, teacher: SentenceTransformer, config: TrainConfig,
+    device: str, strategies: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train a fresh student (initialised from ``setting.model_path``) with ``method`` on ``bitext``.
-
-    ``labels`` (``(len(bitext), dim)``, MSE only) are the teacher's embeddings of ``bitext["target"]``, computed
-    here when not given. ``strategies`` (``--strategy``, OT only): hybrid batches and code-switching options; the
-    code-switched pairs are aligned by the untrained student on both sides.
+    """Train a fresh student (initialised from ``setting.student_path`` or ``setting.model_path``) with ``method`` on
+    ``bitext``. MSE's labels are the teacher's embeddings of ``bitext["target"]``. ``strategies`` (``--strategy``, OT
+    only): hybrid batches and code-switching options; the code-switched pairs are aligned by the untrained student.
 
     Returns:
         The trained SentenceTransformer and ``{"steps", "train_seconds", "trainable_params", "train_loss"}``.
@@ -371,30 +305,21 @@ def train_student(
     with tempfile.TemporaryDirectory(prefix="optical-quality-") as output_dir:
         train_size = len(bitext) * (2 if method == "mse" and setting.mse_both_sides else 1)
         args = SentenceTransformerTrainingArguments(
-            output_dir=output_dir,
-            num_train_epochs=config.epochs,
-            max_steps=config.max_steps or -1,
-            per_device_train_batch_size=config.batch_size,
-            learning_rate=config.lr,
-            warmup_steps=config.warmup,
-            seed=config.seed,
-            data_seed=config.seed,
+            output_dir=output_dir, num_train_epochs=config.epochs, max_steps=config.max_steps or -1,
+            per_device_train_batch_size=config.batch_size, learning_rate=config.lr, warmup_steps=config.warmup,
+            seed=config.seed, data_seed=config.seed,
             prompts={"source": query_prompt} if method == "mse" and query_prompt else None,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=max(1, math.ceil(train_size / config.batch_size) // 5),
-            use_cpu=device == "cpu",
-            dataloader_num_workers=0,
+            save_strategy="no", report_to="none", logging_steps=max(1, math.ceil(train_size / config.batch_size) // 5),
+            use_cpu=device == "cpu", dataloader_num_workers=0,
         )
         if method == "mse":
-            if labels is None:
-                labels = teacher_labels(teacher, list(bitext["target"]), teacher_prompt)
-            sources, labels = list(bitext["source"]), labels.tolist()
+            labels = teacher.encode(list(bitext["target"]), prompt=teacher_prompt, batch_size=64,
+                                    convert_to_tensor=True, show_progress_bar=False).cpu().tolist()
+            sources = list(bitext["source"])
             if setting.mse_both_sides:  # the student also learns to map the English side onto the teacher
                 sources, labels = sources + list(bitext["target"]), labels + labels
             train = datasets.Dataset.from_dict({"source": sources, "label": labels})
-            trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=train,
-                                                 loss=MSELoss(student))
+            trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=train, loss=MSELoss(student))
         else:  # the library's own recipe (optical-hf distill's trainer), the teacher run once over the bitext
             options = strategies or {}
             hybrid = HybridBatchArguments(**{k: v for k, v in options.items() if k.startswith("hybrid_")})
@@ -590,7 +515,7 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                     logger.info("[%s %s] %s, %d pairs, seed %d: already in %s, skipped", name, lang, method,
                                 sample_size, seed, store.path)
                 else:
-                    students.append((method, pairs, config, keys))
+                    students.append((method, pairs, config, strategy, keys))
             if all(store.get(key) for key in refs.values()) and not students:
                 continue
             if teacher is None:
@@ -617,11 +542,11 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                     references[scoring, system] = store.get(key)["metrics"]
                 logger.info("[%s %s] %s floor %s %.4f, oracle %.4f", name, lang, scoring, PRIMARY,
                             references[scoring, "floor"][PRIMARY], references[scoring, "oracle"][PRIMARY])
-            for method, pairs, config, keys in tqdm(students, desc=f"{name} {lang}", unit="run"):
+            for method, pairs, config, strategy, keys in tqdm(students, desc=f"{name} {lang}", unit="run"):
                 sample = sample_bitext(bitext, pairs, config.seed)
                 logger.info("[%s %s] training %s on %d pairs, seed %d", name, lang, method, len(sample), config.seed)
                 student, stats = train_student(setting, method, sample, teacher, config, args.device,
-                                               strategies=strategies if method == "ot" else None)
+                                               strategies=strategy.get("strategies"))
                 for scoring, key in keys.items():
                     if store.get(key):
                         continue
@@ -629,10 +554,9 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                                                                    scoring)
                     record = {"key": key, **bases[scoring], "system": label(method), "method": method,
                               "pairs": len(sample), "seed": config.seed, "config": asdict(config), "command": command,
-                              **({"strategies": strategies} if strategies and method == "ot" else {}),
-                              "bitext": info, **stats, "metrics": metrics, "search": search, "per_query": per_query,
-                              "gap_closed": gap_closed(metrics, references[scoring, "floor"],
-                                                       references[scoring, "oracle"])}
+                              **strategy, "bitext": info, **stats, "metrics": metrics, "search": search,
+                              "per_query": per_query, "gap_closed": gap_closed(metrics, references[scoring, "floor"],
+                                                                               references[scoring, "oracle"])}
                     store.add(record)
                     logger.info("[%s %s] %s (%s, %d pairs, seed %d, %d steps, %.0f s): %s %.4f, gap closed %.1f%%",
                                 name, lang, record["system"], scoring, len(sample), config.seed, stats["steps"],
@@ -642,6 +566,16 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- reports
+Records = list[dict[str, Any]]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], rule: str | None = None) -> list[str]:
+    """Markdown lines of a table: ``header``, ``rule`` (default: the first column left-aligned, the others
+    right-aligned), then ``rows``."""
+    rule = rule or "|---|" + "---:|" * (len(header) - 1)
+    return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def _mean_sd(values: list[float]) -> str:
     """``0.512`` for one value, ``0.512 ± 0.004 (3)`` (sample sd, number of seeds) for several."""
     if not values:
@@ -650,57 +584,78 @@ def _mean_sd(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
 
 
-def _students(records: list[dict[str, Any]], setting: str, lang: str) -> list[dict[str, Any]]:
-    return [r for r in records if r["setting"] == setting and r["lang"] == lang and "pairs" in r]
+def _pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.0f}%"
 
 
-def _reference(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> float | None:
-    found = [r for r in records if (r["setting"], r["lang"], r["system"]) == (setting, lang, system)]
-    return found[-1]["metrics"][PRIMARY] if found else None
+def _tested(test: Any) -> str:
+    """A paired test as ``difference [95% interval] p=...``, marked **win** / *loss* where p < :data:`ALPHA`."""
+    mark = {"win": " **win**", "loss": " *loss*", "level": ""}[test.verdict(ALPHA)]
+    return f"{test.difference:+.3f} [{test.low:+.3f}, {test.high:+.3f}] p={test.p_value:.3f}{mark}"
 
 
-def main_table(records: list[dict[str, Any]], setting: str, systems: Sequence[str] | None = None) -> list[str]:
-    """Markdown rows, one per system (floor, oracle, then each trained system of ``systems``, default all), one
-    column per language.
-
-    A student cell is the MRR@10 at the language's largest budget over the seeds run (mean ± sample sd, number of
-    seeds) and the gap closed by that mean. The mean column is shown for systems run on every language.
-    """
-    students = [r for r in records if r["setting"] == setting and "pairs" in r]
-    langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
-    systems = [s for s in dict.fromkeys(r["system"] for r in students) if systems is None or s in systems]
-    largest = {lang: max(r["pairs"] for r in students if r["lang"] == lang) for lang in {r["lang"] for r in students}}
-    refs = {(lang, s): _reference(records, setting, lang, s) for lang in langs for s in ("floor", "oracle")}
-    header = ["system", *[f"{lang} ({largest[lang]} pairs)" if lang in largest else lang for lang in langs], "mean"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for system in ("floor", "oracle"):
-        values = [refs[lang, system] for lang in langs]
-        lines.append(f"| {system} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.fmean(values):.3f} |")
-    for system in systems:
-        cells, means = [], []
-        for lang in langs:
-            values = list(_largest_budget_scores(records, setting, lang, system).values())
-            floor, oracle = refs[lang, "floor"], refs[lang, "oracle"]
-            if values:
-                means.append(statistics.fmean(values))
-                cells.append(f"{_mean_sd(values)} ({_pct((means[-1] - floor) / (oracle - floor))})")
-            else:
-                cells.append("-")
-        mean = f"{statistics.fmean(means):.3f}" if len(means) == len(langs) else "-"
-        lines.append(f"| {system} | " + " | ".join(cells) + f" | {mean} |")
-    return lines
+def _langs(records: Records, setting: str) -> list[str]:
+    """The languages of ``setting``, in the order of their first record."""
+    return list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
 
 
-def _largest_budget_runs(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> list[dict[str, Any]]:
+def _students(records: Records, setting: str, lang: str | None = None) -> Records:
+    """The trained students' records of ``setting`` (on ``lang`` when given)."""
+    return [r for r in records if r["setting"] == setting and (lang is None or r["lang"] == lang) and "pairs" in r]
+
+
+def _has_ranks(record: dict[str, Any]) -> bool:
+    return "rank" in record.get("per_query", {})
+
+
+def _largest_budget_runs(records: Records, setting: str, lang: str, system: str) -> Records:
     """The records of ``system`` on ``lang`` at the language's largest budget (over every system)."""
     runs = _students(records, setting, lang)
     largest = max((r["pairs"] for r in runs), default=None)
     return [r for r in runs if r["system"] == system and r["pairs"] == largest]
 
 
-def _largest_budget_scores(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> dict[int, float]:
-    """``{seed: MRR@10}`` of ``system`` on ``lang`` at the language's largest budget."""
+def _largest_budget_scores(records: Records, setting: str, lang: str, system: str) -> dict[int, float]:
+    """``{seed: MRR@10}`` of ``system`` on ``lang`` at the language's largest budget (the last record of a seed)."""
     return {r["seed"]: r["metrics"][PRIMARY] for r in _largest_budget_runs(records, setting, lang, system)}
+
+
+def _per_query(records: Records, setting: str, lang: str, system: str) -> dict[int, dict[str, float]]:
+    """``{seed: {qid: reciprocal rank}}`` of ``system`` on ``lang`` at the largest budget (records with per-query
+    values only)."""
+    return {r["seed"]: dict(zip(r["per_query"]["qids"], r["per_query"][PRIMARY]))
+            for r in _largest_budget_runs(records, setting, lang, system) if "per_query" in r}
+
+
+def main_table(records: Records, setting: str, systems: Sequence[str] | None = None) -> list[str]:
+    """Markdown rows, one per system (floor, oracle, then each trained system of ``systems``, default all), one
+    column per language. A student cell is the MRR@10 at the language's largest budget over the seeds run
+    (:func:`_mean_sd`) and the gap closed by that mean; the mean column is shown for systems run on every language.
+    """
+    students, langs = _students(records, setting), _langs(records, setting)
+    systems = [s for s in dict.fromkeys(r["system"] for r in students) if systems is None or s in systems]
+    largest = {lang: max(r["pairs"] for r in students if r["lang"] == lang) for lang in {r["lang"] for r in students}}
+    refs = {}  # MRR@10 of the last floor and oracle record of each language
+    for r in records:
+        if r["setting"] == setting and r["system"] in ("floor", "oracle"):
+            refs[r["lang"], r["system"]] = r["metrics"][PRIMARY]
+    rows = []
+    for system in ("floor", "oracle"):
+        values = [refs.get((lang, system)) for lang in langs]
+        rows.append([system, *(f"{v:.3f}" for v in values), f"{statistics.fmean(values):.3f}"])
+    for system in systems:
+        cells, means = [], []
+        for lang in langs:
+            values = list(_largest_budget_scores(records, setting, lang, system).values())
+            if not values:
+                cells.append("-")
+                continue
+            floor, oracle = refs.get((lang, "floor")), refs.get((lang, "oracle"))
+            means.append(statistics.fmean(values))
+            cells.append(f"{_mean_sd(values)} ({_pct((means[-1] - floor) / (oracle - floor))})")
+        rows.append([system, *cells, f"{statistics.fmean(means):.3f}" if len(means) == len(langs) else "-"])
+    header = ["system", *[f"{lang} ({largest[lang]} pairs)" if lang in largest else lang for lang in langs], "mean"]
+    return _table(header, rows)
 
 
 def family(system: str) -> str:
@@ -713,17 +668,16 @@ def _base(setting: str) -> str:
 
 
 def tuning_table(
-    records: list[dict[str, Any]], setting: str, lang: str, families: Sequence[str] | None = None,
+    records: Records, setting: str, lang: str, families: Sequence[str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The learning-rate grid of every family on the tuning language ``lang`` (seed 0, largest budget) and the
     selection: each family's label whose MRR@10, averaged over the :data:`SELECTION_SCORINGS` stored for the base
     ``setting``, is highest; ties go to the smaller learning rate. ``families`` limits the rows (default: all).
 
     Returns:
-        Markdown rows (one per family, one column per learning rate: the mean, ``*`` on the selected one) and
-        ``{family: selected system label}``.
-    """
-    scores: dict[str, dict[float, dict[str, list[float]]]] = {}
+        Markdown rows (one per family, one column per learning rate, ``*`` on the selected one) and
+        ``{family: selected system label}``."""
+    scores: dict[str, dict[float, dict[str, float]]] = {}  # family -> lr -> scoring group -> MRR@10
     labels: dict[tuple[str, float], str] = {}
     for group in (setting, *(f"{setting}, {scoring}" for scoring in SELECTION_SCORINGS if scoring != "dense")):
         runs = [r for r in _students(records, group, lang) if r["seed"] == 0]
@@ -731,47 +685,36 @@ def tuning_table(
         for r in runs:
             if r["pairs"] == largest and (families is None or family(r["system"]) in families):
                 lr = r["config"]["lr"]
-                scores.setdefault(family(r["system"]), {}).setdefault(lr, {})[group] = [r["metrics"][PRIMARY]]
+                scores.setdefault(family(r["system"]), {}).setdefault(lr, {})[group] = r["metrics"][PRIMARY]
                 labels[family(r["system"]), lr] = r["system"]
     if not scores:
         return [], {}
     lrs = sorted({lr for grid in scores.values() for lr in grid})
-    selected, lines = {}, ["| system | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    selected, rows = {}, []
     for name, grid in scores.items():
-        means = {lr: statistics.fmean(v[0] for v in by_scoring.values()) for lr, by_scoring in grid.items()}
+        means = {lr: statistics.fmean(by_scoring.values()) for lr, by_scoring in grid.items()}
         best = max(sorted(means), key=lambda lr: means[lr])
         selected[name] = labels[name, best]
-        cells = [("-" if lr not in means else f"{means[lr]:.4f}" + (" *" if lr == best else "")) for lr in lrs]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines, selected
-
-
-def _per_query(records: list[dict[str, Any]], setting: str, lang: str, system: str) -> dict[int, dict[str, float]]:
-    """``{seed: {qid: reciprocal rank}}`` of ``system`` on ``lang`` at the largest budget (records with per-query
-    values only)."""
-    return {r["seed"]: dict(zip(r["per_query"]["qids"], r["per_query"][PRIMARY]))
-            for r in _largest_budget_runs(records, setting, lang, system) if "per_query" in r}
+        rows.append([name, *("-" if lr not in means else f"{means[lr]:.4f}" + (" *" if lr == best else "")
+                             for lr in lrs)])
+    return _table(["system", *(f"lr {lr:g}" for lr in lrs)], rows), selected
 
 
 def margin_table(
-    records: list[dict[str, Any]], setting: str, comparisons: Sequence[tuple[str, str]],
-    selected: dict[str, str] | None = None,
+    records: Records, setting: str, comparisons: Sequence[tuple[str, str]], selected: dict[str, str] | None = None,
 ) -> list[str]:
     """Markdown rows, one per comparison ``(a, b)`` with both systems run: MRR@10 of ``a`` minus ``b`` per language.
 
     ``a`` and ``b`` are families resolved through ``selected`` (:func:`tuning_table`) or system labels. A cell
-    compares like with like, the seeds both systems ran at the language's largest budget: with per-query values
-    stored, the paired test of :func:`optical_hf.significance.paired_test` over queries (differences
-    averaged over those seeds) as ``difference [95% interval] p=...``, marked **win**/*loss* where p < 0.05 (over
-    the seeds with per-query values when only some have them, which the cell says); with none, the mean difference
-    over the seeds and ``(no per-query data)``. ``-`` when no seed ran for both.
+    compares the seeds both systems ran at the language's largest budget: the paired test over queries
+    (:func:`_tested`; differences averaged over the seeds with per-query values, which the cell names when only some
+    have them), or the mean difference and ``(no per-query data)``, or ``-`` when no seed ran for both.
     ``wins / level / losses`` counts the tested cells; ``mean`` is the mean difference over the languages;
-    ``pooled`` is the paired test over every tested query of every language (each query's difference averaged over
-    its language's tested seeds, so a query counts once whatever the number of seeds).
+    ``pooled`` is the paired test over every tested query of every language (each query once, over its seeds).
     """
     selected = selected or {}
-    langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
-    lines = []
+    langs = _langs(records, setting)
+    rows = []
     for a, b in comparisons:
         first_label, second_label = selected.get(a, a), selected.get(b, b)
         margins, cells, verdicts, pooled_a, pooled_b = [], [], [], [], []
@@ -784,56 +727,46 @@ def margin_table(
             margins.append(statistics.fmean(first[k] - second[k] for k in paired))
             queries_a, queries_b = (_per_query(records, setting, lang, s) for s in (first_label, second_label))
             tested = [k for k in paired if k in queries_a and k in queries_b]
-            if tested:
-                qids = list(queries_a[tested[0]])
-                seeds_a = [[queries_a[k][q] for q in qids] for k in tested]
-                seeds_b = [[queries_b[k][q] for q in qids] for k in tested]
-                test = paired_test(seeds_a, seeds_b)
-                pooled_a += [statistics.fmean(v) for v in zip(*seeds_a)]  # per query, over the tested seeds
-                pooled_b += [statistics.fmean(v) for v in zip(*seeds_b)]
-                verdicts.append(test.verdict(ALPHA))
-                mark = {"win": " **win**", "loss": " *loss*", "level": ""}[verdicts[-1]]
-                seeds = (f" ({len(tested)} seeds)" if len(tested) > 1 else "") + (
-                    f" (seed{'s' if len(tested) > 1 else ''} {', '.join(map(str, tested))} of {len(paired)} with "
-                    "per-query values)" if len(tested) < len(paired) else "")
-                cells.append(f"{test.difference:+.3f} [{test.low:+.3f}, {test.high:+.3f}] p={test.p_value:.3f}{mark}"
-                             + seeds)
-            else:
+            if not tested:
                 cells.append(f"{margins[-1]:+.3f} (no per-query data)")
+                continue
+            qids = list(queries_a[tested[0]])
+            seeds_a = [[queries_a[k][q] for q in qids] for k in tested]
+            seeds_b = [[queries_b[k][q] for q in qids] for k in tested]
+            test = paired_test(seeds_a, seeds_b)
+            pooled_a += [statistics.fmean(v) for v in zip(*seeds_a)]  # per query, over the tested seeds
+            pooled_b += [statistics.fmean(v) for v in zip(*seeds_b)]
+            verdicts.append(test.verdict(ALPHA))
+            seeds = (f" ({len(tested)} seeds)" if len(tested) > 1 else "") + (
+                f" (seed{'s' if len(tested) > 1 else ''} {', '.join(map(str, tested))} of {len(paired)} with "
+                "per-query values)" if len(tested) < len(paired) else "")
+            cells.append(_tested(test) + seeds)
         if margins:
             counts = "/".join(str(verdicts.count(v)) for v in ("win", "level", "loss")) if verdicts else "-"
-            names = f"{a} − {b}" + (f" ({first_label} − {second_label})" if (a, b) != (first_label, second_label) else "")
+            resolved = f" ({first_label} − {second_label})" if (a, b) != (first_label, second_label) else ""
             pooled = "-"
             if pooled_a:
                 test = paired_test(pooled_a, pooled_b)
-                mark = {"win": " **win**", "loss": " *loss*", "level": ""}[test.verdict(ALPHA)]
-                pooled = (f"{test.difference:+.3f} [{test.low:+.3f}, {test.high:+.3f}] p={test.p_value:.3f}{mark} "
-                          f"({test.n} queries)")
-            lines.append(f"| {names} | " + " | ".join(cells)
-                         + f" | {counts} | {statistics.fmean(margins):+.3f} | {pooled} |")
-    if not lines:
-        return []
-    return ["| comparison | " + " | ".join(langs) + " | wins / level / losses | mean | pooled |",
-            "|---|" + "---:|" * (len(langs) + 3), *lines]
+                pooled = f"{_tested(test)} ({test.n} queries)"
+            rows.append([f"{a} − {b}{resolved}", *cells, counts, f"{statistics.fmean(margins):+.3f}", pooled])
+    return _table(["comparison", *langs, "wins / level / losses", "mean", "pooled"], rows) if rows else []
 
 
-def language_bias_table(records: list[dict[str, Any]], setting: str) -> list[str]:
+def language_bias_table(records: Records, setting: str) -> list[str]:
     """Markdown rows, one per trained system with ranks stored: its language bias per language, ``mean / p90`` of
     ``|rank of the gold passage for the native question (student) - its rank for the human English translation
     (oracle: the teacher)|`` over the queries (ranks beyond the run's depth count as depth + 1), averaged over the
     seeds at the language's largest budget. 0 means the student ranks every gold passage where the teacher does on
     English."""
-    langs = list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
+    langs = _langs(records, setting)
     oracle = {lang: next((dict(zip(r["per_query"]["qids"], r["per_query"]["rank"])) for r in records
                           if r["setting"] == setting and r["lang"] == lang and r["system"] == "oracle"
-                          and "rank" in r.get("per_query", {})), None) for lang in langs}
-    systems = list(dict.fromkeys(r["system"] for r in records if r["setting"] == setting and "pairs" in r
-                                 and "rank" in r.get("per_query", {})))
+                          and _has_ranks(r)), None) for lang in langs}
     rows = []
-    for system in systems:
+    for system in dict.fromkeys(r["system"] for r in _students(records, setting) if _has_ranks(r)):
         cells = []
         for lang in langs:
-            runs = [r for r in _largest_budget_runs(records, setting, lang, system) if "rank" in r.get("per_query", {})]
+            runs = [r for r in _largest_budget_runs(records, setting, lang, system) if _has_ranks(r)]
             if not runs or oracle[lang] is None:
                 cells.append("-")
                 continue
@@ -843,33 +776,26 @@ def language_bias_table(records: list[dict[str, Any]], setting: str) -> list[str
             p90 = statistics.fmean(statistics.quantiles(gap, n=10, method="inclusive")[-1] for gap in gaps)
             cells.append(f"{mean:.1f} / {p90:.0f}")
         if any(cell != "-" for cell in cells):
-            rows.append(f"| {system} | " + " | ".join(cells) + " |")
-    if not rows:
-        return []
-    return ["| system | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs), *rows]
+            rows.append([system, *cells])
+    return _table(["system", *langs], rows) if rows else []
 
 
-def budget_table(records: list[dict[str, Any]], setting: str, lang: str) -> list[str]:
+def budget_table(records: Records, setting: str, lang: str) -> list[str]:
     """Markdown rows, one per budget (pairs) of ``lang``: each system's MRR@10 (mean ± sd over seeds)."""
     runs = _students(records, setting, lang)
     sizes = sorted({r["pairs"] for r in runs})
     if len(sizes) < 2:
         return []
     systems = list(dict.fromkeys(r["system"] for r in runs))
-    lines = ["| pairs | " + " | ".join(systems) + " |", "|---:|" + "---:|" * len(systems)]
+    rows = []
     for size in sizes:
-        cells = [_mean_sd([r["metrics"][PRIMARY] for r in runs if r["system"] == s and r["pairs"] == size])
-                 for s in systems]
-        lines.append(f"| {size} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _pct(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.0f}%"
+        scores = {s: [r["metrics"][PRIMARY] for r in runs if r["system"] == s and r["pairs"] == size] for s in systems}
+        rows.append([str(size), *(_mean_sd(scores[s]) for s in systems)])
+    return _table(["pairs", *systems], rows, rule="|---:|" + "---:|" * len(systems))
 
 
 def render_markdown(
-    records: list[dict[str, Any]], machine: dict[str, Any], title: str, comparisons: Sequence[tuple[str, str]] = (),
+    records: Records, machine: dict[str, Any], title: str, comparisons: Sequence[tuple[str, str]] = (),
     tune_lang: str = DEFAULT_TUNE_LANG,
 ) -> str:
     """The report of every stored record: commands, protocol, learning-rate selection, final table (the selected
@@ -887,56 +813,50 @@ def render_markdown(
              "on the human English translation; gap closed = (student − floor) / (oracle − floor). Training bitext: "
              "LAFAND-MT pairs + AfriQA **train** query translations (evaluated questions dropped), a seeded sample "
              "of the stated size. Cells: MRR@10, mean ± sample sd (number of seeds) when several seeds ran.", ""]
+
+    def section(heading: str, rows: list[str]) -> None:
+        if rows:
+            lines.extend([heading, "", *rows, ""])
+
     selections = {}
     studied = list(dict.fromkeys(name for pair in comparisons for name in pair))
     for base in dict.fromkeys(_base(r["setting"]) for r in records):
         grid, selections[base] = tuning_table(records, base, tune_lang, studied)
         if grid:
-            lines += [f"## {base}: learning-rate selection on {tune_lang}", "",
-                      f"Grid per system: MRR@10 on {tune_lang} (seed 0, all pairs), averaged over dense and "
-                      f"MaxSim-content scoring; `*` marks the selected learning rate, the highest mean (ties: the smaller "
-                      f"rate). Every system of the final table has the same rule; a system run at one rate has no "
-                      f"choice. **Selection and report share the dev split**: the {tune_lang} cells below are not "
-                      "held out from the selection.", "", *grid, ""]
+            section(f"## {base}: learning-rate selection on {tune_lang}", [
+                f"Grid per system: MRR@10 on {tune_lang} (seed 0, all pairs), averaged over dense and MaxSim-content "
+                "scoring; `*` marks the selected learning rate, the highest mean (ties: the smaller rate). Every "
+                "system of the final table has the same rule; a system run at one rate has no choice. **Selection and "
+                f"report share the dev split**: the {tune_lang} cells below are not held out from the selection.", "",
+                *grid])
     for setting in dict.fromkeys(r["setting"] for r in records):
         split = next(r["split"] for r in records if r["setting"] == setting)
         selected = selections.get(_base(setting), {})
-        final = main_table(records, setting, systems=[selected.get(name, name) for name in studied])
-        if len(final) > 2:
-            lines += [f"## {setting}, split {split}: final table, each system at its selected learning rate "
-                      "(MRR@10, gap closed)", "", *final, ""]
-        margins = margin_table(records, setting, comparisons, selected)
-        if margins:
-            lines += [f"### {setting}: margins (MRR@10 difference, paired test over queries, p < {ALPHA} marked)",
-                      "", *margins, ""]
-        bias = language_bias_table(records, setting)
-        if bias:
-            lines += [f"### {setting}: language bias (mean / 90th percentile over queries of the gold passage's rank "
-                      "gap, student on the native question vs teacher on its English translation; lower is better)",
-                      "", *bias, ""]
-        table = main_table(records, setting)
-        if len(table) > 2:
-            lines += [f"## {setting}, split {split}: every configuration, MRR@10 (gap closed) at each language's "
-                      "largest budget", "", *table, ""]
+        section(f"## {setting}, split {split}: final table, each system at its selected learning rate (MRR@10, gap "
+                "closed)", main_table(records, setting, systems=[selected.get(name, name) for name in studied]))
+        section(f"### {setting}: margins (MRR@10 difference, paired test over queries, p < {ALPHA} marked)",
+                margin_table(records, setting, comparisons, selected))
+        section(f"### {setting}: language bias (mean / 90th percentile over queries of the gold passage's rank gap, "
+                "student on the native question vs teacher on its English translation; lower is better)",
+                language_bias_table(records, setting))
+        section(f"## {setting}, split {split}: every configuration, MRR@10 (gap closed) at each language's largest "
+                "budget", main_table(records, setting))
         costs = [r["search"] for r in records if r["setting"] == setting and "search" in r]
         if costs:
             median = {k: statistics.median(c[k] for c in costs) for k in costs[0]}
             lines += [f"Search cost ({setting}, median of {len(costs)} evaluations, wall time where each ran): index "
                       f"{median['index_mib']:.1f} MiB, query encoding {median['encode_ms_per_query']:.1f} ms/query, "
                       f"search {median['search_ms_per_query']:.1f} ms/query.", ""]
-        for lang in dict.fromkeys(r["lang"] for r in records if r["setting"] == setting):
-            budget = budget_table(records, setting, lang)
-            if budget:
-                lines += [f"## Budget curve, {setting} {lang}: MRR@10", "", *budget, ""]
-    lines += ["## Every run", "", "`reproduce` is the command that re-runs the record with the current code: its `--loss` "
-              "lists the stored OT configuration's differences from today's `OTLossConfig` defaults.", "",
-              "| setting | lang | system | pairs | seed | steps | train s | MRR@10 | nDCG@10 | R@100 | reproduce |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in records:
-        if "pairs" in r:
-            lines.append(f"| {r['setting']} | {r['lang']} | {r['system']} | {r['pairs']} | {r['seed']} | "
-                         f"{r['steps']} | {r['train_seconds']:.0f} | {r['metrics']['mrr@10']:.4f} | "
-                         f"{r['metrics']['ndcg@10']:.4f} | {r['metrics']['recall@100']:.4f} | `{reproduce(r)}` |")
+        for lang in _langs(records, setting):
+            section(f"## Budget curve, {setting} {lang}: MRR@10", budget_table(records, setting, lang))
+    runs = [[r["setting"], r["lang"], r["system"], str(r["pairs"]), str(r["seed"]), str(r["steps"]),
+             f"{r['train_seconds']:.0f}", *(f"{r['metrics'][m]:.4f}" for m in ("mrr@10", "ndcg@10", "recall@100")),
+             f"`{reproduce(r)}`"] for r in records if "pairs" in r]
+    header = ["setting", "lang", "system", "pairs", "seed", "steps", "train s", "MRR@10", "nDCG@10", "R@100",
+              "reproduce"]
+    lines += ["## Every run", "", "`reproduce` is the command that re-runs the record with the current code: its "
+              "`--loss` lists the stored OT configuration's differences from today's `OTLossConfig` defaults.", "",
+              *_table(header, runs, rule="|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")]
     return "\n".join(lines)
 
 
@@ -945,10 +865,9 @@ def reproduce(record: dict[str, Any]) -> str:
     config, defaults = record["config"], TrainConfig(1.0, None, 2e-5, 32, 0.0, 0, 64, True)
     flags = ["--langs", record["lang"], "--methods", record["method"], "--seeds", str(record["seed"]),
              "--budgets", "all" if record["pairs"] == record["bitext"]["pairs"] else str(record["pairs"])]
-    names = {"max_steps": "--max-steps", "max_seq_length": "--max-seq-length", "batch_size": "--batch-size"}
     for field in ("epochs", "max_steps", "lr", "batch_size", "warmup", "max_seq_length"):
         if config[field] != getattr(defaults, field):
-            flags += [names.get(field, f"--{field}"), str(config[field])]
+            flags += [f"--{field.replace('_', '-')}", str(config[field])]
     if not config["freeze_embeddings"]:
         flags.append("--no-freeze-embeddings")
     if ", " in record["setting"]:
@@ -963,7 +882,8 @@ def reproduce(record: dict[str, Any]) -> str:
         flags += ["--settings", setting]
     if record["method"] == "ot":
         current = asdict(OTLossConfig())
-        changed = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in config["loss"] if current.get(k) != v]
+        changed = [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                   for k, v in config["loss"] if current.get(k) != v]
         flags += ["--loss", *changed] if changed else []
     if record.get("strategies"):
         flags += ["--strategy", *(f"{k}={v}" for k, v in record["strategies"].items())]
@@ -982,9 +902,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--langs", nargs="+", default=None,
                         help="languages (default: every language with a gold-passage file for --split)")
     parser.add_argument("--settings", nargs="+", default=["e5"], choices=["e5", "cross", "minilm", "custom"],
-                        help="e5: same-model transfer (primary); cross: all-MiniLM-L6-v2 teacher, multilingual-e5-small "
-                             "student (different tokenizers and spaces); minilm: all-MiniLM-L6-v2 as both; custom: "
-                             "--teacher and --student (a backbone sweep: one command per model)")
+                        help="e5: same-model transfer (primary); cross: all-MiniLM-L6-v2 teacher, "
+                             "multilingual-e5-small student (different tokenizers and spaces); minilm: "
+                             "all-MiniLM-L6-v2 as both; custom: --teacher and --student (a backbone sweep: one command "
+                             "per model)")
     parser.add_argument("--teacher", help="--settings custom: the teacher's SentenceTransformer folder")
     parser.add_argument("--student", help="--settings custom: the student's initialisation (default: the teacher)")
     parser.add_argument("--query-prompt", help="--settings custom: the student's prompt on queries and bitext sources")
@@ -1001,7 +922,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="OTLossConfig overrides of the ot method (default: the library's recipe)")
     parser.add_argument("--strategy", nargs="*", type=parse_override, default=[], metavar="KEY=VALUE",
                         help="training strategies of the ot method: hybrid_alpha=0.5, hybrid_granularity=entry, "
-                             "hybrid_schedule=linear hybrid_alpha_end=0, code_switch_p=0.5, code_switch_side=source ...")
+                             "hybrid_schedule=linear hybrid_alpha_end=0, code_switch_p=0.5, "
+                             "code_switch_side=source ...")
     parser.add_argument("--tag", default=None, help="label added to the method names in the tables, e.g. 'eps1'")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps")
