@@ -105,7 +105,8 @@ def _hide_rare_training_flags(parser: argparse.ArgumentParser) -> None:
     hidden = [action for action in parser._actions if action.dest in training - set(COMMON_TRAINING_FLAGS)]
     for action in hidden:
         action.help = argparse.SUPPRESS
-    parser.epilog = f"{len(hidden)} more transformers TrainingArguments flags (optimizer, ...): {PROG} distill --help-all"
+    parser.epilog = (f"{len(hidden)} more transformers TrainingArguments flags (optimizer, ...): "
+                     f"{PROG} distill --help-all")
 
 
 DISTILL_HELP = Path(__file__).parent / "resources" / "distill_help.txt"

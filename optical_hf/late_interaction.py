@@ -9,11 +9,11 @@ sentence-transformers evaluator (``optical-hf evaluate --scoring maxsim``).
 
 Which tokens take part is an option on each side (:data:`TOKEN_SELECTIONS`): ``"all"`` (every real token, special
 and prompt tokens included) or ``"content"`` (without special tokens and prompt tokens,
-:func:`optical_hf.collation.content_mask`); the default is ``"content"`` (:data:`DEFAULT_TOKENS`; why: the README's
+:func:`optical_hf.collation.content_mask`); the default is ``"content"`` (:data:`DEFAULT_TOKENS`; why: docs/guide.md,
 "Design choices", row "MaxSim tokens").
 
-The search is an exact scan of the fp16 index (why no late-interaction library: the README's "Design choices", row
-"exact MaxSim search"). It suits the evaluation sets here, up to tens of thousands of passages.
+The search is an exact scan of the fp16 index (why no late-interaction library: docs/guide.md, "Design choices", row
+"MaxSim search"). It suits the evaluation sets here, up to tens of thousands of passages.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENS = "content"
-"""The default token selection on both sides (why: the README's "Design choices", row "MaxSim tokens")."""
+"""The default token selection on both sides (why: docs/guide.md, "Design choices", row "MaxSim tokens")."""
 SIDES = ("query", "document")
 """Which encoder of a model :func:`encode_token_states` runs (``encode_query`` or ``encode_document``)."""
 INDEX_FORMAT = 4

@@ -1,8 +1,10 @@
-"""The README's Python snippets run as written on the CPU build, with tiny models and temporary data files.
+"""The Python snippets of the README and the guide run as written on the CPU build, with tiny models and temporary
+data files.
 
-Each ```python block of README.md is executed in order (a later snippet may use the folder an earlier one saved), in a
-temporary working folder, after the textual substitutions of :data:`SUBSTITUTIONS`: Hub model ids become the tiny
-random models of ``conftest.model_dirs``, and step counts shrink so the whole file runs in seconds. Data file names
+Each ```python block of README.md, then of docs/guide.md, is executed in order (a later snippet may use the folder an
+earlier one saved), in a temporary working folder, after the textual substitutions of :data:`SUBSTITUTIONS`: Hub model
+ids become the tiny random models of ``conftest.model_dirs``, and step counts shrink so the whole file runs in
+seconds. Data file names
 (``train.sw``, ``bitext.tsv`` ...) are left as written: the test creates those files in the working folder.
 """
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from conftest import REPO_ROOT, toy_bitext
 
 README = REPO_ROOT / "README.md"
+GUIDE = REPO_ROOT / "docs" / "guide.md"
 
 # README text -> replacement; "{student}" / "{teacher}" are the tiny model folders of conftest.model_dirs.
 SUBSTITUTIONS = {
@@ -27,8 +30,9 @@ SUBSTITUTIONS = {
 DATA_FILES = ("train.sw", "train.en", "bitext.tsv", "dev.tsv")
 
 
-def python_snippets(text: str) -> list[str]:
-    """The bodies of the ```python blocks of ``text``, in order."""
+def python_snippets(*files: Path) -> list[str]:
+    """The bodies of the ```python blocks of ``files``, in order."""
+    text = "\n".join(path.read_text(encoding="utf-8") for path in files)
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
 
 
@@ -49,7 +53,7 @@ def write_data_files(folder: Path) -> None:
 
 
 def test_the_substitutions_and_data_files_match_the_readme():
-    text = "\n".join(python_snippets(README.read_text(encoding="utf-8")))
+    text = "\n".join(python_snippets(README, GUIDE))
     assert [old for old in SUBSTITUTIONS if old not in text] == []
     assert [name for name in DATA_FILES if f'"{name}"' not in text] == []
     hub_ids = set(re.findall(r'"([\w.-]+/[\w.-]+)"', text))
@@ -57,12 +61,12 @@ def test_the_substitutions_and_data_files_match_the_readme():
 
 
 def test_readme_python_snippets_run(model_dirs, tmp_path, monkeypatch, capsys):
-    snippets = python_snippets(README.read_text(encoding="utf-8"))
-    assert len(snippets) >= 3
+    assert len(python_snippets(README)) >= 3 and len(python_snippets(GUIDE)) >= 2
+    snippets = python_snippets(README, GUIDE)
     monkeypatch.chdir(tmp_path)
     write_data_files(tmp_path)
     for index, snippet in enumerate(snippets):
-        code = compile(substituted(snippet, model_dirs), f"README.md python snippet {index + 1}", "exec")
+        code = compile(substituted(snippet, model_dirs), f"README.md/docs/guide.md python snippet {index + 1}", "exec")
         exec(code, {"__name__": f"readme_snippet_{index + 1}"})
     printed = capsys.readouterr().out
     assert "Soko hufunguliwa saa ngapi?" in printed  # the retrieval example printed its ranking
