@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import pickle
 import time
 from collections.abc import Sequence
@@ -157,6 +158,29 @@ class TokenIndex:
         self.vectors = self.vectors[torch.repeat_interleave(keep, lengths)]
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths[keep].cumsum(0)])
         self.ids = [pid for pid in self.ids if pid not in drop]
+
+    def pooled(self, factor: float) -> TokenIndex:
+        """A smaller index by token pooling (Clavié, Chaffin & Adams 2024, arXiv 2409.14683): each passage's ``n``
+        tokens are grouped by Ward hierarchical clustering into ``ceil(n / factor)`` clusters (scipy), and each
+        cluster is replaced by its mean, renormalised. Ids are kept; ``built_by`` records ``pool_factor``.
+        ``factor`` >= 1 (1: a copy)."""
+        from scipy.cluster.hierarchy import fcluster, linkage
+
+        if not factor >= 1:
+            raise OpticalInputError(f"TokenIndex.pooled: factor must be >= 1, got {factor}")
+        passages = []
+        for start, end in zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist()):
+            tokens = self.vectors[start:end].float()
+            clusters = math.ceil(len(tokens) / factor)
+            if clusters < len(tokens):
+                labels = torch.from_numpy(fcluster(linkage(tokens.numpy(), method="ward"), clusters,
+                                                   criterion="maxclust")).long() - 1
+                sums = torch.zeros(int(labels.max()) + 1, tokens.shape[1]).index_add_(0, labels, tokens)
+                tokens = sums[torch.bincount(labels) > 0]  # a mean's direction is its sum's; renormalised below
+            passages.append(tokens)
+        index = TokenIndex.from_token_states(passages, self.ids)
+        index.built_by = {**self.built_by, "pool_factor": factor} if self.built_by else {}
+        return index
 
     @property
     def memory_bytes(self) -> int:

@@ -172,6 +172,27 @@ def test_token_index_is_fp16_reports_its_memory_and_round_trips_as_a_folder(tmp_
     assert TokenIndex.load(tmp_path / "index").ids == ["d1", "d2", "d3", "d4", "d5", "d6"]
 
 
+def test_token_pooling_merges_near_duplicate_tokens_into_their_mean():
+    base = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    noise = 0.01 * torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
+    twins = base.repeat_interleave(2, dim=0) + noise  # three pairs of near-identical tokens
+    index = TokenIndex.from_token_states([twins, base[:1]], ids=["twins", "single"])
+    index.built_by = {"model": "t", "fingerprint": "f", "prompt": None, "tokens": "content"}
+    pooled = index.pooled(2)
+    assert pooled.offsets.tolist() == [0, 3, 4] and pooled.ids == index.ids  # ceil(6 / 2) and ceil(1 / 2) tokens
+    expected = torch.nn.functional.normalize(twins.view(3, 2, 8).mean(1), dim=-1)
+    order = (pooled.vectors[:3].float() @ expected.T).argmax(0)  # each pair's mean is one pooled token
+    assert sorted(order.tolist()) == [0, 1, 2]
+    assert torch.allclose(pooled.vectors[order].float(), expected, atol=2e-3)
+    assert pooled.built_by["pool_factor"] == 2 and pooled.built_by["fingerprint"] == "f"
+    query = [torch.randn(3, 8)]
+    assert pooled.search(query, top_k=2)[0][0]["score"] == pytest.approx(index.search(query, top_k=2)[0][0]["score"],
+                                                                      abs=0.05)
+    assert torch.equal(index.pooled(1).vectors, index.vectors)
+    with pytest.raises(OpticalInputError, match="factor must be >= 1, got 0.5"):
+        index.pooled(0.5)
+
+
 def test_a_damaged_index_folder_is_refused_naming_it(tmp_path):
     index = TokenIndex.from_token_states(random_states(PASSAGE_LENGTHS), ids=[f"d{i}" for i in range(6)])
     path = tmp_path / "index"
