@@ -17,7 +17,7 @@ from transformers import TrainingArguments
 from .errors import OpticalInputError
 from .arguments import HybridBatchArguments
 from .options import OTLossConfig
-from .vocabulary import DEFAULT_MAX_LENGTH, POOLINGS, check_choice
+from .vocabulary import DEFAULT_MAX_LENGTH, POOLINGS, RECIPE_TRAINING, check_choice
 
 __all__ = ["OTDistillationConfig", "TeacherCacheArguments"]
 
@@ -45,6 +45,15 @@ class OTDistillationConfig(OTLossConfig, HybridBatchArguments, TeacherCacheArgum
         OTDistillationConfig("optical-xlmr-sw", max_steps=1000, reg=0.1, sentence_weight=1.0, query_prompt="query: ")
     """
 
+    # the recipe's training defaults, those of optical-hf distill (one source: vocabulary.RECIPE_TRAINING)
+    learning_rate: float = field(default=RECIPE_TRAINING["learning_rate"], metadata={
+        "help": "The initial learning rate for the optimizer (the recipe's default)."})
+    per_device_train_batch_size: int = field(default=RECIPE_TRAINING["per_device_train_batch_size"], metadata={
+        "help": "The batch size per device for training (the recipe's default)."})
+    warmup_steps: float = field(default=RECIPE_TRAINING["warmup_steps"], metadata={
+        "help": "Linear warm-up: steps, or a fraction of the training steps below 1 (the recipe's default)."})
+    logging_steps: float = field(default=RECIPE_TRAINING["logging_steps"], metadata={
+        "help": "Log every X update steps, or a fraction of the training steps below 1 (the recipe's default)."})
     max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Truncation length of both sides (tokens)."})
     query_prompt: str | None = field(default=None, metadata={
         "help": "The student's query prompt: prefix of the low-resource sentences (e.g. 'query: ' for e5 students), "

@@ -53,7 +53,7 @@ from .model_card import StudentCardInfo, base_model_license, is_hub_repo_id
 from .options import OTLossConfig
 from .teacher_cache import build_teacher_cache
 from .trainer import OTDistillationTrainer
-from .vocabulary import DEFAULT_MAX_LENGTH, EXPORTS, SCORINGS, Prompts, check_choice
+from .vocabulary import DEFAULT_MAX_LENGTH, EXPORTS, RECIPE_TRAINING, SCORINGS, Prompts, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +67,10 @@ PER_LANGUAGE = ("bitext", "bitext_target", "eval_bitext", "eval_bitext_target", 
 
 # Defaults of the no-argument demo run (a few minutes on 2 CPU cores); every one can be overridden by its flag.
 TRAINING_DEFAULTS: dict[str, Any] = {
+    **RECIPE_TRAINING,  # learning rate, batch size, warm-up, logging steps: OTDistillationConfig's defaults too
     "output_dir": "optical-student-sw",
     "num_train_epochs": 3,
-    "per_device_train_batch_size": 16,
-    "learning_rate": 1e-4,
-    "warmup_steps": 0.1,  # a float is a fraction of the training steps in transformers 5
     "dataloader_pin_memory": torch.cuda.is_available(),
-    "logging_steps": 10,
     "save_strategy": "epoch",
     "save_total_limit": 2,
     "report_to": "none",

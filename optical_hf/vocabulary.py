@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import OpticalInputError
 
-__all__ = ["ALIGNMENT_RULES", "ALPHA_SCHEDULES", "CITATION", "DEFAULT_MAX_LENGTH", "EXPORTS", "HYBRID_GRANULARITIES", "POOLINGS", "SCORINGS", "TOKEN_SELECTIONS", "Prompts", "check_choice"]
+__all__ = ["ALIGNMENT_RULES", "ALPHA_SCHEDULES", "CITATION", "DEFAULT_MAX_LENGTH", "EXPORTS", "RECIPE_TRAINING", "HYBRID_GRANULARITIES", "POOLINGS", "SCORINGS", "TOKEN_SELECTIONS", "Prompts", "check_choice"]
 
 CITATION = """@inproceedings{huang2023optical,
   title={Improving Cross-lingual Information Retrieval on Low-Resource Languages via Optimal Transport Distillation},
@@ -40,6 +40,9 @@ EXPORTS = ("pair", "student")
 ``encode_document`` the teacher, each with its prompt) or ``"student"`` (the student alone)."""
 DEFAULT_MAX_LENGTH = 128
 """Tokens kept per sentence unless a model's position limit is smaller (both front ends and the CLI)."""
+RECIPE_TRAINING = {"learning_rate": 1e-4, "per_device_train_batch_size": 16, "warmup_steps": 0.1, "logging_steps": 10}
+"""The recipe's training hyperparameters, the defaults of both ``optical-hf distill`` and :class:`OTDistillationConfig`
+(``warmup_steps`` below 1 is a fraction of the steps in transformers 5)."""
 
 
 def check_choice(value: str, choices: Sequence[str], name: str) -> str:

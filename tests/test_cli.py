@@ -6,6 +6,7 @@ one ``--help`` smoke test of the installed console script.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -149,6 +150,19 @@ def test_distill_help_is_the_stored_live_help_and_answers_without_transformers()
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == DISTILL_HELP.read_text(encoding="utf-8").split("\n", 1)[1]
+
+
+def test_the_trainer_config_and_the_cli_share_the_recipes_defaults_and_names():
+    from optical_hf import OTDistillationConfig
+    from optical_hf.recipe import build_parser
+    from optical_hf.vocabulary import RECIPE_TRAINING
+
+    config = OTDistillationConfig("out", use_cpu=True)
+    _, loss, training, _ = build_parser().parse_args_into_dataclasses(args=[], return_remaining_strings=True)
+    for name, value in RECIPE_TRAINING.items():
+        assert getattr(config, name) == getattr(training, name) == value, name
+    assert {"query_prompt", "teacher_prompt", "max_length"} <= {f.name for f in dataclasses.fields(config)}
+    assert {"--query_prompt", "--teacher_prompt", "--max_length"} <= set(build_parser()._option_string_actions)
 
 
 def test_version(capsys):
