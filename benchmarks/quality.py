@@ -74,10 +74,12 @@ SCORINGS = {"dense": None, "maxsim": "all", "maxsim-content": "content"}
 DEFAULT_MARGINS = [("ot [recipe]", other) for other in (
     "ot [recipe-e100]", "ot [contrastive+sent100]", "ot [contrastive+sent1000]", "ot [recipe-no-ot]", "mse",
     "ot [paper-ot]",
-)] + [("ot [contrastive+sent100]", "mse")]
+)] + [("ot [contrastive+sent100]", "mse")] + [(f"ot [{strategy}]", "ot [recipe]") for strategy in (
+    "hybrid0.5", "hybrid0.5-entry", "codeswitch0.5")]
 """The report's margin tables (systems named by family, each at its selected learning rate): the shipped recipe
-against its own large-epsilon limit, the matched sentence-level controls, MSE and the paper's objective; and the
-sentence-level control against MSE (whether a margin over MSE needs the OT term)."""
+against its own large-epsilon limit, the matched sentence-level controls, MSE and the paper's objective; the
+sentence-level control against MSE (whether a margin over MSE needs the OT term); and each training strategy
+(``controls.sh strategies``, run at the recipe's selected rate) against the recipe."""
 LR_TAG = re.compile(r"-?lr[0-9.e+-]+(?=\]$)")
 """A ``--tag`` ending in ``lr<value>`` marks one point of a system's learning-rate grid: ``ot [recipe-lr1e-4]`` and
 ``ot [recipe]`` are the family ``ot [recipe]``, ``mse [lr2e-4]`` and ``mse`` the family ``mse``."""
