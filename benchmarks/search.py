@@ -15,9 +15,11 @@ token a real passage token plus Gaussian noise of ``--noise`` times its norm, re
 passage count, searched by the real queries with the default FAISS MaxSim index: build seconds, bytes per passage,
 latency, and recall@100 against the exact scan of the same synthetic corpus.
 
-Writes ``OUTPUT_DIR/search.json``, ``search.md`` and ``search.png``::
+Writes ``OUTPUT_DIR/OUTPUT_NAME.json``, ``.md`` and ``.png`` (default ``search``)::
 
     python benchmarks/search.py                      # hau dev, sizes 3110 10000 30000
+    python benchmarks/search.py --output-name search_codes --sizes --skip-qdrant-maxsim \
+        --decoded-factories IVF512,PQ64np IVF512,PQ96np IVF512,PQ192np --pool-factors 2   # compressed re-ranking
     python benchmarks/search.py --sizes 100000 1000000 --sweep 16,64,256 32,128,256   # on a larger machine
 """
 
@@ -118,18 +120,25 @@ def real_corpus(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TokenIn
     rows.append(compare("maxsim exact (TokenIndex, fp16)", exact_maxsim, latency, exact_maxsim, qids, qrels,
                         kind="maxsim", build_s=0.0, index_bytes=tokens.memory_bytes))
     default = default_factory("maxsim", len(tokens.vectors), tokens.dim)
-    for factory, keep_exact in [(default, True), (default, False), *((f, True) for f in args.factories)]:
-        logger.info("Building FAISS %s over %d tokens", factory, len(tokens.vectors))
-        index, seconds = built(lambda f=factory, k=keep_exact: FaissMaxSimIndex.from_token_index(
-            tokens, factory=f, keep_exact=k))
-        rerank = "exact fp16" if keep_exact else "decoded codes"
-        for nprobe, token_k, candidates in args.sweep:
-            index.nprobe, index.token_k, index.candidates = nprobe, token_k, candidates
-            hits, latency = timed_search(index, token_queries)
-            rows.append(compare(f"maxsim FAISS {factory}, re-rank {rerank}", hits, latency, exact_maxsim, qids,
-                                qrels, kind="maxsim", build_s=seconds, index_bytes=index.memory_bytes, nprobe=nprobe,
-                                token_k=token_k, candidates=candidates))
-            logger.info("%s", rows[-1])
+    for factor in [1.0, *args.pool_factors]:  # token pooling (TokenIndex.pooled): fewer tokens per passage
+        corpus, suffix = (tokens, "") if factor == 1 else (tokens.pooled(factor), f", tokens pooled x{factor:g}")
+        if factor != 1:
+            hits, latency = timed_search(corpus, token_queries)
+            rows.append(compare(f"maxsim exact (TokenIndex, fp16){suffix}", hits, latency, exact_maxsim, qids,
+                                qrels, kind="maxsim", build_s=0.0, index_bytes=corpus.memory_bytes))
+        runs = [(default, True), (default, False), *((f, True) for f in args.factories)] if factor == 1 else []
+        for factory, keep_exact in runs + [(f, False) for f in args.decoded_factories]:
+            logger.info("Building FAISS %s over %d tokens", factory, len(corpus.vectors))
+            index, seconds = built(lambda f=factory, k=keep_exact, c=corpus: FaissMaxSimIndex.from_token_index(
+                c, factory=f, keep_exact=k))
+            rerank = "exact fp16" if keep_exact else "decoded codes"
+            for nprobe, token_k, candidates in args.sweep:
+                index.nprobe, index.token_k, index.candidates = nprobe, token_k, candidates
+                hits, latency = timed_search(index, token_queries)
+                rows.append(compare(f"maxsim FAISS {factory}, re-rank {rerank}{suffix}", hits, latency, exact_maxsim,
+                                    qids, qrels, kind="maxsim", build_s=seconds, index_bytes=index.memory_bytes,
+                                    nprobe=nprobe, token_k=token_k, candidates=candidates))
+                logger.info("%s", rows[-1])
     if not args.skip_qdrant_maxsim:
         logger.info("Writing %d passages' tokens to Qdrant (local mode)", tokens.num_passages)
         index, seconds = built(lambda: QdrantIndex.from_token_index(client, "tokens", tokens))
@@ -243,7 +252,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--e5-path", default=None)
     parser.add_argument("--doc-max-length", type=int, default=256)
     parser.add_argument("--cache-dir", type=Path, default=quality.DEFAULT_CACHE)
-    parser.add_argument("--factories", nargs="*", default=[], help="FAISS MaxSim factories besides the default")
+    parser.add_argument("--factories", nargs="*", default=[],
+                        help="FAISS MaxSim factories besides the default, re-ranked over the exact fp16 tokens")
+    parser.add_argument("--decoded-factories", nargs="*", default=[],
+                        help="FAISS MaxSim factories re-ranked over their decoded codes (no fp16 copy)")
+    parser.add_argument("--pool-factors", nargs="*", type=float, default=[],
+                        help="token pooling factors (TokenIndex.pooled): each adds the exact scan of the pooled tokens "
+                             "and the --decoded-factories over them")
     parser.add_argument("--sweep", nargs="+", default=[(16, 64, 256), (32, 256, 1000)],
                         type=lambda v: tuple(map(int, v.split(","))),
                         help="MaxSim search settings NPROBE,TOKEN_K,CANDIDATES (default: the library's, and a wider one)")
@@ -253,15 +268,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--qdrant-queries", type=int, default=50, help="queries searched in Qdrant's local mode")
     parser.add_argument("--skip-qdrant-maxsim", action="store_true")
     parser.add_argument("--output-dir", type=Path, default=quality.REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--report-only", action="store_true", help="render search.md from the stored search.json")
+    parser.add_argument("--output-name", default="search", help="stem of the .json, .md and .png files")
+    parser.add_argument("--report-only", action="store_true", help="render the .md from the stored .json")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report_only:
-        result = json.loads((args.output_dir / "search.json").read_text(encoding="utf-8"))
-        (args.output_dir / "search.md").write_text(render(result), encoding="utf-8")
+        result = json.loads((args.output_dir / f"{args.output_name}.json").read_text(encoding="utf-8"))
+        (args.output_dir / f"{args.output_name}.md").write_text(render(result), encoding="utf-8")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from importlib.metadata import version
@@ -272,13 +288,13 @@ def main(argv: list[str] | None = None) -> None:
               "passages": tokens.num_passages, "queries": len(queries), "noise": args.noise, "real": rows,
               "scale": scale(args, tokens, queries)}
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "search.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    (args.output_dir / "search.md").write_text(render(result), encoding="utf-8")
+    (args.output_dir / f"{args.output_name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (args.output_dir / f"{args.output_name}.md").write_text(render(result), encoding="utf-8")
     if result["scale"]:
         try:
-            plot(result, args.output_dir / "search.png")
+            plot(result, args.output_dir / f"{args.output_name}.png")
         except ImportError:
-            logger.warning("No search.png: the plot needs matplotlib (pip install 'optical-hf[bench]')")
+            logger.warning("No plot: it needs matplotlib needs matplotlib (pip install 'optical-hf[bench]')")
     print(render(result))
 
 

@@ -34,7 +34,8 @@ def test_search_benchmark_on_a_copy_of_the_layout(search, model_dirs, tmp_path):
     out = tmp_path / "out"
     search.main(["--data-dir", str(_data_dir(tmp_path / "data")), "--lang", "xx", "--e5-path", str(model),
                  "--doc-max-length", "32", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out),
-                 "--factories", "IVF2,Flat", "--sweep", "2,1000,1000", "1,2,3", "--sizes", "25", "40",
+                 "--factories", "IVF2,Flat", "--decoded-factories", "IVF2,Flat", "--pool-factors", "1.5",
+                 "--sweep", "2,1000,1000", "1,2,3", "--sizes", "25", "40",
                  "--scale-queries", "4", "--qdrant-queries", "3"])
     result = json.loads((out / "search.json").read_text(encoding="utf-8"))
     rows = {(row["mode"], row.get("nprobe"), row.get("token_k")): row for row in result["real"]}
@@ -48,6 +49,11 @@ def test_search_benchmark_on_a_copy_of_the_layout(search, model_dirs, tmp_path):
         assert full["recall@10_vs_exact"] == 1.0 and full["mrr@10"] == pytest.approx(exact_maxsim["mrr@10"], abs=1e-6)
         tight = rows[f"maxsim FAISS {factory}", 1, 2]  # 3 candidates only: at most 3 of the exact top 10
         assert tight["recall@10_vs_exact"] <= 0.3 + 1e-9
+    assert rows["maxsim FAISS IVF2,Flat, re-rank decoded codes", 2, 1000]["recall@10_vs_exact"] == 1.0
+    pooled = rows["maxsim exact (TokenIndex, fp16), tokens pooled x1.5", None, None]  # fewer tokens, another ranking
+    assert pooled["index_bytes"] < 0.8 * exact_maxsim["index_bytes"]
+    pooled_faiss = rows["maxsim FAISS IVF2,Flat, re-rank decoded codes, tokens pooled x1.5", 2, 1000]
+    assert pooled_faiss["mrr@10"] == pytest.approx(pooled["mrr@10"], abs=1e-6)  # the pooled exact scan, approximated
     assert rows["dense FAISS HNSW32", 16, None]["recall@10_vs_exact"] == 1.0  # 40 passages: HNSW finds them all
     assert rows["maxsim Qdrant (local mode)", None, None]["recall@10_vs_exact"] == 1.0
     assert [row["passages"] for row in result["scale"]] == [25, 40]
