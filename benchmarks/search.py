@@ -19,7 +19,7 @@ Writes ``OUTPUT_DIR/OUTPUT_NAME.json``, ``.md`` and ``.png`` (default ``search``
 
     python benchmarks/search.py                      # hau dev, sizes 3110 10000 30000
     python benchmarks/search.py --output-name search_codes --sizes --skip-qdrant-maxsim \
-        --decoded-factories IVF512,PQ64np IVF512,PQ96np IVF512,PQ192np --pool-factors 2   # compressed re-ranking
+        --decoded-factories IVF512,PQ64np IVF512,PQ192np --pool-factors 2   # re-ranking over codes, token pooling
     python benchmarks/search.py --sizes 100000 1000000 --sweep 16,64,256 32,128,256   # on a larger machine
 """
 
