@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
 
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import DEFAULT_E5, machine_info, write_report  # noqa: E402
 from optical_hf.code_switch import align, code_switch, identity_link_rate  # noqa: E402
 from optical_hf.corpora import flores_pairs  # noqa: E402
 from optical_hf.vocabulary import ALIGNMENT_RULES  # noqa: E402
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--flores", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "flores-sib200")
     parser.add_argument("--lang", default="swh_Latn")
-    parser.add_argument("--model", default=str(Path("~/.cache/optical-bench/multilingual-e5-small").expanduser()),
+    parser.add_argument("--model", default=str(DEFAULT_E5),
                         help="the multilingual model whose token states are aligned (both sides)")
     parser.add_argument("--pairs", type=int, default=200, help="FLORES dev pairs aligned")
     parser.add_argument("--p", type=float, default=0.5, help="replacement probability of the examples")
@@ -59,11 +59,7 @@ def main(argv: list[str] | None = None) -> str:
         shown = ", ".join(f"{english[b]}→{foreign[a]}" for a, b, _ in alignment.links[:12])
         lines += [f"- {args.lang}: {alignment.source}", f"  - English: {alignment.target}",
                   f"  - links (first 12): {shown}", f"  - code-switched: {variant}"]
-    report = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report, encoding="utf-8")
-    print(report)
-    return report
+    return write_report(lines, args.output)
 
 
 if __name__ == "__main__":

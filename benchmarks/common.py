@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+DEFAULT_E5 = Path("~/.cache/optical-bench/multilingual-e5-small").expanduser()
+"""Where the benchmarks look for multilingual-e5-small (``python ../shared/tools/build_multilingual_e5_small.py``)."""
 THREAD_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 """Environment variables recorded in a result's command when they are set."""
 
@@ -142,3 +144,12 @@ def markdown_table(header: str, rows: Iterable[Iterable[Any]]) -> list[str]:
     Every column is left-aligned (``|---|``)."""
     return [f"| {header} |", "|" + "---|" * len(header.split(" | "))] + [
         "| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def write_report(lines: list[str], path: Path) -> str:
+    """Join ``lines`` into a Markdown report, write it to ``path`` (its folder created if needed), print and return it."""
+    report = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report, encoding="utf-8")
+    print(report)
+    return report

@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a source checkout
 
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import DEFAULT_E5, machine_info, write_report  # noqa: E402
 from optical_hf import StudentCardInfo, save_student  # noqa: E402
 from optical_hf.recipe import packaged_teacher_path  # noqa: E402
 
@@ -30,7 +30,7 @@ def folder_mib(folder: Path) -> float:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--e5", type=Path, default=Path("~/.cache/optical-bench/multilingual-e5-small").expanduser(),
+    parser.add_argument("--e5", type=Path, default=DEFAULT_E5,
                         help="multilingual-e5-small folder (python ../shared/tools/build_multilingual_e5_small.py)")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "export_size.md")
     args = parser.parse_args(argv)
@@ -52,11 +52,7 @@ def main(argv: list[str] | None = None) -> str:
                                              teacher_model=teacher if export == "pair" else None))
                      for export in ("student", "pair")]
             lines.append(f"| {name} | {sizes[0]:.1f} | {sizes[1]:.1f} | {sizes[1] / sizes[0]:.2f} |")
-    report = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report, encoding="utf-8")
-    print(report)
-    return report
+    return write_report(lines, args.output)
 
 
 if __name__ == "__main__":

@@ -58,14 +58,13 @@ from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files
 from optical_hf.late_interaction import INDEX_FORMAT  # noqa: E402
 from optical_hf.recipe import build_trainer, packaged_teacher_path  # noqa: E402
 
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import DEFAULT_E5, machine_info  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
 SHARED = REPO_ROOT.parent / "shared"
 DEFAULT_DATA = SHARED / "data"
 E5_BUILD_TOOL = SHARED / "tools" / "build_multilingual_e5_small.py"
-DEFAULT_E5 = Path("~/.cache/optical-bench/multilingual-e5-small").expanduser()
 DEFAULT_CACHE = Path("~/.cache/optical-bench/quality").expanduser()
 
 METHODS = ("mse", "ot")
