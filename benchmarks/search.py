@@ -270,7 +270,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=quality.REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--output-name", default="search", help="stem of the .json, .md and .png files")
     parser.add_argument("--report-only", action="store_true", help="render the .md from the stored .json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if any(not factor >= 1 for factor in args.pool_factors):
+        parser.error(f"--pool-factors {' '.join(map(str, args.pool_factors))}: each must be >= 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

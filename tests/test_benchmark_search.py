@@ -91,3 +91,9 @@ def test_export_size_reports_the_pair_against_the_student(model_dirs, tmp_path):
     ratios = {row[0].strip("| "): float(row[3].strip(" |")) for row in rows}
     assert len(ratios) == 3 and ratios["all-MiniLM-L6-v2 → all-MiniLM-L6-v2"] == pytest.approx(2.0, abs=0.05)
     assert all(ratio > 1 for ratio in ratios.values())
+
+
+def test_a_pool_factor_below_one_is_refused_naming_the_flag(search, capsys):
+    with pytest.raises(SystemExit):
+        search.parse_args(["--pool-factors", "2", "0.5"])
+    assert "--pool-factors 2.0 0.5: each must be >= 1" in capsys.readouterr().err
