@@ -211,10 +211,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.bitext_target and not args.bitext:
         raise OpticalInputError("--bitext_target needs --bitext")
     task = next(name for name in TASKS if getattr(args, name))
-    if (args.index or args.index_factory) and task not in ("afriqa", "beir"):
-        raise OpticalInputError("--index and --index_factory apply to --afriqa and --beir (a document corpus)")
+    if (args.index or args.index_factory or args.qdrant) and task not in ("afriqa", "beir"):
+        raise OpticalInputError("--index, --index_factory and --qdrant apply to --afriqa and --beir (a document corpus)")
     if args.index_factory and not args.index:
         raise OpticalInputError("--index_factory needs --index (the folder the new index is saved to)")
+    if args.qdrant and not args.index:
+        raise OpticalInputError("--qdrant needs --index (the name of the collection)")
+    if args.qdrant and args.index_factory:
+        raise OpticalInputError("--index_factory is a FAISS option; a --qdrant collection takes none")
     # Data first, so that a bad file fails before the models are loaded.
     if task == "bitext":
         pairs = load_bitext(args.bitext, args.bitext_target)
@@ -240,13 +244,14 @@ def _evaluate(args: argparse.Namespace) -> None:
         rows = {"model": mine(model, teacher, sources, targets, query_prompt=query_prompt,
                               teacher_prompt=teacher_prompt, **common)}
     else:
-        index = args.index and _search_index(args, teacher, data, scoring, document_prompt)
-        clir = functools.partial(evaluate_clir_maxsim if scoring == "maxsim" else evaluate_clir, doc_model=teacher,
-                                 data=data, query_prompt=query_prompt, doc_prompt=document_prompt, **common,
-                                 **({"index": index} if index else {}))
-        rows = {"model": clir(model)}
-        if args.oracle:
-            rows["oracle"] = clir(teacher, use_translations=True)
+        with contextlib.ExitStack() as open_clients:  # a Qdrant local-mode folder stays locked until its client closes
+            index = args.index and _search_index(args, teacher, data, scoring, document_prompt, open_clients)
+            clir = functools.partial(evaluate_clir_maxsim if scoring == "maxsim" else evaluate_clir,
+                                     doc_model=teacher, data=data, query_prompt=query_prompt,
+                                     doc_prompt=document_prompt, **common, **({"index": index} if index else {}))
+            rows = {"model": clir(model)}
+            if args.oracle:
+                rows["oracle"] = clir(teacher, use_translations=True)
 
     print(f"model: {args.model}\nteacher (documents / English side): {teacher_name}\nscoring: {scoring}")
     print(format_metrics_table(rows))
@@ -257,23 +262,39 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"Metrics written to {args.output_json}")
 
 
-def _search_index(args: argparse.Namespace, teacher: Any, data: Any, scoring: str, prompt: str | None) -> Any:
-    """The FAISS index of ``--index``: loaded when the folder exists (the evaluator checks that the teacher, prompt
-    and corpus are the ones in use), else built from the corpus with ``--index_factory`` and saved there."""
+def _search_index(args: argparse.Namespace, teacher: Any, data: Any, scoring: str, prompt: str | None,
+                  open_clients: contextlib.ExitStack) -> Any:
+    """The search index of ``--index``: a FAISS folder, or with ``--qdrant`` a collection of that name. Loaded when it
+    exists (the evaluator checks that the teacher, prompt and corpus are the ones in use), else built from the corpus
+    (FAISS: with ``--index_factory``) and saved there."""
     from .faiss_index import build_search_index, load_search_index
+    from .qdrant_index import QdrantIndex
 
-    folder = Path(args.index)
-    if folder.exists():
+    qdrant = args.qdrant and (open_clients.enter_context(contextlib.closing(_qdrant_client(args.qdrant))), args.index)
+    where = f"Qdrant {args.qdrant} collection {args.index}" if qdrant else args.index
+    if qdrant and qdrant[0].collection_exists(args.index) or not qdrant and Path(args.index).exists():
         if args.index_factory:
-            raise OpticalInputError(f"--index {folder} exists; --index_factory only applies to a new index")
-        index = load_search_index(folder)
-        print(f"index: {folder} ({index.kind}, {index.factory}, {index.num_passages} passages)")
+            raise OpticalInputError(f"--index {args.index} exists; --index_factory only applies to a new index")
+        index = QdrantIndex(*qdrant) if qdrant else load_search_index(args.index)
+        print(f"index: {where} ({index.kind}, {getattr(index, 'factory', 'Qdrant')}, {index.num_passages} passages)")
         return index
     index = build_search_index(teacher, list(data.corpus.values()), list(data.corpus), scoring=scoring, prompt=prompt,
-                               factory=args.index_factory, batch_size=args.batch_size, show_progress_bar=True)
-    index.save(folder)
-    print(f"index: {folder} (new: {index.kind}, {index.factory}, {index.num_passages} passages)")
+                               factory=args.index_factory, batch_size=args.batch_size, show_progress_bar=True,
+                               qdrant=qdrant or None)
+    if not qdrant:
+        index.save(args.index)
+    print(f"index: {where} (new: {index.kind}, {getattr(index, 'factory', 'Qdrant')}, {index.num_passages} passages)")
     return index
+
+
+def _qdrant_client(location: str) -> Any:
+    """A client of ``--qdrant``: a server's URL (its API key, if any, from the ``QDRANT_API_KEY`` environment variable,
+    so that it never appears in a command line or a log) or a local folder (Qdrant's local mode, no server)."""
+    from qdrant_client import QdrantClient
+
+    if location.startswith(("http://", "https://")):
+        return QdrantClient(url=location, api_key=os.environ.get("QDRANT_API_KEY"))
+    return QdrantClient(path=location)
 
 
 def _push(args: argparse.Namespace) -> None:
@@ -313,8 +334,13 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--oracle", action="store_true",
                         help="add the teacher on the human English translations of the queries (AfriQA upper bound)")
     parser.add_argument("--index", metavar="DIR",
-                        help="FAISS search index folder of the corpus (--afriqa/--beir): searched when it exists (it "
-                             "must have been built by the same teacher and prompt), else built and saved there")
+                        help="search index of the corpus (--afriqa/--beir): a FAISS folder (or with --qdrant, a collection "
+                             "name), searched when it exists (it must have been built by the same teacher and "
+                             "prompt), else built and saved there")
+    parser.add_argument("--qdrant", metavar="URL_OR_DIR",
+                        help="search a Qdrant collection named --index instead of a FAISS folder: a server's URL "
+                             "(API key from QDRANT_API_KEY) or a local folder (Qdrant's local mode); built from the "
+                             "corpus when the collection does not exist")
     parser.add_argument("--index_factory", metavar="FACTORY",
                         help="FAISS factory string of a new --index, e.g. Flat, HNSW32 (dense) or IVF1024,PQ32np "
                              "(maxsim token vectors). Default: by corpus size (optical_hf.faiss_index.default_factory)")

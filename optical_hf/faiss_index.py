@@ -29,9 +29,11 @@ from torch import Tensor
 
 from .errors import OpticalInputError
 from .late_interaction import METADATA_FILE, DEFAULT_TOKENS, TokenIndex, build_index, built_by, hits
+from .qdrant_index import QdrantIndex
 
 if TYPE_CHECKING:
     import faiss
+    from qdrant_client import QdrantClient
 
 __all__ = ["FaissDenseIndex", "FaissMaxSimIndex", "Hits", "build_search_index", "default_factory", "load_search_index"]
 
@@ -329,16 +331,26 @@ def load_search_index(folder: str | Path, mmap: bool = False) -> TokenIndex | Fa
 def build_search_index(
     model: Any, texts: Sequence[str], ids: Sequence[str] | None = None, *, scoring: str, prompt: str | None = None,
     tokens: str | None = None, factory: str | None = None, batch_size: int = 64, show_progress_bar: bool = False,
-) -> FaissDenseIndex | FaissMaxSimIndex:
+    qdrant: tuple[QdrantClient, str] | None = None,
+) -> FaissDenseIndex | FaissMaxSimIndex | QdrantIndex:
     """Encode ``texts`` with ``model`` (the teacher or a pair folder: ``encode_document``, its document prompt unless
-    ``prompt``) and index them with FAISS ``factory`` (default: :func:`default_factory`): sentence embeddings for
-    ``scoring="dense"``, token vectors (``tokens`` selection, default ``"content"``) for ``"maxsim"``. The index
-    records what built it (:func:`optical_hf.late_interaction.built_by`)."""
+    ``prompt``) and index them: sentence embeddings for ``scoring="dense"``, token vectors (``tokens`` selection,
+    default ``"content"``) for ``"maxsim"``. The engine is FAISS ``factory`` (default: :func:`default_factory`), or,
+    with ``qdrant=(client, collection)``, a new Qdrant collection (:class:`~optical_hf.qdrant_index.QdrantIndex`,
+    with the texts as payload; ``factory`` does not apply). The index records what built it
+    (:func:`optical_hf.late_interaction.built_by`)."""
+    if qdrant is not None and factory is not None:
+        raise OpticalInputError("build_search_index: factory is a FAISS option; a Qdrant collection takes none")
     if scoring == "maxsim":
         token_index = build_index(model, texts, ids, prompt=prompt, tokens=tokens or DEFAULT_TOKENS,
                                   batch_size=batch_size, show_progress_bar=show_progress_bar)
+        if qdrant is not None:
+            return QdrantIndex.from_token_index(*qdrant, token_index, texts=list(texts))
         return FaissMaxSimIndex.from_token_index(token_index, factory=factory)
     embeddings = model.encode_document(list(texts), convert_to_tensor=True, batch_size=batch_size,
                                        show_progress_bar=show_progress_bar, **({} if prompt is None else {"prompt": prompt}))
+    if qdrant is not None:
+        return QdrantIndex.from_embeddings(*qdrant, embeddings.cpu(), ids, texts=list(texts),
+                                           built_by=built_by(model, prompt, None))
     return FaissDenseIndex.from_embeddings(embeddings.cpu(), ids, factory=factory,
                                            built_by=built_by(model, prompt, None))

@@ -943,6 +943,30 @@ def test_evaluate_builds_then_searches_a_faiss_index(scoring, model_dirs, data, 
             "--beir", data["beir"], "--scoring", scoring, "--index", tmp_path / "index")
 
 
+@pytest.mark.parametrize("scoring", ["dense", "maxsim"])
+def test_evaluate_builds_then_searches_a_qdrant_collection(scoring, model_dirs, data, tmp_path, capsys):
+    """``--qdrant DIR`` (Qdrant's local mode on disk; a server URL runs the same code): the collection named by
+    ``--index`` is written from the corpus, then searched; its scores equal the exact evaluation's."""
+    argv = ["evaluate", "--model", model_dirs["student"], "--teacher", model_dirs["teacher"], "--beir", data["beir"],
+            "--scoring", scoring, "--batch_size", 16]
+    assert cli(*argv, "--output_json", tmp_path / "exact.json") == 0
+    qdrant = ["--qdrant", tmp_path / "qdrant", "--index", "corpus"]
+    assert cli(*argv, *qdrant, "--output_json", tmp_path / "built.json") == 0
+    assert f"collection corpus (new: {scoring}, Qdrant, 40 passages)" in capsys.readouterr().out
+    assert cli(*argv, *qdrant, "--output_json", tmp_path / "loaded.json") == 0
+    assert f"collection corpus ({scoring}, Qdrant, 40 passages)" in capsys.readouterr().out
+    exact, built, loaded = (json.loads((tmp_path / f"{name}.json").read_text())["metrics"]["model"]
+                            for name in ("exact", "built", "loaded"))
+    assert built == loaded
+    assert {k: built[k] for k in ("mrr@10", "ndcg@10", "recall@10")} == pytest.approx(
+        {k: exact[k] for k in ("mrr@10", "ndcg@10", "recall@10")}, abs=1e-5)
+    with pytest.raises(OpticalInputError, match="fingerprint"):  # built by the teacher, not the student
+        cli("--debug", "evaluate", "--model", model_dirs["student"], "--teacher", model_dirs["student"],
+            "--beir", data["beir"], "--scoring", scoring, *qdrant)
+    assert cli(*argv, *qdrant, "--index_factory", "Flat") == 2
+    assert "--index_factory is a FAISS option" in capsys.readouterr().err
+
+
 def test_evaluate_index_flags_need_a_corpus(model_dirs, data, tmp_path, capsys):
     assert cli("evaluate", "--model", model_dirs["student"], "--bitext", data["tsv"], "--index", tmp_path) == 2
-    assert "--index and --index_factory apply to --afriqa and --beir" in capsys.readouterr().err
+    assert "--index, --index_factory and --qdrant apply to --afriqa and --beir" in capsys.readouterr().err

@@ -11,8 +11,8 @@ from qdrant_client import QdrantClient
 from sentence_transformers.util import semantic_search
 
 from optical_hf import (
-    FaissDenseIndex, FaissMaxSimIndex, OpticalInputError, QdrantIndex, TokenIndex, build_index, load_search_index,
-    retrieve,
+    FaissDenseIndex, FaissMaxSimIndex, OpticalInputError, QdrantIndex, TokenIndex, build_index, build_search_index,
+    load_search_index, retrieve,
 )
 from optical_hf.faiss_index import default_factory
 
@@ -162,6 +162,8 @@ def test_qdrant_collections_search_like_the_references_and_keep_their_metadata(c
     client.create_collection("foreign", vectors_config={})
     with pytest.raises(OpticalInputError, match="not written by optical_hf"):
         QdrantIndex(client, "foreign")
+    with pytest.raises(OpticalInputError, match="factory is a FAISS option"):
+        build_search_index(None, ["text"], scoring="dense", factory="Flat", qdrant=(client, "new"))
 
 
 def test_an_index_built_by_another_teacher_is_refused(model_dirs):
