@@ -416,8 +416,9 @@ class RecordStore:
     """Append-only JSON-lines file of finished runs, so a long table can be built over several sittings.
 
     Each record carries a ``key`` (see :func:`record_key`); a run whose key is already stored is skipped. With
-    ``require_per_query``, a record stored without per-query values (made before they were kept) counts as missing:
-    the run is made again and its new record, appended, replaces the old one (the last record of a key wins).
+    ``require_per_query``, a record stored without per-query values (made before they were kept; for a floor or an
+    oracle, without the per-query ranks) counts as missing: the run is made again and its new record, appended,
+    replaces the old one (the last record of a key wins).
     """
 
     def __init__(self, path: Path, require_per_query: bool = False) -> None:
@@ -440,9 +441,10 @@ class RecordStore:
 
     def get(self, key: str) -> dict[str, Any] | None:
         record = self._keys.get(key)
-        if record is not None and self.require_per_query and "per_query" not in record:
-            return None
-        return record
+        if record is not None and self.require_per_query and (
+                "per_query" not in record or "pairs" not in record and not _has_ranks(record)):
+            return None  # a floor or oracle is cheap to redo (no training): one stored before ranks were kept is
+        return record    # made again for the language-bias table; a student's is not (the table leaves it out)
 
     def check_label(self, system: str, config: TrainConfig, strategies: dict[str, Any] | None = None) -> None:
         """Refuse a ``system`` label (method and ``--tag``) that already names another configuration (training

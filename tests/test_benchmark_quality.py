@@ -207,6 +207,12 @@ def test_a_record_without_per_query_values_is_rerun_with_per_query(quality, tmp_
     store.add({**old, "metrics": {"mrr@10": 0.6}, "per_query": {"qids": ["q"], "mrr@10": [0.6]}})
     reloaded = quality.RecordStore(path, require_per_query=True)
     assert [r["metrics"]["mrr@10"] for r in reloaded.records] == [0.6]  # the last record of a key wins
+    # per-query values without ranks: a student's record stands (redoing it means training), a reference's is redone
+    per_query = {"qids": ["q"], "mrr@10": [0.6]}
+    store.add({"key": "student", "system": "ot", "pairs": 10, "per_query": per_query})
+    store.add({"key": "oracle", "system": "oracle", "per_query": per_query})
+    store.add({"key": "floor", "system": "floor", "per_query": {**per_query, "rank": [1]}})
+    assert [bool(store.get(key)) for key in ("student", "oracle", "floor")] == [True, False, True]
 
 
 def test_cross_model_setting_pairs_the_english_teacher_with_another_student(quality, model_dirs, tmp_path):
