@@ -291,7 +291,8 @@ def train_student(
 ) -> tuple[Any, dict[str, Any]]:
     """Train a fresh student (initialised from ``setting.student_path`` or ``setting.model_path``) with ``method`` on
     ``bitext``. MSE's labels are the teacher's embeddings of ``bitext["target"]``. ``strategies`` (``--strategy``, OT
-    only): hybrid batches and code-switching options; the code-switched pairs are aligned by the untrained student.
+    only): hybrid batches and code-switching options; the code-switched pairs are aligned by the untrained student and
+    share the recipe's number of optimizer steps (a hybrid run keeps it by construction).
 
     Returns:
         The trained SentenceTransformer and ``{"steps", "train_seconds", "trainable_params", "train_loss"}``.
@@ -303,10 +304,16 @@ def train_student(
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
 
     query_prompt, teacher_prompt = setting.query_prompt, setting.teacher_prompt
+    options = strategies or {}
+    max_steps = config.max_steps
+    if options.get("code_switch_p") is not None and max_steps is None:
+        # equal optimizer steps: the code-switched variants double the pairs, so the run takes the recipe's step count
+        # over the union (a random half of it) instead of twice as many steps
+        max_steps = math.ceil(config.epochs * math.ceil(len(bitext) / config.batch_size))
     with tempfile.TemporaryDirectory(prefix="optical-quality-") as output_dir:
         train_size = len(bitext) * (2 if method == "mse" and setting.mse_both_sides else 1)
         args = SentenceTransformerTrainingArguments(
-            output_dir=output_dir, num_train_epochs=config.epochs, max_steps=config.max_steps or -1,
+            output_dir=output_dir, num_train_epochs=config.epochs, max_steps=max_steps or -1,
             per_device_train_batch_size=config.batch_size, learning_rate=config.lr, warmup_steps=config.warmup,
             seed=config.seed, data_seed=config.seed,
             prompts={"source": query_prompt} if method == "mse" and query_prompt else None,
@@ -322,7 +329,6 @@ def train_student(
             train = datasets.Dataset.from_dict({"source": sources, "label": labels})
             trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=train, loss=MSELoss(student))
         else:  # the library's own recipe (optical-hf distill's trainer), the teacher run once over the bitext
-            options = strategies or {}
             hybrid = HybridBatchArguments(**{k: v for k, v in options.items() if k.startswith("hybrid_")})
             switching = CodeSwitchArguments(**{k: v for k, v in options.items() if k.startswith("code_switch_")})
             if switching.code_switch_p is not None:

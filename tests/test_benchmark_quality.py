@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -303,3 +304,9 @@ def test_training_strategies_are_part_of_a_run(quality, model_dirs, tmp_path):
         quality.main([*argv, "--tag", "mixed"])
     with pytest.raises(SystemExit, match="--strategy hybrid: not an option"):
         quality.main([*argv, "--strategy", "hybrid=1"])
+    # one epoch: the code-switched variants double the pairs but not the optimizer steps (equal steps)
+    epoch = [arg for arg in argv if arg not in ("--max-steps", "2")]
+    switched, plain = (next(r for r in quality.main([*epoch, *extra]) if r["system"] == f"ot [{tag}]")
+                       for tag, extra in (("cs", ["--strategy", "code_switch_p=0.5", "--tag", "cs"]),
+                                          ("epoch", ["--tag", "epoch"])))
+    assert switched["steps"] == plain["steps"] == math.ceil(plain["pairs"] / 4)
