@@ -604,8 +604,8 @@ def _tested(test: Any) -> str:
 
 
 def _langs(records: Records, setting: str) -> list[str]:
-    """The languages of ``setting``, in the order of their first record."""
-    return list(dict.fromkeys(r["lang"] for r in records if r["setting"] == setting))
+    """The languages of ``setting``, sorted: every table of a report has the same columns."""
+    return sorted({r["lang"] for r in records if r["setting"] == setting})
 
 
 def _students(records: Records, setting: str, lang: str | None = None) -> Records:

@@ -122,13 +122,13 @@ def test_margins_compare_the_seeds_both_systems_ran_at_the_largest_budget(qualit
                 "metrics": {"mrr@10": mrr}}
 
     records = [
+        run("zz", "a", 0, 0.30),  # b never ran on zz
         run("xx", "a", 0, 0.50), run("xx", "a", 1, 0.54), run("xx", "b", 0, 0.47), run("xx", "b", 1, 0.53),
         run("xx", "b", 0, 0.90, pairs=10),  # a smaller budget: not compared
         run("yy", "a", 0, 0.40), run("yy", "a", 1, 0.60), run("yy", "b", 0, 0.45),  # seed 1 has no partner
-        run("zz", "a", 0, 0.30),  # b never ran on zz
     ]
     header, rule, row = quality.margin_table(records, "e5", [("a", "b"), ("a", "missing")])
-    assert header == "| comparison | xx | yy | zz | wins / level / losses | mean | pooled |"
+    assert header == "| comparison | xx | yy | zz | wins / level / losses | mean | pooled |"  # sorted, not as stored
     assert row == "| a − b | +0.020 (no per-query data) | -0.050 (no per-query data) | - | - | -0.015 | - |"
     assert quality.parse_comparison(" ot [recipe] vs mse [lr2e-4] ") == ("ot [recipe]", "mse [lr2e-4]")
     with pytest.raises(Exception, match="expected 'SYSTEM vs SYSTEM'"):
