@@ -2,10 +2,11 @@
 # The "say what wins" study (benchmarks/README.md): every run of it, one at a time. quality.py skips the runs already
 # stored, so the queue can be stopped and started again; records land in benchmarks/results/quality.jsonl.
 #   bash benchmarks/controls.sh            # everything, in this order
-#   bash benchmarks/controls.sh cross      # one phase: controls | cross | grid | final | grid-controls | strategies
+#   bash benchmarks/controls.sh cross      # one phase: controls | cross | grid | final | final-controls |
+#                                          #   grid-controls | strategies
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASES=("${@:-controls cross grid final grid-controls}")   # `strategies` runs only when named
+PHASES=("${@:-controls cross grid final final-controls grid-controls}")   # `strategies` runs only when named
 Q=(python benchmarks/quality.py --scoring dense maxsim-content --per-query)
 E100=(--loss reg=100)                     # the recipe at its own large-epsilon limit (a pooled mean-matching term)
 E01=(--loss reg=0.1)                      # the recipe with token-level transport (sharp plans)
@@ -58,6 +59,14 @@ for phase in ${PHASES[*]}; do
       step "${Q[@]}" --langs $langs --methods ot --tag "$SENT_TAG" --lr "${SENT_LR:-2e-5}" "${SENT[@]}"
       step "${Q[@]}" --langs $langs --methods mse --tag lr2e-4 --lr 2e-4
     done ;;
+  final-controls)  # the recipe's own large-epsilon limit, its token-level variant (reg=0.1) and contrastive alone at the
+                   # recipe's selected rate (RECIPE_LR, default 2e-4) on every language, seed 0; then contrastive alone
+                   # at seeds 1-2
+    LR=${RECIPE_LR:-2e-4}
+    step "${Q[@]}" --langs kin hau zul twi ibo --seeds 0 --methods ot --tag "recipe-no-ot-lr$LR" --lr "$LR" "${NO_OT[@]}"
+    step "${Q[@]}" --langs kin hau zul twi ibo --seeds 0 --methods ot --tag "recipe-e100-lr$LR" --lr "$LR" "${E100[@]}"
+    step "${Q[@]}" --langs kin hau zul twi ibo --seeds 0 --methods ot --tag "recipe-e0.1-lr$LR" --lr "$LR" "${E01[@]}"
+    step "${Q[@]}" --langs hau zul --seeds 1 2 --methods ot --tag "recipe-no-ot-lr$LR" --lr "$LR" "${NO_OT[@]}" ;;
   strategies)  # the training strategies against the recipe (issue: training strategies), at the recipe's selected rate
                # (RECIPE_LR, as in `final`: the recipe's records are shared); every language at seed 0 first (the
                # default rule counts languages), the fast ones before Twi and Igbo, then the extra seeds
@@ -69,7 +78,8 @@ for phase in ${PHASES[*]}; do
       step "${Q[@]}" --langs $langs --methods ot --tag "codeswitch0.5$S" "${LR[@]}" --strategy code_switch_p=0.5
       step "${Q[@]}" --langs $langs --methods ot --tag "hybrid0.5-entry$S" "${LR[@]}" --strategy hybrid_alpha=0.5 \
         hybrid_granularity=entry
+      step "${Q[@]}" --langs $langs --methods ot --tag "aux-qa$S" "${LR[@]}" --strategy aux_train_qa=true
     done ;;
-  *) echo "unknown phase $phase (controls | cross | grid | final | grid-controls | strategies)"; exit 2 ;;
+  *) echo "unknown phase $phase (controls | cross | grid | final | final-controls | grid-controls | strategies)"; exit 2 ;;
   esac
 done

@@ -42,7 +42,7 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer  # noqa: E402
 from sentence_transformers import SentenceTransformerTrainingArguments  # noqa: E402
-from sentence_transformers.sentence_transformer.losses import MSELoss  # noqa: E402
+from sentence_transformers.sentence_transformer.losses import MSELoss, MultipleNegativesRankingLoss  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +73,12 @@ SCORINGS = {"dense": None, "maxsim": "all", "maxsim-content": "content"}
 DEFAULT_MARGINS = [("ot [recipe]", other) for other in (
     "ot [recipe-e100]", "ot [contrastive+sent100]", "ot [contrastive+sent1000]", "ot [recipe-no-ot]", "mse",
     "ot [paper-ot]",
-)] + [("ot [contrastive+sent100]", "mse")] + [(f"ot [{strategy}]", "ot [recipe]") for strategy in (
-    "hybrid0.5", "hybrid0.5-entry", "codeswitch0.5")]
+)] + [("ot [recipe-e0.1]", "ot [recipe-e100]"), ("ot [contrastive+sent100]", "mse")] + [
+    (f"ot [{strategy}]", "ot [recipe]") for strategy in ("hybrid0.5", "hybrid0.5-entry", "codeswitch0.5", "aux-qa")]
 """The report's margin tables (systems named by family, each at its selected learning rate): the shipped recipe
-against its own large-epsilon limit, the matched sentence-level controls, MSE and the paper's objective; the
-sentence-level control against MSE (whether a margin over MSE needs the OT term); and each training strategy
+against its own large-epsilon limit, the matched sentence-level controls, MSE and the paper's objective; the recipe
+with token-level transport (``reg=0.1``: sharp plans) against the same large-epsilon limit; the sentence-level control
+against MSE (whether a margin over MSE needs the OT term); and each training strategy
 (``controls.sh strategies``, run at the recipe's selected rate) against the recipe."""
 LR_TAG = re.compile(r"-?lr[0-9.e+-]+(?=\]$)")
 """A ``--tag`` ending in ``lr<value>`` marks one point of a system's learning-rate grid: ``ot [recipe-lr1e-4]`` and
@@ -164,6 +165,13 @@ def split_retrieval(data_dir: Path, lang: str, split: str) -> RetrievalData:
     """Gold-pool task of ``lang``: its ``split`` questions against the pool of every gold-passage file found."""
     root = data_dir / "afriqa"
     return load_afriqa_gold(afriqa_files(root, lang, split), afriqa_files(root))
+
+
+def english_qa_pairs(data_dir: Path, lang: str) -> datasets.Dataset:
+    """The auxiliary task of ``--strategy aux_train_qa=true``: the English (question, gold passage) pairs of ``lang``'s
+    AfriQA **train** gold-passage file (columns ``source`` = ``question_translated``, ``target`` = ``context``)."""
+    (path,) = afriqa_files(data_dir / "afriqa", lang, "train")
+    return load_bitext(path, source_column="question_translated", target_column="context")
 
 
 def split_langs(data_dir: Path, split: str) -> list[str]:
@@ -287,12 +295,14 @@ def retrieval_metrics(
 # -------------------------------------------------------------------------------------------------------- training
 def train_student(
     setting: Setting, method: str, bitext: datasets.Dataset, teacher: SentenceTransformer, config: TrainConfig,
-    device: str, strategies: dict[str, Any] | None = None,
+    device: str, strategies: dict[str, Any] | None = None, auxiliary: datasets.Dataset | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train a fresh student (initialised from ``setting.student_path`` or ``setting.model_path``) with ``method`` on
     ``bitext``. MSE's labels are the teacher's embeddings of ``bitext["target"]``. ``strategies`` (``--strategy``, OT
     only): hybrid batches and code-switching options; the code-switched pairs are aligned by the untrained student and
-    share the recipe's number of optimizer steps (a hybrid run keeps it by construction).
+    share the recipe's number of optimizer steps (a hybrid run keeps it by construction). ``auxiliary``: English
+    (question, passage) pairs the student also trains on with ``MultipleNegativesRankingLoss`` (multi-dataset training,
+    the recipe's number of optimizer steps shared between the two datasets in proportion to their sizes).
 
     Returns:
         The trained SentenceTransformer and ``{"steps", "train_seconds", "trainable_params", "train_loss"}``.
@@ -306,9 +316,9 @@ def train_student(
     query_prompt, teacher_prompt = setting.query_prompt, setting.teacher_prompt
     options = strategies or {}
     max_steps = config.max_steps
-    if options.get("code_switch_p") is not None and max_steps is None:
-        # equal optimizer steps: the code-switched variants double the pairs, so the run takes the recipe's step count
-        # over the union (a random half of it) instead of twice as many steps
+    if (options.get("code_switch_p") is not None or auxiliary is not None) and max_steps is None:
+        # equal optimizer steps: the code-switched variants double the pairs (an auxiliary task adds its own), so the
+        # run takes the recipe's step count over the union instead of more steps
         max_steps = math.ceil(config.epochs * math.ceil(len(bitext) / config.batch_size))
     with tempfile.TemporaryDirectory(prefix="optical-quality-") as output_dir:
         train_size = len(bitext) * (2 if method == "mse" and setting.mse_both_sides else 1)
@@ -333,8 +343,11 @@ def train_student(
             switching = CodeSwitchArguments(**{k: v for k, v in options.items() if k.startswith("code_switch_")})
             if switching.code_switch_p is not None:
                 bitext = code_switched_bitext(bitext, student, switching, config.seed)
+            tasks = None if auxiliary is None else {
+                "aux_train_qa": (auxiliary, MultipleNegativesRankingLoss(student))}
             trainer = build_trainer(student, teacher, bitext, args, OTLossConfig(**dict(config.loss)),
-                                    Prompts(query=query_prompt or "", teacher=teacher_prompt or ""), hybrid=hybrid)
+                                    Prompts(query=query_prompt or "", teacher=teacher_prompt or ""), hybrid=hybrid,
+                                    auxiliary=tasks)
         started = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - started
@@ -395,19 +408,25 @@ def ot_config(overrides: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
 
 STRATEGY_OPTIONS = {f.name: arguments for arguments in (HybridBatchArguments, CodeSwitchArguments)
                     for f in fields(arguments)}
-"""``--strategy`` keys: the training strategies' options (``hybrid_*``, ``code_switch_*``)."""
+"""``--strategy`` keys: the training strategies' options (``hybrid_*``, ``code_switch_*``), and ``aux_train_qa``
+(:func:`english_qa_pairs`: an auxiliary task, the benchmark's; ``optical-hf distill --aux_pairs FILE`` in the CLI)."""
 
 
 def strategy_config(overrides: list[tuple[str, Any]]) -> dict[str, Any]:
     """The ``--strategy`` options, checked by their dataclasses; ``{}`` when none (the plain recipe: no key change)."""
-    unknown = [k for k, _ in overrides if k not in STRATEGY_OPTIONS]
+    unknown = [k for k, _ in overrides if k not in STRATEGY_OPTIONS and k != "aux_train_qa"]
     if unknown:
-        raise SystemExit(f"quality.py: --strategy {unknown[0]}: not an option of hybrid batches or code-switching "
-                         f"({', '.join(STRATEGY_OPTIONS)})")
+        raise SystemExit(f"quality.py: --strategy {unknown[0]}: not an option of hybrid batches, code-switching or "
+                         f"auxiliary tasks ({', '.join([*STRATEGY_OPTIONS, 'aux_train_qa'])})")
     values = {k: float(v) if type(v) is int else v for k, v in overrides}
+    if values.get("aux_train_qa", True) is not True:
+        raise SystemExit("quality.py: --strategy aux_train_qa: expected true (an auxiliary task is on or absent)")
+    if "aux_train_qa" in values and values.get("hybrid_alpha") is not None:
+        raise SystemExit("quality.py: --strategy aux_train_qa and hybrid_alpha cannot be combined (the hybrid sampler "
+                         "draws from the bitext alone)")
     try:
         for arguments in (HybridBatchArguments, CodeSwitchArguments):
-            arguments(**{k: v for k, v in values.items() if STRATEGY_OPTIONS[k] is arguments})
+            arguments(**{k: v for k, v in values.items() if STRATEGY_OPTIONS.get(k) is arguments})
     except ValueError as error:
         raise SystemExit(f"quality.py: --strategy: {error}") from None
     return dict(sorted(values.items()))
@@ -499,6 +518,11 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
         store.check_label(label(method), config, strategies if method == "ot" else None)
     tasks = {lang: split_retrieval(args.data_dir, lang, args.split) for lang in args.langs}
     bitexts = {lang: language_bitext(args.data_dir, lang, set(data.queries.values())) for lang, data in tasks.items()}
+    if strategies.get("aux_train_qa") and args.split == "train":
+        raise SystemExit("quality.py: --strategy aux_train_qa trains on the train split's questions and passages: "
+                         "evaluate another --split")
+    auxiliary = {lang: english_qa_pairs(args.data_dir, lang) for lang in args.langs
+                 if strategies.get("aux_train_qa") and "ot" in args.methods}
     for name, setting in settings.items():
         teacher = untrained = None  # untrained: the student's initialisation when it is not the teacher (cross)
         for lang in args.langs:
@@ -555,7 +579,8 @@ def run(args: argparse.Namespace, store: RecordStore, command: str) -> None:
                 sample = sample_bitext(bitext, pairs, config.seed)
                 logger.info("[%s %s] training %s on %d pairs, seed %d", name, lang, method, len(sample), config.seed)
                 student, stats = train_student(setting, method, sample, teacher, config, args.device,
-                                               strategies=strategy.get("strategies"))
+                                               strategies=strategy.get("strategies"),
+                                               auxiliary=auxiliary.get(lang) if method == "ot" else None)
                 for scoring, key in keys.items():
                     if store.get(key):
                         continue
@@ -636,13 +661,19 @@ def _per_query(records: Records, setting: str, lang: str, system: str) -> dict[i
             for r in _largest_budget_runs(records, setting, lang, system) if "per_query" in r}
 
 
-def main_table(records: Records, setting: str, systems: Sequence[str] | None = None) -> list[str]:
+def main_table(records: Records, setting: str, systems: Sequence[str] | None = None, compared: bool = False,
+               ) -> list[str]:
     """Markdown rows, one per system (floor, oracle, then each trained system of ``systems``, default all), one
-    column per language. A student cell is the MRR@10 at the language's largest budget over the seeds run
-    (:func:`_mean_sd`) and the gap closed by that mean; the mean column is shown for systems run on every language.
+    column per language (with ``compared``, only the languages where at least two of the systems ran, if any: a
+    language with one trained system compares nothing). A student cell is the MRR@10 at the language's largest budget over
+    the seeds run (:func:`_mean_sd`) and the gap closed by that mean; the mean column is shown for systems run on
+    every column's language.
     """
     students, langs = _students(records, setting), _langs(records, setting)
     systems = [s for s in dict.fromkeys(r["system"] for r in students) if systems is None or s in systems]
+    if compared:  # every language when none has two systems
+        langs = [lang for lang in langs if sum(bool(_largest_budget_runs(records, setting, lang, s)) for s in systems)
+                 >= 2] or langs
     largest = {lang: max(r["pairs"] for r in students if r["lang"] == lang) for lang in {r["lang"] for r in students}}
     refs = {}  # MRR@10 of the last floor and oracle record of each language
     for r in records:
@@ -842,7 +873,7 @@ def render_markdown(
         split = next(r["split"] for r in records if r["setting"] == setting)
         selected = selections.get(_base(setting), {})
         section(f"## {setting}, split {split}: final table, each system at its selected learning rate (MRR@10, gap "
-                "closed)", main_table(records, setting, systems=[selected.get(name, name) for name in studied]))
+                "closed)", main_table(records, setting, [selected.get(name, name) for name in studied], compared=True))
         section(f"### {setting}: margins (MRR@10 difference, paired test over queries, p < {ALPHA} marked)",
                 margin_table(records, setting, comparisons, selected))
         section(f"### {setting}: language bias (mean / 90th percentile over queries of the gold passage's rank gap, "
@@ -895,7 +926,8 @@ def reproduce(record: dict[str, Any]) -> str:
                    for k, v in config["loss"] if current.get(k) != v]
         flags += ["--loss", *changed] if changed else []
     if record.get("strategies"):
-        flags += ["--strategy", *(f"{k}={v}" for k, v in record["strategies"].items())]
+        flags += ["--strategy", *(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                                  for k, v in record["strategies"].items())]
     if record["system"] != record["method"]:
         flags += ["--tag", record["system"].split("[", 1)[1].rstrip("]")]
     return shlex.join(["python", "benchmarks/quality.py", *flags])

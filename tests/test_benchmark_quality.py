@@ -142,6 +142,18 @@ def _run(system: str, lang: str, seed: int, lr: float, reciprocal_ranks: list[fl
                           "recall@100": [1.0] * len(reciprocal_ranks)}}
 
 
+def test_final_table_keeps_the_languages_where_two_systems_compare(quality):
+    refs = [{"setting": "e5", "lang": lang, "system": system, "metrics": {"mrr@10": value}}
+            for lang in ("xx", "yy") for system, value in (("floor", 0.2), ("oracle", 0.8))]
+    records = refs + [_run("a", "xx", 0, 2e-5, [0.5, 0.5]), _run("b", "xx", 0, 2e-5, [0.4, 0.4]),
+                      _run("a", "yy", 0, 2e-5, [0.6, 0.6])]  # only one system on yy
+    every = quality.main_table(records, "e5", ["a", "b"])
+    assert every[0] == "| system | xx (100 pairs) | yy (100 pairs) | mean |" and every[-1].endswith("| - | - |")
+    final = quality.main_table(records, "e5", ["a", "b"], compared=True)
+    assert final[0] == "| system | xx (100 pairs) | mean |"
+    assert final[-2:] == ["| a | 0.500 (50%) | 0.500 |", "| b | 0.400 (33%) | 0.400 |"]
+
+
 def test_learning_rates_are_selected_per_family_on_the_tuning_language(quality):
     assert [quality.family(name) for name in ("ot [recipe-lr1e-4]", "ot [recipe]", "mse [lr2e-4]", "mse",
                                               "mse [lr2e-4-trained-emb]", "ot [recipe-e100-lr5e-5]")] == [
@@ -310,3 +322,15 @@ def test_training_strategies_are_part_of_a_run(quality, model_dirs, tmp_path):
                        for tag, extra in (("cs", ["--strategy", "code_switch_p=0.5", "--tag", "cs"]),
                                           ("epoch", ["--tag", "epoch"])))
     assert switched["steps"] == plain["steps"] == math.ceil(plain["pairs"] / 4)
+    # an auxiliary task (English question/passage pairs of the train split) shares the same optimizer steps
+    (aux,) = [r for r in quality.main([*epoch, "--strategy", "aux_train_qa=true", "--tag", "aux"])
+              if r["system"] == "ot [aux]"]
+    assert aux["strategies"] == {"aux_train_qa": True} and aux["steps"] == plain["steps"]
+    assert "--strategy aux_train_qa=true" in quality.reproduce(aux)
+    assert len(quality.english_qa_pairs(data, "xx")) == 20 and math.isfinite(aux["train_loss"])
+    for extra, message in ((["aux_train_qa=false"], "expected true"),
+                           (["aux_train_qa=true", "hybrid_alpha=0.5"], "cannot be combined")):
+        with pytest.raises(SystemExit, match=message):
+            quality.main([*argv, "--strategy", *extra])
+    with pytest.raises(SystemExit, match="evaluate another --split"):
+        quality.main([*argv, "--strategy", "aux_train_qa=true", "--split", "train"])
