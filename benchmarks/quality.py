@@ -169,9 +169,14 @@ def split_retrieval(data_dir: Path, lang: str, split: str) -> RetrievalData:
 
 def english_qa_pairs(data_dir: Path, lang: str) -> datasets.Dataset:
     """The auxiliary task of ``--strategy aux_train_qa=true``: the English (question, gold passage) pairs of ``lang``'s
-    AfriQA **train** gold-passage file (columns ``source`` = ``question_translated``, ``target`` = ``context``)."""
+    AfriQA **train** gold-passage file (columns ``source`` = ``question_translated``, ``target`` = ``context``); rows
+    without a passage or a translation are skipped, as the retrieval pool skips empty contexts."""
     (path,) = afriqa_files(data_dir / "afriqa", lang, "train")
-    return load_bitext(path, source_column="question_translated", target_column="context")
+    with open(path, encoding="utf-8") as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
+    return bitext_from_pairs([(row["question_translated"], row["context"]) for row in rows
+                              if all(isinstance(row.get(k), str) and row[k].strip()
+                                     for k in ("question_translated", "context"))])
 
 
 def split_langs(data_dir: Path, split: str) -> list[str]:

@@ -328,6 +328,10 @@ def test_training_strategies_are_part_of_a_run(quality, model_dirs, tmp_path):
     assert aux["strategies"] == {"aux_train_qa": True} and aux["steps"] == plain["steps"]
     assert "--strategy aux_train_qa=true" in quality.reproduce(aux)
     assert len(quality.english_qa_pairs(data, "xx")) == 20 and math.isfinite(aux["train_loss"])
+    train_file = next((data / "afriqa" / "gold_passages" / "xx").glob("*.train.json"))
+    with train_file.open("a", encoding="utf-8") as rows:  # a row without a passage (as in AfriQA's kin train file)
+        rows.write(json.dumps({"id": "x", "question_lang": "a", "question_translated": "b", "context": None}) + "\n")
+    assert len(quality.english_qa_pairs(data, "xx")) == 20
     for extra, message in ((["aux_train_qa=false"], "expected true"),
                            (["aux_train_qa=true", "hybrid_alpha=0.5"], "cannot be combined")):
         with pytest.raises(SystemExit, match=message):
