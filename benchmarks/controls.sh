@@ -84,6 +84,6 @@ for phase in ${PHASES[*]}; do
         hybrid_granularity=entry
       step "${Q[@]}" --langs $langs --methods ot --tag "aux-qa$S" "${LR[@]}" --strategy aux_train_qa=true
     done ;;
-  *) echo "unknown phase $phase (controls | cross | grid | final | final-controls | grid-controls | strategies)"; exit 2 ;;
+  *) echo "unknown phase $phase (controls | cross | grid | grid-controls | final | final-controls | strategies)"; exit 2 ;;
   esac
 done

@@ -54,7 +54,9 @@ from optical_hf import (  # noqa: E402
     code_switched_bitext, load_bitext, model_fingerprint, paired_test,
 )
 from optical_hf.arguments import CodeSwitchArguments, HybridBatchArguments  # noqa: E402
-from optical_hf.corpora import AFRIQA_GOLD_TEMPLATE, RetrievalData, afriqa_files, load_afriqa_gold  # noqa: E402
+from optical_hf.corpora import (  # noqa: E402
+    AFRIQA_GOLD_TEMPLATE, RetrievalData, _clean_text, _read_jsonl, afriqa_files, load_afriqa_gold,
+)
 from optical_hf.late_interaction import INDEX_FORMAT  # noqa: E402
 from optical_hf.recipe import build_trainer, packaged_teacher_path  # noqa: E402
 
@@ -172,11 +174,9 @@ def english_qa_pairs(data_dir: Path, lang: str) -> datasets.Dataset:
     AfriQA **train** gold-passage file (columns ``source`` = ``question_translated``, ``target`` = ``context``); rows
     without a passage or a translation are skipped, as the retrieval pool skips empty contexts."""
     (path,) = afriqa_files(data_dir / "afriqa", lang, "train")
-    with open(path, encoding="utf-8") as lines:
-        rows = [json.loads(line) for line in lines if line.strip()]
-    return bitext_from_pairs([(row["question_translated"], row["context"]) for row in rows
-                              if all(isinstance(row.get(k), str) and row[k].strip()
-                                     for k in ("question_translated", "context"))])
+    rows = _read_jsonl(path, ("question_translated", "context"))  # the library's reader: errors name file and line
+    pairs = [(_clean_text(row["question_translated"]), _clean_text(row["context"])) for _, row in rows]
+    return bitext_from_pairs([(question, passage) for question, passage in pairs if question and passage])
 
 
 def split_langs(data_dir: Path, split: str) -> list[str]:
