@@ -12,15 +12,16 @@ latency is not a server's); MaxSim exact (:class:`~optical_hf.late_interaction.T
 
 **Scale.** Synthetic passages with the real corpus's statistics (token counts drawn from the real passages, each
 token a real passage token plus Gaussian noise of ``--noise`` times its norm, renormalised) at each ``--sizes``
-passage count, searched by the real queries with the default FAISS MaxSim index: build seconds, bytes per passage,
-latency, and recall@100 against the exact scan of the same synthetic corpus.
+passage count, searched by the real queries with one FAISS MaxSim index (the library's default, or the compact one of
+``--scale-pool-factor``, ``--scale-pq`` and ``--scale-decoded``): build seconds, bytes per passage, latency, and
+recall@100 against the exact scan of the same synthetic corpus.
 
 Writes ``OUTPUT_DIR/OUTPUT_NAME.json``, ``.md`` and ``.png`` (default ``search``)::
 
     python benchmarks/search.py                      # hau dev, sizes 3110 10000 30000
     python benchmarks/search.py --output-name search_codes --sizes --skip-qdrant-maxsim \
         --decoded-factories IVF512,PQ64np IVF512,PQ192np --pool-factors 2   # re-ranking over codes, token pooling
-    python benchmarks/search.py --sizes 100000 1000000 --sweep 16,64,256 32,128,256   # on a larger machine
+    python benchmarks/search.py --sizes 30000 100000 --scale-pool-factor 2 --scale-pq 64 --scale-decoded  # compact
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import statistics
 import sys
 import time
@@ -164,22 +166,34 @@ def synthetic(tokens: TokenIndex, size: int, noise: float, seed: int) -> TokenIn
 
 
 def scale(args: argparse.Namespace, tokens: TokenIndex, queries: list[torch.Tensor]) -> list[dict[str, Any]]:
+    """One row per ``--sizes``: the FAISS MaxSim index of ``--scale-pool-factor``, ``--scale-pq`` and
+    ``--scale-decoded`` (default: the library's default index) over synthetic passages, against their exact scan."""
     rows = []
     queries = queries[:args.scale_queries]
     for size in args.sizes:
         logger.info("Scale: %d synthetic passages", size)
         corpus = synthetic(tokens, size, args.noise, seed=size)
         exact, exact_latency = timed_search(corpus, queries)
-        index, seconds = built(lambda c=corpus: FaissMaxSimIndex.from_token_index(c))
+
+        def make(corpus: TokenIndex = corpus) -> FaissMaxSimIndex:  # pooling is part of the build
+            pooled = corpus if args.scale_pool_factor == 1 else corpus.pooled(args.scale_pool_factor)
+            factory = default_factory("maxsim", len(pooled.vectors), pooled.dim)
+            factory = re.sub(r"PQ\d+", f"PQ{args.scale_pq}", factory) if args.scale_pq else factory
+            return FaissMaxSimIndex.from_token_index(pooled, factory=factory, keep_exact=not args.scale_decoded)
+
+        index, seconds = built(make)
         hits, latency = timed_search(index, queries)
         recall = statistics.fmean(len({h["id"] for h in a} & {h["id"] for h in e}) / len(e)
                                   for a, e in zip(hits, exact))
         latency, exact_latency = sorted(latency), sorted(exact_latency)
         p95 = min(len(latency) - 1, int(0.95 * len(latency)))
-        codes = index.memory_bytes - corpus.memory_bytes  # the FAISS part; the fp16 tokens re-rank
-        rows.append({"passages": size, "tokens": len(corpus.vectors), "factory": index.factory, "build_s": seconds,
-                     "index_bytes": codes, "bytes_per_passage": codes / size,
-                     "exact_bytes": corpus.memory_bytes, "p50_ms": latency[len(latency) // 2], "p95_ms": latency[p95],
+        fp16 = 0 if index.exact is None else index.exact.memory_bytes  # the re-rank copy, when kept
+        codes = index.memory_bytes - fp16  # the FAISS part
+        rows.append({"passages": size, "tokens": len(corpus.vectors), "indexed_tokens": int(index.offsets[-1]),
+                     "factory": index.factory, "pool_factor": args.scale_pool_factor,
+                     "rerank": "decoded codes" if index.exact is None else "fp16 tokens", "build_s": seconds,
+                     "index_bytes": codes, "bytes_per_passage": codes / size, "exact_bytes": fp16,
+                     "p50_ms": latency[len(latency) // 2], "p95_ms": latency[p95],
                      "exact_p95_ms": exact_latency[p95], "recall@100_vs_exact": recall})
         logger.info("%s", rows[-1])
         del corpus, index
@@ -202,12 +216,15 @@ def render(result: dict[str, Any]) -> str:
                          f"{row['recall@100_vs_exact']:.3f} | {row['mrr@10']:.4f} | {row['build_s']:.1f} | {size} | "
                          f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} |")
     if result["scale"]:
-        lines += ["", f"## Scale: synthetic passages (real token counts, real tokens + noise {result['noise']}), "
-                  "default FAISS MaxSim index (candidates from the codes, re-ranked over the fp16 tokens)", "",
-                  "| passages | tokens | factory | build s | codes MiB | code bytes/passage | fp16 tokens MiB | p50 ms | "
-                  "p95 ms | exact p95 ms | recall@100 vs exact |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in result["scale"]:
-            lines.append(f"| {row['passages']} | {row['tokens']} | {row['factory']} | {row['build_s']:.0f} | "
+        lines += ["", f"## Scale: synthetic passages (real token counts, real tokens + noise {result['noise']}), FAISS "
+                  "MaxSim index (candidates from the codes, re-ranked over the fp16 tokens or the decoded codes), "
+                  "recall against the exact scan of the unpooled passages", "",
+                  "| passages | tokens | pool | factory | re-rank | build s | codes MiB | code bytes/passage | fp16 tokens "
+                  "MiB | p50 ms | p95 ms | exact p95 ms | recall@100 vs exact |",
+                  "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in result["scale"]:  # rows stored before pooling and decoding were options: x1, fp16 tokens
+            lines.append(f"| {row['passages']} | {row['tokens']} | x{row.get('pool_factor', 1):g} | {row['factory']} | "
+                         f"{row.get('rerank', 'fp16 tokens')} | {row['build_s']:.0f} | "
                          f"{row['index_bytes'] / 2**20:.0f} | {row['bytes_per_passage']:.0f} | "
                          f"{row['exact_bytes'] / 2**20:.0f} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | "
                          f"{row['exact_p95_ms']:.1f} | {row['recall@100_vs_exact']:.3f} |")
@@ -265,6 +282,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="*", type=int, default=[3110, 10000, 30000])
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--scale-queries", type=int, default=100)
+    parser.add_argument("--scale-pool-factor", type=float, default=1.0,
+                        help="scale part: pool each passage's tokens by this factor before indexing (1: none)")
+    parser.add_argument("--scale-pq", type=int, default=None,
+                        help="scale part: code bytes per token of the default IVF-PQ factory (default: the library's)")
+    parser.add_argument("--scale-decoded", action="store_true",
+                        help="scale part: re-rank over the decoded codes instead of keeping the fp16 tokens")
     parser.add_argument("--qdrant-queries", type=int, default=50, help="queries searched in Qdrant's local mode")
     parser.add_argument("--skip-qdrant-maxsim", action="store_true")
     parser.add_argument("--output-dir", type=Path, default=quality.REPO_ROOT / "benchmarks" / "results")
@@ -273,6 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if any(not factor >= 1 for factor in args.pool_factors):
         parser.error(f"--pool-factors {' '.join(map(str, args.pool_factors))}: each must be >= 1")
+    if not args.scale_pool_factor >= 1:
+        parser.error(f"--scale-pool-factor {args.scale_pool_factor}: must be >= 1")
     return args
 
 
@@ -297,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             plot(result, args.output_dir / f"{args.output_name}.png")
         except ImportError:
-            logger.warning("No plot: it needs matplotlib needs matplotlib (pip install 'optical-hf[bench]')")
+            logger.warning("No plot: it needs matplotlib (pip install 'optical-hf[bench]')")
     print(render(result))
 
 

@@ -66,6 +66,21 @@ def test_search_benchmark_on_a_copy_of_the_layout(search, model_dirs, tmp_path):
         assert (out / "search.png").stat().st_size > 0
 
 
+def test_the_compact_scale_index_pools_and_drops_the_fp16_copy(search, model_dirs, tmp_path):
+    model = tmp_path / "model"
+    sentence_transformer(model_dirs["student"]).save(str(model))
+    out = tmp_path / "out"
+    search.main(["--data-dir", str(_data_dir(tmp_path / "data")), "--lang", "xx", "--e5-path", str(model),
+                 "--doc-max-length", "32", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out),
+                 "--sweep", "2,1000,1000", "--sizes", "40", "--scale-queries", "4", "--qdrant-queries", "1",
+                 "--skip-qdrant-maxsim", "--scale-pool-factor", "2", "--scale-decoded"])
+    (row,) = json.loads((out / "search.json").read_text(encoding="utf-8"))["scale"]
+    assert row["rerank"] == "decoded codes" and row["exact_bytes"] == 0 and row["pool_factor"] == 2
+    assert row["indexed_tokens"] < 0.6 * row["tokens"] and row["index_bytes"] > 0
+    assert "| 40 | " in (out / "search.md").read_text(encoding="utf-8") and "| x2 | " in (out / "search.md").read_text(
+        encoding="utf-8")
+
+
 def test_synthetic_passages_keep_the_real_token_counts(search):
     from optical_hf import TokenIndex
 
@@ -97,3 +112,6 @@ def test_a_pool_factor_below_one_is_refused_naming_the_flag(search, capsys):
     with pytest.raises(SystemExit):
         search.parse_args(["--pool-factors", "2", "0.5"])
     assert "--pool-factors 2.0 0.5: each must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        search.parse_args(["--scale-pool-factor", "0.5"])
+    assert "--scale-pool-factor 0.5: must be >= 1" in capsys.readouterr().err
