@@ -115,7 +115,9 @@ class TokenIndex:
             raise ValueError(f"TokenIndex: passage(s) {empty[:3]} have no tokens")
         lengths = torch.tensor([len(state) for state in states])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        vectors = torch.cat([_normalise(state).half() for state in states])
+        vectors = torch.empty(int(offsets[-1]), states[0].shape[-1], dtype=torch.float16)
+        for start, end, state in zip(offsets[:-1].tolist(), offsets[1:].tolist(), states):  # one passage in fp32 at a time
+            vectors[start:end] = _normalise(state)
         return cls(vectors, offsets, ids)
 
     kind: ClassVar[str] = "maxsim"
@@ -177,7 +179,7 @@ class TokenIndex:
                                                    criterion="maxclust")).long() - 1
                 sums = torch.zeros(int(labels.max()) + 1, tokens.shape[1]).index_add_(0, labels, tokens)
                 tokens = sums[torch.bincount(labels) > 0]  # a mean's direction is its sum's; renormalised below
-            passages.append(tokens)
+            passages.append(tokens.half())  # fp16 until from_token_states normalises: half the peak memory
         index = TokenIndex.from_token_states(passages, self.ids)
         index.built_by = {**self.built_by, "pool_factor": factor} if self.built_by else {}
         return index
