@@ -196,7 +196,7 @@ def scale(args: argparse.Namespace, tokens: TokenIndex, queries: list[torch.Tens
                      "p50_ms": latency[len(latency) // 2], "p95_ms": latency[p95],
                      "exact_p95_ms": exact_latency[p95], "recall@100_vs_exact": recall})
         logger.info("%s", rows[-1])
-        del corpus, index
+        del corpus, index, make  # make holds the corpus as its default: the next size must not sit beside it
     return rows
 
 
