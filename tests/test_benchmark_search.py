@@ -28,15 +28,20 @@ def search():
             sys.modules.pop(name, None)
 
 
-def test_search_benchmark_on_a_copy_of_the_layout(search, model_dirs, tmp_path):
+def _run(search, model_dirs, tmp_path, *flags: str) -> Path:
+    """search.py on the synthetic layout with a tiny model as "e5" and ``flags``; returns its output folder."""
     model = tmp_path / "model"
     sentence_transformer(model_dirs["student"]).save(str(model))
     out = tmp_path / "out"
     search.main(["--data-dir", str(_data_dir(tmp_path / "data")), "--lang", "xx", "--e5-path", str(model),
-                 "--doc-max-length", "32", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out),
-                 "--factories", "IVF2,Flat", "--decoded-factories", "IVF2,Flat", "--pool-factors", "1.5",
-                 "--sweep", "2,1000,1000", "1,2,3", "--sizes", "25", "40",
-                 "--scale-queries", "4", "--qdrant-queries", "3"])
+                 "--doc-max-length", "32", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out), *flags])
+    return out
+
+
+def test_search_benchmark_on_a_copy_of_the_layout(search, model_dirs, tmp_path):
+    out = _run(search, model_dirs, tmp_path, "--factories", "IVF2,Flat", "--decoded-factories", "IVF2,Flat",
+               "--pool-factors", "1.5", "--sweep", "2,1000,1000", "1,2,3", "--sizes", "25", "40",
+               "--scale-queries", "4", "--qdrant-queries", "3")
     result = json.loads((out / "search.json").read_text(encoding="utf-8"))
     rows = {(row["mode"], row.get("nprobe"), row.get("token_k")): row for row in result["real"]}
     assert result["passages"] == 60 and result["queries"] == 10
@@ -67,13 +72,8 @@ def test_search_benchmark_on_a_copy_of_the_layout(search, model_dirs, tmp_path):
 
 
 def test_the_compact_scale_index_pools_and_drops_the_fp16_copy(search, model_dirs, tmp_path):
-    model = tmp_path / "model"
-    sentence_transformer(model_dirs["student"]).save(str(model))
-    out = tmp_path / "out"
-    search.main(["--data-dir", str(_data_dir(tmp_path / "data")), "--lang", "xx", "--e5-path", str(model),
-                 "--doc-max-length", "32", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out),
-                 "--sweep", "2,1000,1000", "--sizes", "40", "--scale-queries", "4", "--qdrant-queries", "1",
-                 "--skip-qdrant-maxsim", "--scale-pool-factor", "2", "--scale-decoded"])
+    out = _run(search, model_dirs, tmp_path, "--sweep", "2,1000,1000", "--sizes", "40", "--scale-queries", "4",
+               "--qdrant-queries", "1", "--skip-qdrant-maxsim", "--scale-pool-factor", "2", "--scale-decoded")
     (row,) = json.loads((out / "search.json").read_text(encoding="utf-8"))["scale"]
     assert row["rerank"] == "decoded codes" and row["exact_bytes"] == 0 and row["pool_factor"] == 2
     assert row["indexed_tokens"] < 0.6 * row["tokens"] and row["index_bytes"] > 0
