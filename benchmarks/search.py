@@ -27,6 +27,7 @@ Writes ``OUTPUT_DIR/OUTPUT_NAME.json``, ``.md`` and ``.png`` (default ``search``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import re
@@ -165,6 +166,15 @@ def synthetic(tokens: TokenIndex, size: int, noise: float, seed: int) -> TokenIn
     return TokenIndex(vectors, offsets, [f"s{i}" for i in range(size)])
 
 
+def scale_index(corpus: TokenIndex, args: argparse.Namespace) -> FaissMaxSimIndex:
+    """The scale part's FAISS MaxSim index of ``corpus``: its tokens pooled by ``--scale-pool-factor``, the library's
+    default factory with ``--scale-pq`` code bytes, re-ranked over the decoded codes with ``--scale-decoded``."""
+    pooled = corpus if args.scale_pool_factor == 1 else corpus.pooled(args.scale_pool_factor)
+    factory = default_factory("maxsim", len(pooled.vectors), pooled.dim)
+    factory = re.sub(r"PQ\d+", f"PQ{args.scale_pq}", factory) if args.scale_pq else factory
+    return FaissMaxSimIndex.from_token_index(pooled, factory=factory, keep_exact=not args.scale_decoded)
+
+
 def scale(args: argparse.Namespace, tokens: TokenIndex, queries: list[torch.Tensor]) -> list[dict[str, Any]]:
     """One row per ``--sizes``: the FAISS MaxSim index of ``--scale-pool-factor``, ``--scale-pq`` and
     ``--scale-decoded`` (default: the library's default index) over synthetic passages, against their exact scan."""
@@ -174,14 +184,7 @@ def scale(args: argparse.Namespace, tokens: TokenIndex, queries: list[torch.Tens
         logger.info("Scale: %d synthetic passages", size)
         corpus = synthetic(tokens, size, args.noise, seed=size)
         exact, exact_latency = timed_search(corpus, queries)
-
-        def make(corpus: TokenIndex = corpus) -> FaissMaxSimIndex:  # pooling is part of the build
-            pooled = corpus if args.scale_pool_factor == 1 else corpus.pooled(args.scale_pool_factor)
-            factory = default_factory("maxsim", len(pooled.vectors), pooled.dim)
-            factory = re.sub(r"PQ\d+", f"PQ{args.scale_pq}", factory) if args.scale_pq else factory
-            return FaissMaxSimIndex.from_token_index(pooled, factory=factory, keep_exact=not args.scale_decoded)
-
-        index, seconds = built(make)
+        index, seconds = built(functools.partial(scale_index, corpus, args))  # pooling is part of the build
         hits, latency = timed_search(index, queries)
         recall = statistics.fmean(len({h["id"] for h in a} & {h["id"] for h in e}) / len(e)
                                   for a, e in zip(hits, exact))
@@ -196,7 +199,7 @@ def scale(args: argparse.Namespace, tokens: TokenIndex, queries: list[torch.Tens
                      "p50_ms": latency[len(latency) // 2], "p95_ms": latency[p95],
                      "exact_p95_ms": exact_latency[p95], "recall@100_vs_exact": recall})
         logger.info("%s", rows[-1])
-        del corpus, index, make  # make holds the corpus as its default: the next size must not sit beside it
+        del corpus, index  # the next size must not sit beside this one in memory
     return rows
 
 
@@ -285,7 +288,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale-pool-factor", type=float, default=1.0,
                         help="scale part: pool each passage's tokens by this factor before indexing (1: none)")
     parser.add_argument("--scale-pq", type=int, default=None,
-                        help="scale part: code bytes per token of the default IVF-PQ factory (default: the library's)")
+                        help="scale part: code bytes per token of the default IVF-PQ factory (default: the library's; "
+                             "none where the default is exact Flat, below its minimum training size)")
     parser.add_argument("--scale-decoded", action="store_true",
                         help="scale part: re-rank over the decoded codes instead of keeping the fp16 tokens")
     parser.add_argument("--qdrant-queries", type=int, default=50, help="queries searched in Qdrant's local mode")

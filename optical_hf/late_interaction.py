@@ -116,8 +116,8 @@ class TokenIndex:
         lengths = torch.tensor([len(state) for state in states])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         vectors = torch.empty(int(offsets[-1]), states[0].shape[-1], dtype=torch.float16)
-        for start, end, state in zip(offsets[:-1].tolist(), offsets[1:].tolist(), states):  # one passage in fp32 at a time
-            vectors[start:end] = _normalise(state)
+        for start, end, state in zip(offsets[:-1].tolist(), offsets[1:].tolist(), states):
+            vectors[start:end] = _normalise(state)  # one passage in fp32 at a time
         return cls(vectors, offsets, ids)
 
     kind: ClassVar[str] = "maxsim"
