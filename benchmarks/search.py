@@ -302,6 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--pool-factors {' '.join(map(str, args.pool_factors))}: each must be >= 1")
     if not args.scale_pool_factor >= 1:
         parser.error(f"--scale-pool-factor {args.scale_pool_factor}: must be >= 1")
+    if args.scale_pq is not None and args.scale_pq < 1:
+        parser.error(f"--scale-pq {args.scale_pq}: must be >= 1 (code bytes per token)")
     return args
 
 

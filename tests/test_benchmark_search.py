@@ -115,3 +115,6 @@ def test_a_pool_factor_below_one_is_refused_naming_the_flag(search, capsys):
     with pytest.raises(SystemExit):
         search.parse_args(["--scale-pool-factor", "0.5"])
     assert "--scale-pool-factor 0.5: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        search.parse_args(["--scale-pq", "0"])
+    assert "--scale-pq 0: must be >= 1" in capsys.readouterr().err
