@@ -12,9 +12,10 @@ latency is not a server's); MaxSim exact (:class:`~optical_hf.late_interaction.T
 
 **Scale.** Synthetic passages with the real corpus's statistics (token counts drawn from the real passages, each
 token a real passage token plus Gaussian noise of ``--noise`` times its norm, renormalised) at each ``--sizes``
-passage count, searched by the real queries with one FAISS MaxSim index (the library's default, or the compact one of
-``--scale-pool-factor``, ``--scale-pq`` and ``--scale-decoded``): build seconds, bytes per passage, latency, and
-recall@100 against the exact scan of the same synthetic corpus.
+passage count, drawn and indexed ``--scale-chunk`` passages at a time (never held whole), searched by the real queries
+with one FAISS MaxSim index (the library's default, or the compact one of ``--scale-pool-factor``, ``--scale-pq`` and
+``--scale-decoded``): build seconds, bytes per passage, latency, and up to ``--scale-exact-up-to`` passages the exact
+scan's latency and recall@100 against it.
 
 Writes ``OUTPUT_DIR/OUTPUT_NAME.json``, ``.md`` and ``.png`` (default ``search``)::
 
@@ -22,12 +23,12 @@ Writes ``OUTPUT_DIR/OUTPUT_NAME.json``, ``.md`` and ``.png`` (default ``search``
     python benchmarks/search.py --output-name search_codes --sizes --skip-qdrant-maxsim \
         --decoded-factories IVF512,PQ64np IVF512,PQ192np --pool-factors 2   # re-ranking over codes, token pooling
     python benchmarks/search.py --sizes 30000 100000 --scale-pool-factor 2 --scale-pq 64 --scale-decoded  # compact
+    python benchmarks/search.py --sizes 100000 300000 --scale-exact-up-to 0 ...   # memory and latency only
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import re
@@ -35,6 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -152,55 +154,77 @@ def real_corpus(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TokenIn
     return rows, tokens, token_queries
 
 
-def synthetic(tokens: TokenIndex, size: int, noise: float, seed: int) -> TokenIndex:
-    """``size`` passages with the real corpus's token counts and token vectors (plus noise), normalised, fp16."""
+def synthetic(tokens: TokenIndex, size: int, noise: float, seed: int, chunk: int) -> Iterator[TokenIndex]:
+    """``size`` passages with the real corpus's token counts and token vectors (plus noise), normalised, fp16, as
+    indexes of ``chunk`` passages each (ids ``s0``, ``s1``, ...): a corpus larger than memory is never held whole."""
     generator = torch.Generator().manual_seed(seed)
     lengths = tokens.offsets.diff()[torch.randint(tokens.num_passages, (size,), generator=generator)]
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    vectors = torch.empty(int(offsets[-1]), tokens.dim, dtype=torch.float16)
-    for start in range(0, len(vectors), 1 << 20):
-        end = min(start + (1 << 20), len(vectors))
-        picked = tokens.vectors[torch.randint(len(tokens.vectors), (end - start,), generator=generator)].float()
-        picked += noise * torch.randn(picked.shape, generator=generator) / tokens.dim ** 0.5
-        vectors[start:end] = torch.nn.functional.normalize(picked, dim=-1).half()
-    return TokenIndex(vectors, offsets, [f"s{i}" for i in range(size)])
+    for first in range(0, size, chunk):
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths[first:first + chunk].cumsum(0)])
+        vectors = torch.empty(int(offsets[-1]), tokens.dim, dtype=torch.float16)
+        for start in range(0, len(vectors), 1 << 20):
+            end = min(start + (1 << 20), len(vectors))
+            picked = tokens.vectors[torch.randint(len(tokens.vectors), (end - start,), generator=generator)].float()
+            picked += noise * torch.randn(picked.shape, generator=generator) / tokens.dim ** 0.5
+            vectors[start:end] = torch.nn.functional.normalize(picked, dim=-1).half()
+        yield TokenIndex(vectors, offsets, [f"s{i}" for i in range(first, first + len(offsets) - 1)])
 
 
-def scale_index(corpus: TokenIndex, args: argparse.Namespace) -> FaissMaxSimIndex:
-    """The scale part's FAISS MaxSim index of ``corpus``: its tokens pooled by ``--scale-pool-factor``, the library's
-    default factory with ``--scale-pq`` code bytes, re-ranked over the decoded codes with ``--scale-decoded``."""
-    pooled = corpus if args.scale_pool_factor == 1 else corpus.pooled(args.scale_pool_factor)
-    factory = default_factory("maxsim", len(pooled.vectors), pooled.dim)
+def scale_index(first: TokenIndex, size: int, args: argparse.Namespace) -> FaissMaxSimIndex:
+    """The scale part's FAISS MaxSim index, trained on ``first`` (the first chunk, already pooled): the library's
+    default factory for ``size`` passages of ``first``'s mean token count, with ``--scale-pq`` code bytes, re-ranked
+    over the decoded codes with ``--scale-decoded``."""
+    factory = default_factory("maxsim", round(len(first.vectors) * size / first.num_passages), first.dim)
     factory = re.sub(r"PQ\d+", f"PQ{args.scale_pq}", factory) if args.scale_pq else factory
-    return FaissMaxSimIndex.from_token_index(pooled, factory=factory, keep_exact=not args.scale_decoded)
+    return FaissMaxSimIndex.from_token_index(first, factory=factory, keep_exact=not args.scale_decoded)
 
 
 def scale(args: argparse.Namespace, tokens: TokenIndex, queries: list[torch.Tensor]) -> list[dict[str, Any]]:
-    """One row per ``--sizes``: the FAISS MaxSim index of ``--scale-pool-factor``, ``--scale-pq`` and
-    ``--scale-decoded`` (default: the library's default index) over synthetic passages, against their exact scan."""
+    """One row per ``--sizes``: the FAISS MaxSim index of :func:`scale_index` over synthetic passages, built
+    ``--scale-chunk`` passages at a time (each pooled by ``--scale-pool-factor``, then :meth:`FaissMaxSimIndex.add`),
+    and up to ``--scale-exact-up-to`` passages the exact scan of the unpooled passages (chunk by chunk: the top 100
+    of each chunk merged, latency summed over chunks) for latency and recall."""
     rows = []
     queries = queries[:args.scale_queries]
     for size in args.sizes:
         logger.info("Scale: %d synthetic passages", size)
-        corpus = synthetic(tokens, size, args.noise, seed=size)
-        exact, exact_latency = timed_search(corpus, queries)
-        index, seconds = built(functools.partial(scale_index, corpus, args))  # pooling is part of the build
+        index, seconds, total = None, 0.0, 0
+        exact = [[] for _ in queries] if size <= args.scale_exact_up_to else None
+        exact_latency = [0.0] * len(queries)
+        for corpus in synthetic(tokens, size, args.noise, seed=size, chunk=args.scale_chunk):
+            total += len(corpus.vectors)
+            if exact is not None:
+                found, latency = timed_search(corpus, queries)
+                exact = [sorted(row + more, key=lambda h: -h["score"])[:TOP_K] for row, more in zip(exact, found)]
+                exact_latency = [sum(pair) for pair in zip(exact_latency, latency)]
+            began = time.perf_counter()  # build time: pooling, training and adding
+            pooled = corpus if args.scale_pool_factor == 1 else corpus.pooled(args.scale_pool_factor)
+            if index is None:
+                index = scale_index(pooled, size, args)
+            else:
+                index.add(pooled)
+            seconds += time.perf_counter() - began
+            del corpus, pooled  # one chunk in memory at a time
         hits, latency = timed_search(index, queries)
-        recall = statistics.fmean(len({h["id"] for h in a} & {h["id"] for h in e}) / len(e)
-                                  for a, e in zip(hits, exact))
         latency, exact_latency = sorted(latency), sorted(exact_latency)
         p95 = min(len(latency) - 1, int(0.95 * len(latency)))
+        recall = None if exact is None else statistics.fmean(
+            len({h["id"] for h in a} & {h["id"] for h in e}) / min(TOP_K, size) for a, e in zip(hits, exact))
         fp16 = 0 if index.exact is None else index.exact.memory_bytes  # the re-rank copy, when kept
         codes = index.memory_bytes - fp16  # the FAISS part
-        rows.append({"passages": size, "tokens": len(corpus.vectors), "indexed_tokens": int(index.offsets[-1]),
+        rows.append({"passages": size, "tokens": total, "indexed_tokens": int(index.offsets[-1]),
                      "factory": index.factory, "pool_factor": args.scale_pool_factor,
                      "rerank": "decoded codes" if index.exact is None else "fp16 tokens", "build_s": seconds,
                      "index_bytes": codes, "bytes_per_passage": codes / size, "exact_bytes": fp16,
                      "p50_ms": latency[len(latency) // 2], "p95_ms": latency[p95],
-                     "exact_p95_ms": exact_latency[p95], "recall@100_vs_exact": recall})
+                     "exact_p95_ms": None if exact is None else exact_latency[p95], "recall@100_vs_exact": recall})
         logger.info("%s", rows[-1])
-        del corpus, index  # the next size must not sit beside this one in memory
+        del index  # the next size must not sit beside this one in memory
     return rows
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -230,7 +254,7 @@ def render(result: dict[str, Any]) -> str:
                          f"{row.get('rerank', 'fp16 tokens')} | {row['build_s']:.0f} | "
                          f"{row['index_bytes'] / 2**20:.0f} | {row['bytes_per_passage']:.0f} | "
                          f"{row['exact_bytes'] / 2**20:.0f} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} | "
-                         f"{row['exact_p95_ms']:.1f} | {row['recall@100_vs_exact']:.3f} |")
+                         f"{_number(row['exact_p95_ms'], '.1f')} | {_number(row['recall@100_vs_exact'], '.3f')} |")
         lines += ["", "The synthetic tokens are noisier than real ones, so their exact top 100 is flatter and its recall "
                   "here is a lower bound; the real-corpus rows above measure fidelity, these rows memory and latency."]
         last = result["scale"][-1]
@@ -248,13 +272,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["scale"]
+
+    def curve(axis: Any, key: str, **style: Any) -> None:  # the exact scan and recall: up to --scale-exact-up-to
+        shown = [row for row in rows if row[key] is not None]
+        axis.plot([row["passages"] for row in shown], [row[key] for row in shown], **style)
+
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    sizes = [row["passages"] for row in rows]
     for axis, key, label in zip(axes, ("p95_ms", "bytes_per_passage", "recall@100_vs_exact"),
                                 ("p95 latency (ms)", "index bytes / passage", "recall@100 vs exact")):
-        axis.plot(sizes, [row[key] for row in rows], marker="o", label="FAISS MaxSim")
+        curve(axis, key, marker="o", label="FAISS MaxSim")
         if key == "p95_ms":
-            axis.plot(sizes, [row["exact_p95_ms"] for row in rows], marker="s", label="exact scan")
+            curve(axis, "exact_p95_ms", marker="s", label="exact scan")
             axis.legend()
         axis.set_xscale("log")
         axis.set_xlabel("passages")
@@ -292,6 +320,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "none where the default is exact Flat, below its minimum training size)")
     parser.add_argument("--scale-decoded", action="store_true",
                         help="scale part: re-rank over the decoded codes instead of keeping the fp16 tokens")
+    parser.add_argument("--scale-chunk", type=int, default=10_000,
+                        help="scale part: synthetic passages drawn, pooled and added to the index at a time")
+    parser.add_argument("--scale-exact-up-to", type=int, default=30_000,
+                        help="scale part: the exact scan (latency, recall reference) only up to this many passages")
     parser.add_argument("--qdrant-queries", type=int, default=50, help="queries searched in Qdrant's local mode")
     parser.add_argument("--skip-qdrant-maxsim", action="store_true")
     parser.add_argument("--output-dir", type=Path, default=quality.REPO_ROOT / "benchmarks" / "results")
@@ -302,6 +334,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--pool-factors {' '.join(map(str, args.pool_factors))}: each must be >= 1")
     if not args.scale_pool_factor >= 1:
         parser.error(f"--scale-pool-factor {args.scale_pool_factor}: must be >= 1")
+    if args.scale_chunk < 1:
+        parser.error(f"--scale-chunk {args.scale_chunk}: must be >= 1 (passages)")
     if args.scale_pq is not None and args.scale_pq < 1:
         parser.error(f"--scale-pq {args.scale_pq}: must be >= 1 (code bytes per token)")
     return args

@@ -128,7 +128,7 @@ class _FaissIndex:
     @functools.cached_property
     def memory_bytes(self) -> int:
         """Bytes of the serialised FAISS index (codes, lists, graph), what it holds in memory to within a few %;
-        computed once (the index is not changed after it is built)."""
+        computed once, and again after :meth:`FaissMaxSimIndex.add`."""
         return int(_faiss().serialize_index(self.index).nbytes)
 
     def _metadata(self) -> dict[str, Any]:
@@ -215,10 +215,9 @@ class FaissMaxSimIndex(_FaissIndex):
             size = max(TRAIN_PER_LIST * lists, MIN_TRAIN)
             sample = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:size]
             index.train(_matrix(token_index.vectors[sample.sort().values], normalise=False))
-        for start in range(0, total, block):
-            index.add(_matrix(token_index.vectors[start:start + block], normalise=False))  # stored normalised
         if _ivf(index) is not None and not keep_exact:
             _ivf(index).make_direct_map()  # token id -> its code, for decoding the candidates' tokens
+        _add_tokens(index, token_index.vectors, block)
         return cls(index, list(token_index.ids), dict(token_index.built_by), factory,
                    offsets=token_index.offsets.clone(), exact=token_index if keep_exact else None)
 
@@ -242,6 +241,22 @@ class FaissMaxSimIndex(_FaissIndex):
     def memory_bytes(self) -> int:
         """The FAISS index's bytes plus the exact fp16 tokens' if kept."""
         return super().memory_bytes + (0 if self.exact is None else self.exact.memory_bytes)
+
+    def add(self, tokens: TokenIndex, block: int = 65_536) -> None:
+        """Append the passages of ``tokens`` (a :class:`~optical_hf.late_interaction.TokenIndex`, e.g. one chunk of a
+        corpus too large to hold as one), encoded by the quantiser trained at :meth:`from_token_index`, ``block``
+        tokens at a time; to the exact tokens too when kept. Built chunk by chunk with ``keep_exact=False``, the
+        index never holds more fp16 tokens than one chunk's. An id already indexed, or another dim, is an error."""
+        taken = sorted(set(tokens.ids).intersection(self.ids))
+        if taken or tokens.dim != self.dim:
+            raise OpticalInputError(f"FaissMaxSimIndex.add: ids {taken[:3]} are already indexed" if taken else
+                                    f"FaissMaxSimIndex.add: token dim {tokens.dim}, the index {self.dim}")
+        _add_tokens(self.index, tokens.vectors, block)
+        if self.exact is not None:
+            self.exact.add([tokens.vectors[s:e] for s, e in zip(tokens.offsets[:-1], tokens.offsets[1:])], tokens.ids)
+        self.offsets = torch.cat([self.offsets, tokens.offsets[1:] + self.offsets[-1]])
+        self.ids = self.ids + list(tokens.ids)
+        self.__dict__.pop("memory_bytes", None)  # measured again on next use
 
     def search(self, queries: Sequence[Tensor], top_k: int = 10) -> Hits:
         """The ``top_k`` passages of each query, given its ``(n_tokens_i, dim)`` token states (normalised here); fewer
@@ -285,6 +300,12 @@ class FaissMaxSimIndex(_FaissIndex):
             1, owner.expand(len(query), -1), sims, reduce="amax")
         scores, order = maxima.sum(0).topk(min(top_k, len(keep)))
         return hits([scores.tolist()], [keep[order.numpy()].tolist()], self.ids)[0]
+
+
+def _add_tokens(index: Any, vectors: Tensor, block: int) -> None:
+    """Add ``(n, dim)`` normalised fp16 token vectors to ``index``, ``block`` rows at a time in float32."""
+    for start in range(0, len(vectors), block):
+        index.add(_matrix(vectors[start:start + block], normalise=False))  # stored normalised
 
 
 def _ids(ids: Sequence[str] | None, count: int) -> list[str]:

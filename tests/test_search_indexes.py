@@ -58,6 +58,27 @@ def test_approximate_maxsim_equals_the_exact_scan_at_full_settings(corpus, queri
         assert [h["corpus_id"] for h in row_a] == [h["corpus_id"] for h in row_e]
 
 
+@pytest.mark.parametrize("keep_exact", [True, False])
+def test_a_maxsim_index_built_chunk_by_chunk_searches_like_the_exact_scan(corpus, queries, keep_exact):
+    def part(lo: int, hi: int) -> TokenIndex:  # passages lo:hi of the corpus as an index of their own
+        bounds = corpus.offsets[lo:hi + 1].tolist()
+        return TokenIndex.from_token_states([corpus.vectors[s:e] for s, e in zip(bounds, bounds[1:])], corpus.ids[lo:hi])
+
+    first, rest = part(0, 25), part(25, corpus.num_passages)
+    index = FaissMaxSimIndex.from_token_index(first, factory="IVF4,Flat", keep_exact=keep_exact)
+    size = index.memory_bytes
+    index.add(rest)
+    assert index.ids == corpus.ids and torch.equal(index.offsets, corpus.offsets)
+    assert index.memory_bytes > size  # measured again after the add
+    index.nprobe, index.token_k, index.candidates = 4, index.index.ntotal, corpus.num_passages
+    assert ranking(index.search(queries, top_k=10)) == ranking(corpus.search(queries, top_k=10))
+    with pytest.raises(OpticalInputError, match=r"ids \['p30'\] are already indexed"):
+        index.add(TokenIndex.from_token_states([torch.randn(3, DIM)], ids=["p30"]))
+    with pytest.raises(OpticalInputError, match="token dim 8, the index 16"):
+        index.add(TokenIndex.from_token_states([torch.randn(3, 8)], ids=["new"]))
+    assert index.num_passages == corpus.num_passages  # nothing added by a refused call
+
+
 def test_compressed_codes_and_few_probes_keep_most_of_the_exact_top10(corpus, queries):
     assert default_factory("maxsim", len(corpus.vectors), DIM) == "Flat"  # too few tokens to train a quantiser
     assert default_factory("maxsim", 10**6, DIM) == "IVF1024,PQ16np"
