@@ -246,11 +246,14 @@ class FaissMaxSimIndex(_FaissIndex):
         """Append the passages of ``tokens`` (a :class:`~optical_hf.late_interaction.TokenIndex`, e.g. one chunk of a
         corpus too large to hold as one), encoded by the quantiser trained at :meth:`from_token_index`, ``block``
         tokens at a time; to the exact tokens too when kept. Built chunk by chunk with ``keep_exact=False``, the
-        index never holds more fp16 tokens than one chunk's. An id already indexed, or another dim, is an error."""
+        index never holds more fp16 tokens than one chunk's. An id already indexed, another dim, or tokens built
+        otherwise (``built_by``: teacher, prompt, token selection, pooling) is an error."""
         taken = sorted(set(tokens.ids).intersection(self.ids))
-        if taken or tokens.dim != self.dim:
-            raise OpticalInputError(f"FaissMaxSimIndex.add: ids {taken[:3]} are already indexed" if taken else
-                                    f"FaissMaxSimIndex.add: token dim {tokens.dim}, the index {self.dim}")
+        if taken or tokens.dim != self.dim or tokens.built_by != self.built_by:
+            raise OpticalInputError(
+                f"FaissMaxSimIndex.add: ids {taken[:3]} are already indexed" if taken else
+                f"FaissMaxSimIndex.add: token dim {tokens.dim}, the index {self.dim}" if tokens.dim != self.dim else
+                f"FaissMaxSimIndex.add: tokens built by {tokens.built_by}, the index by {self.built_by}")
         _add_tokens(self.index, tokens.vectors, block)
         if self.exact is not None:
             self.exact.add([tokens.vectors[s:e] for s, e in zip(tokens.offsets[:-1], tokens.offsets[1:])], tokens.ids)

@@ -76,6 +76,10 @@ def test_a_maxsim_index_built_chunk_by_chunk_searches_like_the_exact_scan(corpus
         index.add(TokenIndex.from_token_states([torch.randn(3, DIM)], ids=["p30"]))
     with pytest.raises(OpticalInputError, match="token dim 8, the index 16"):
         index.add(TokenIndex.from_token_states([torch.randn(3, 8)], ids=["new"]))
+    other = TokenIndex.from_token_states([torch.randn(3, DIM)], ids=["new"])
+    other.built_by = {"model": "another-teacher", "fingerprint": "f", "prompt": None, "tokens": "content"}
+    with pytest.raises(OpticalInputError, match="tokens built by .*another-teacher.*, the index by"):
+        index.add(other)
     assert index.num_passages == corpus.num_passages  # nothing added by a refused call
 
 
