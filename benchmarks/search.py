@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import re
 import statistics
 import sys
@@ -46,7 +47,8 @@ from common import machine_info
 from qdrant_client import QdrantClient
 from sentence_transformers.util import semantic_search
 
-from optical_hf import FaissDenseIndex, FaissMaxSimIndex, QdrantIndex, TokenIndex
+from optical_hf import FaissDenseIndex, FaissMaxSimIndex, QdrantIndex, TokenIndex, load_bitext
+from optical_hf.corpora import ENGLISH_FLORES, load_flores, passage_id
 from optical_hf.evaluation import mean_metrics, per_query_metrics, run_from_hits
 from optical_hf.faiss_index import default_factory
 from optical_hf.late_interaction import encode_token_states
@@ -151,7 +153,60 @@ def real_corpus(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TokenIn
         rows.append(compare("maxsim Qdrant (local mode)", hits, latency, exact_maxsim[:len(hits)], qids[:len(hits)],
                             {q: qrels[q] for q in qids[:len(hits)]}, kind="maxsim", build_s=seconds,
                             queries=len(hits)))
-    return rows, tokens, token_queries
+    real_rows = real_scale(args, teacher, setting, data.corpus, token_queries, qids, qrels) if args.real_sizes else []
+    return rows, real_rows, tokens, token_queries
+
+
+def real_pool(data_dir: Path, afriqa: dict[str, str]) -> dict[str, str]:
+    """The real corpus of ``--real-sizes``: the AfriQA passages first, then the distinct English sentences of every
+    LAFAND-MT pair file and of FLORES-SIB200 (``eng_Latn``, where ``data_dir`` has it) not among them, in a seeded
+    order; ids :func:`~optical_hf.corpora.passage_id`."""
+    english = [text for path in sorted((data_dir / "lafand-mt").glob("en-*/*.en"))
+               for text in load_bitext(path.with_suffix(f".{path.parent.name[3:]}"), path)["target"]]
+    if (data_dir / "flores-sib200" / ENGLISH_FLORES).is_dir():
+        english += load_flores(data_dir / "flores-sib200", ENGLISH_FLORES).values()
+    extra = sorted(set(filter(None, english)) - set(afriqa.values()))
+    random.Random(0).shuffle(extra)
+    return {**afriqa, **{passage_id(text): text for text in extra}}
+
+
+def real_scale(args: argparse.Namespace, teacher: Any, setting: Any, afriqa: dict[str, str],
+               queries: list[torch.Tensor], qids: list[str], qrels: dict) -> list[dict[str, Any]]:
+    """Rows of the real corpus against size: the first ``--real-sizes`` passages of :func:`real_pool` (its content
+    tokens encoded by the teacher once, cached like the gold pool's), searched by the first ``--scale-queries``
+    queries with the exact scan, the library's default FAISS index and, when ``--scale-*`` flags name one, the
+    compact index of :func:`scale_index` (pooling counted in its build time)."""
+    pool = real_pool(args.data_dir, afriqa)
+    sizes = [size or len(pool) for size in args.real_sizes]
+    if max(sizes) > len(pool):
+        raise SystemExit(f"--real-sizes {max(sizes)}: the real pool holds {len(pool)} passages")
+    tokens = quality.doc_index(teacher, setting, pool, scoring="maxsim-content", max_length=args.doc_max_length,
+                               batch_size=32, cache_dir=args.cache_dir)
+    queries, qids = queries[:args.scale_queries], qids[:args.scale_queries]
+    qrels = {qid: qrels[qid] for qid in qids}
+    compact = args.scale_pool_factor != 1 or args.scale_pq is not None or args.scale_decoded
+    rows = []
+    for size in sizes:
+        end = int(tokens.offsets[size])
+        corpus = TokenIndex(tokens.vectors[:end], tokens.offsets[:size + 1], tokens.ids[:size])
+        exact, latency = timed_search(corpus, queries)
+        common = {"passages": size, "tokens": end, "queries": len(queries)}
+        rows.append(compare("exact fp16 scan (TokenIndex)", exact, latency, exact, qids, qrels, build_s=0.0,
+                            index_bytes=corpus.memory_bytes, **common))
+        makers = [lambda: FaissMaxSimIndex.from_token_index(corpus)]
+        if compact:  # pooling is part of its build
+            makers.append(lambda: scale_index(corpus if args.scale_pool_factor == 1 else
+                                              corpus.pooled(args.scale_pool_factor), size, args))
+        for make in makers:
+            index, seconds = built(make)
+            hits, latency = timed_search(index, queries)
+            name = (f"FAISS {index.factory}, re-rank {'decoded codes' if index.exact is None else 'exact fp16'}"
+                    f"{'' if index.offsets[-1] == end else f', tokens pooled x{args.scale_pool_factor:g}'}")
+            rows.append(compare(name, hits, latency, exact, qids, qrels, build_s=seconds,
+                                index_bytes=index.memory_bytes, **common))
+            logger.info("%s", rows[-1])
+            del index
+    return rows
 
 
 def synthetic(tokens: TokenIndex, size: int, noise: float, seed: int, chunk: int) -> Iterator[TokenIndex]:
@@ -242,6 +297,16 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"| {mode} | {settings} | {row['recall@10_vs_exact']:.3f} | "
                          f"{row['recall@100_vs_exact']:.3f} | {row['mrr@10']:.4f} | {row['build_s']:.1f} | {size} | "
                          f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} |")
+    if result.get("real_scale"):  # absent from reports written before the real corpus against size was measured
+        first = result["real_scale"][0]
+        lines += ["", f"## Real corpus against size: AfriQA passages, then English LAFAND-MT and FLORES sentences "
+                  f"(first {first['queries']} queries; recall against the exact scan of the same passages)", "",
+                  "| passages | tokens | mode | recall@10 vs exact | recall@100 vs exact | MRR@10 | build s | index MiB "
+                  "| p50 ms | p95 ms |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in result["real_scale"]:
+            lines.append(f"| {row['passages']} | {row['tokens']} | {row['mode']} | {row['recall@10_vs_exact']:.3f} | "
+                         f"{row['recall@100_vs_exact']:.3f} | {row['mrr@10']:.4f} | {row['build_s']:.0f} | "
+                         f"{row['index_bytes'] / 2**20:.1f} | {row['p50_ms']:.1f} | {row['p95_ms']:.1f} |")
     if result["scale"]:
         lines += ["", f"## Scale: synthetic passages (real token counts, real tokens + noise {result['noise']}), FAISS "
                   "MaxSim index (candidates from the codes, re-ranked over the fp16 tokens or the decoded codes), "
@@ -311,6 +376,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         type=lambda v: tuple(map(int, v.split(","))),
                         help="MaxSim search settings NPROBE,TOKEN_K,CANDIDATES (default: the library's, and a wider one)")
     parser.add_argument("--sizes", nargs="*", type=int, default=[3110, 10000, 30000])
+    parser.add_argument("--real-sizes", nargs="*", type=int, default=[],
+                        help="passage counts of the real corpus (AfriQA passages, then LAFAND and FLORES English "
+                             "sentences), each searched exactly and by FAISS; 0: the whole corpus")
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--scale-queries", type=int, default=100)
     parser.add_argument("--scale-pool-factor", type=float, default=1.0,
@@ -350,10 +418,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from importlib.metadata import version
 
-    rows, tokens, queries = real_corpus(args)
+    rows, real_rows, tokens, queries = real_corpus(args)
     result = {"machine": machine_info("cpu", faiss=version("faiss-cpu"), qdrant_client=version("qdrant-client")),
               "lang": args.lang, "split": args.split, "student": args.student or "untrained multilingual-e5-small",
               "passages": tokens.num_passages, "queries": len(queries), "noise": args.noise, "real": rows,
+              "real_scale": real_rows,
               "scale": scale(args, tokens, queries)}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / f"{args.output_name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

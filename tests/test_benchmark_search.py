@@ -79,14 +79,24 @@ def test_search_benchmark_on_a_copy_of_the_layout(search, model_dirs, tmp_path):
 def test_the_compact_scale_index_pools_and_drops_the_fp16_copy(search, model_dirs, tmp_path):
     out = _run(search, model_dirs, tmp_path, "--sweep", "2,1000,1000", "--sizes", "40", "--scale-queries", "4",
                "--qdrant-queries", "1", "--skip-qdrant-maxsim", "--scale-pool-factor", "2", "--scale-decoded", "--scale-chunk", "15",
-               "--scale-exact-up-to", "30")
-    (row,) = json.loads((out / "search.json").read_text(encoding="utf-8"))["scale"]
+               "--scale-exact-up-to", "30", "--real-sizes", "30", "0")
+    result = json.loads((out / "search.json").read_text(encoding="utf-8"))
+    (row,) = result["scale"]
     assert row["rerank"] == "decoded codes" and row["exact_bytes"] == 0 and row["pool_factor"] == 2
     assert row["indexed_tokens"] < 0.6 * row["tokens"] and row["index_bytes"] > 0
     assert row["recall@100_vs_exact"] is None and row["exact_p95_ms"] is None  # 40 passages: past the exact scan
     report = (out / "search.md").read_text(encoding="utf-8")
     (line,) = [line for line in report.splitlines() if line.startswith("| 40 | ")]
     assert "| x2 | " in line and "| decoded codes | " in line and line.endswith(" | - | - |")
+    # the real corpus against size: the 60 AfriQA passages, then the 6 LAFAND English sentences; at each size the
+    # exact scan, the default index (Flat at this size: the exact ranking) and the compact one
+    real = result["real_scale"]
+    assert [(r["passages"], r["mode"].split(",")[0]) for r in real] == [
+        (30, "exact fp16 scan (TokenIndex)"), (30, "FAISS Flat"), (30, "FAISS Flat"),
+        (66, "exact fp16 scan (TokenIndex)"), (66, "FAISS Flat"), (66, "FAISS Flat")]
+    assert all(r["recall@10_vs_exact"] == 1.0 for r in real[:2] + real[3:5]) and real[3]["tokens"] > real[0]["tokens"]
+    assert real[2]["mode"].endswith("re-rank decoded codes, tokens pooled x2") and real[2]["index_bytes"] > 0
+    assert "## Real corpus against size" in report and "| 66 | " in report
 
 
 def test_synthetic_passages_keep_the_real_token_counts(search):
