@@ -36,8 +36,8 @@ import re
 import statistics
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,8 +85,11 @@ def built(make: Any) -> tuple[Any, float]:
     return make(), time.perf_counter() - began
 
 
-def real_corpus(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TokenIndex, list[torch.Tensor]]:
-    """The real-corpus rows; also the exact token index and the query token states, for the scale part."""
+def real_corpus(
+    args: argparse.Namespace,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], TokenIndex, list[torch.Tensor]]:
+    """The gold-pool rows and the ``--real-sizes`` rows (:func:`real_scale`); also the exact token index and the query
+    token states, for the scale part."""
     setting = quality.make_settings(["e5"], args.e5_path)["e5"]
     teacher = quality.load_model(setting.model_path, "cpu", args.doc_max_length)
     student = teacher if args.student is None else quality.load_model(args.student, "cpu", 128)
