@@ -345,13 +345,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
         shown = [row for row in rows if row[key] is not None]
         axis.plot([row["passages"] for row in shown], [row[key] for row in shown], **style)
 
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for axis, key, label in zip(axes, ("p95_ms", "bytes_per_passage", "recall@100_vs_exact"),
-                                ("p95 latency (ms)", "index bytes / passage", "recall@100 vs exact")):
+    panels = [(key, label) for key, label in (("p95_ms", "p95 latency (ms)"), ("bytes_per_passage", "index bytes / "
+              "passage"), ("recall@100_vs_exact", "recall@100 vs exact")) if any(row[key] is not None for row in rows)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for axis, (key, label) in zip(axes[0], panels):
         curve(axis, key, marker="o", label="FAISS MaxSim")
-        if key == "p95_ms":
+        if key == "p95_ms" and any(row["exact_p95_ms"] is not None for row in rows):
             curve(axis, "exact_p95_ms", marker="s", label="exact scan")
             axis.legend()
+        axis.set_ylim(bottom=0)
         axis.set_xscale("log")
         axis.set_xlabel("passages")
         axis.set_title(label)
@@ -399,7 +401,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-qdrant-maxsim", action="store_true")
     parser.add_argument("--output-dir", type=Path, default=quality.REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--output-name", default="search", help="stem of the .json, .md and .png files")
-    parser.add_argument("--report-only", action="store_true", help="render the .md from the stored .json")
+    parser.add_argument("--report-only", action="store_true", help="render the .md and .png from the stored .json")
     args = parser.parse_args(argv)
     if any(not factor >= 1 for factor in args.pool_factors):
         parser.error(f"--pool-factors {' '.join(map(str, args.pool_factors))}: each must be >= 1")
@@ -412,11 +414,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def write_reports(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """``OUTPUT_NAME.md`` and, with a scale part and matplotlib, ``OUTPUT_NAME.png`` of ``result``."""
+    (args.output_dir / f"{args.output_name}.md").write_text(render(result), encoding="utf-8")
+    if result["scale"]:
+        try:
+            plot(result, args.output_dir / f"{args.output_name}.png")
+        except ImportError:
+            logger.warning("No plot: it needs matplotlib (pip install 'optical-hf[bench]')")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report_only:
-        result = json.loads((args.output_dir / f"{args.output_name}.json").read_text(encoding="utf-8"))
-        (args.output_dir / f"{args.output_name}.md").write_text(render(result), encoding="utf-8")
+        write_reports(json.loads((args.output_dir / f"{args.output_name}.json").read_text(encoding="utf-8")), args)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from importlib.metadata import version
@@ -425,16 +436,10 @@ def main(argv: list[str] | None = None) -> None:
     result = {"machine": machine_info("cpu", faiss=version("faiss-cpu"), qdrant_client=version("qdrant-client")),
               "lang": args.lang, "split": args.split, "student": args.student or "untrained multilingual-e5-small",
               "passages": tokens.num_passages, "queries": len(queries), "noise": args.noise, "real": rows,
-              "real_scale": real_rows,
-              "scale": scale(args, tokens, queries)}
+              "real_scale": real_rows, "scale": scale(args, tokens, queries)}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / f"{args.output_name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    (args.output_dir / f"{args.output_name}.md").write_text(render(result), encoding="utf-8")
-    if result["scale"]:
-        try:
-            plot(result, args.output_dir / f"{args.output_name}.png")
-        except ImportError:
-            logger.warning("No plot: it needs matplotlib (pip install 'optical-hf[bench]')")
+    write_reports(result, args)
     print(render(result))
 
 
