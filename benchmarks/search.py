@@ -91,9 +91,12 @@ def real_corpus(
     """The gold-pool rows and the ``--real-sizes`` rows (:func:`real_scale`); also the exact token index and the query
     token states, for the scale part."""
     setting = quality.make_settings(["e5"], args.e5_path)["e5"]
+    data = quality.split_retrieval(args.data_dir, args.lang, args.split)
+    pool = real_pool(args.data_dir, data.corpus) if args.real_sizes else {}  # read and checked before any model loads
+    if max(args.real_sizes, default=0) > len(pool):
+        raise SystemExit(f"--real-sizes {max(args.real_sizes)}: the real pool holds {len(pool)} passages")
     teacher = quality.load_model(setting.model_path, "cpu", args.doc_max_length)
     student = teacher if args.student is None else quality.load_model(args.student, "cpu", 128)
-    data = quality.split_retrieval(args.data_dir, args.lang, args.split)
     qids = [qid for qid in data.queries if any(g > 0 for g in data.qrels.get(qid, {}).values())]
     texts = [data.queries[qid] for qid in qids]
     qrels = {qid: data.qrels[qid] for qid in qids}
@@ -156,7 +159,7 @@ def real_corpus(
         rows.append(compare("maxsim Qdrant (local mode)", hits, latency, exact_maxsim[:len(hits)], qids[:len(hits)],
                             {q: qrels[q] for q in qids[:len(hits)]}, kind="maxsim", build_s=seconds,
                             queries=len(hits)))
-    real_rows = real_scale(args, teacher, setting, data.corpus, token_queries, qids, qrels) if args.real_sizes else []
+    real_rows = real_scale(args, teacher, setting, pool, token_queries, qids, qrels) if args.real_sizes else []
     return rows, real_rows, tokens, token_queries
 
 
@@ -173,16 +176,13 @@ def real_pool(data_dir: Path, afriqa: dict[str, str]) -> dict[str, str]:
     return {**afriqa, **{passage_id(text): text for text in extra}}
 
 
-def real_scale(args: argparse.Namespace, teacher: Any, setting: Any, afriqa: dict[str, str],
+def real_scale(args: argparse.Namespace, teacher: Any, setting: Any, pool: dict[str, str],
                queries: list[torch.Tensor], qids: list[str], qrels: dict) -> list[dict[str, Any]]:
-    """Rows of the real corpus against size: the first ``--real-sizes`` passages of :func:`real_pool` (its content
-    tokens encoded by the teacher once, cached like the gold pool's), searched by the first ``--scale-queries``
-    queries with the exact scan, the library's default FAISS index and, when ``--scale-*`` flags name one, the
-    compact index of :func:`scale_index` (pooling counted in its build time)."""
-    pool = real_pool(args.data_dir, afriqa)
+    """Rows of the real corpus against size: the first ``--real-sizes`` passages of ``pool`` (:func:`real_pool`; its
+    content tokens encoded by the teacher once, cached like the gold pool's), searched by the first
+    ``--scale-queries`` queries with the exact scan, the library's default FAISS index and, when ``--scale-*`` flags
+    name one, the compact index of :func:`scale_index` (pooling counted in its build time)."""
     sizes = [size or len(pool) for size in args.real_sizes]
-    if max(sizes) > len(pool):
-        raise SystemExit(f"--real-sizes {max(sizes)}: the real pool holds {len(pool)} passages")
     tokens = quality.doc_index(teacher, setting, pool, scoring="maxsim-content", max_length=args.doc_max_length,
                                batch_size=32, cache_dir=args.cache_dir)
     queries, qids = queries[:args.scale_queries], qids[:args.scale_queries]
@@ -407,6 +407,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--pool-factors {' '.join(map(str, args.pool_factors))}: each must be >= 1")
     if not args.scale_pool_factor >= 1:
         parser.error(f"--scale-pool-factor {args.scale_pool_factor}: must be >= 1")
+    if any(size < 0 for size in args.real_sizes):
+        parser.error(f"--real-sizes {' '.join(map(str, args.real_sizes))}: each must be >= 0 (0: the whole corpus)")
     if args.scale_chunk < 1:
         parser.error(f"--scale-chunk {args.scale_chunk}: must be >= 1 (passages)")
     if args.scale_pq is not None and args.scale_pq < 1:

@@ -245,7 +245,8 @@ class FaissMaxSimIndex(_FaissIndex):
     def add(self, tokens: TokenIndex, block: int = 65_536) -> None:
         """Append the passages of ``tokens`` (a :class:`~optical_hf.late_interaction.TokenIndex`, e.g. one chunk of a
         corpus too large to hold as one), encoded by the quantiser trained at :meth:`from_token_index`, ``block``
-        tokens at a time; to the exact tokens too when kept. Built chunk by chunk with ``keep_exact=False``, the
+        tokens at a time; to the exact tokens too when kept (the ``TokenIndex`` given to :meth:`from_token_index`,
+        which therefore grows with it). Built chunk by chunk with ``keep_exact=False``, the
         index never holds more fp16 tokens than one chunk's. An id already indexed, another dim, or tokens built
         otherwise (``built_by``: teacher, prompt, token selection, pooling) is an error."""
         taken = sorted(set(tokens.ids).intersection(self.ids))

@@ -140,5 +140,17 @@ def test_a_pool_factor_below_one_is_refused_naming_the_flag(search, capsys):
         search.parse_args(["--scale-pq", "0"])
     assert "--scale-pq 0: must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        search.parse_args(["--real-sizes", "100", "-1"])
+    assert "--real-sizes 100 -1: each must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         search.parse_args(["--scale-chunk", "0"])
     assert "--scale-chunk 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_a_real_size_past_the_pool_is_refused_before_any_model_loads(search, model_dirs, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before --real-sizes was checked")
+
+    monkeypatch.setattr(search.quality, "load_model", no_model)
+    with pytest.raises(SystemExit, match=r"--real-sizes 67: the real pool holds 66 passages"):
+        _run(search, model_dirs, tmp_path, "--sizes", "--real-sizes", "10", "67")
